@@ -1,0 +1,1 @@
+"""fscs: weakly-supervised few-shot classification & segmentation harness."""
