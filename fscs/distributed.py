@@ -1,0 +1,130 @@
+"""The only module that reads rank/world environment variables (torchrun, SLURM, or a single process)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Mapping, NoReturn
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    source: str = "single"
+    """torchrun, slurm or single."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"cannot parse SLURM node list '{nodelist}'")
+    prefix, _, ranges = head.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read torchrun's variables, else SLURM's (one task per process), else a single process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+        local_ws = int(re.match(r"\d+", tasks_per_node).group(0))  # type: ignore[union-attr]
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=local_ws,
+            master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            source="slurm",
+        )
+    return DistEnv()
+
+
+def init(env: DistEnv, backend: str | None = None) -> None:
+    """Start the process group (gloo on CPU, nccl on CUDA) when the job has several processes."""
+    if not env.distributed or dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+    logger.info("process group up: rank %d/%d (%s, %s)", env.rank, env.world_size, backend, env.source)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in place (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's object, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def finish(code: int = 0) -> NoReturn:
+    """End a distributed entry point: barrier, destroy the group, flush, hard exit.
+
+    gloo can abort during interpreter teardown after the work is done; leaving with os._exit
+    after an explicit barrier avoids that without losing output.
+    """
+    try:
+        if dist.is_available() and dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -1,0 +1,65 @@
+"""FS-CS training loss: weighted 2-class classification CE plus pixel-averaged 2-class segmentation CE."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from fscs.errors import FSCSError
+
+logger = logging.getLogger(__name__)
+
+
+def fscs_loss(
+    cls_logits: torch.Tensor,
+    seg_logits: torch.Tensor,
+    presence: torch.Tensor,
+    seg_target: torch.Tensor,
+    cls_weight: float = 0.1,
+    seg_weight: float = 1.0,
+    ignore_index: int = 255,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CST loss ``cls_weight * CE(cls) + seg_weight * CE(seg)``; every (episode, way) is one 1-way pair.
+
+    cls_logits [B, N, 2] (absent, present); seg_logits [B, N, 2, H, W];
+    presence [B, N] (0/1, any dtype); seg_target [B, N, H, W] (0/1, ``ignore_index`` ignored).
+    Leading dims are flattened (any leading shape works if both logits share it).
+    The classification CE is averaged over the B*N pairs, the segmentation CE over all non-ignored
+    pixels of all pairs (0 with a live graph when every pixel is ignored).
+    Returns (loss scalar, {"cls": detached CE, "seg": detached CE}).
+    """
+    lead = tuple(cls_logits.shape[:-1])
+    if cls_logits.shape[-1:] != (2,) or seg_logits.dim() < 3 or seg_logits.shape[-3] != 2:
+        raise FSCSError(
+            f"losses.fscs_loss: need cls_logits [B, N, 2] and seg_logits [B, N, 2, H, W], "
+            f"got {tuple(cls_logits.shape)} and {tuple(seg_logits.shape)}"
+        )
+    hw = tuple(seg_logits.shape[-2:])
+    shapes_ok = (
+        tuple(seg_logits.shape[:-3]) == lead
+        and tuple(presence.shape) == lead
+        and tuple(seg_target.shape) == lead + hw
+    )
+    if not shapes_ok:
+        raise FSCSError(
+            f"losses.fscs_loss: shapes disagree: cls {tuple(cls_logits.shape)}, "
+            f"seg {tuple(seg_logits.shape)}, presence {tuple(presence.shape)} (want {lead}), "
+            f"seg_target {tuple(seg_target.shape)} (want {lead + hw})"
+        )
+    pres = presence.reshape(-1).long()
+    if pres.numel() and (int(pres.min()) < 0 or int(pres.max()) > 1):
+        raise FSCSError("losses.fscs_loss: presence must hold 0/1 values")
+    tgt = seg_target.reshape(-1, *hw).long()
+    valid = tgt != ignore_index
+    if bool(((tgt[valid] < 0) | (tgt[valid] > 1)).any()):
+        raise FSCSError(f"losses.fscs_loss: seg_target must hold 0/1 (or {ignore_index} = ignore)")
+
+    cls_loss = F.cross_entropy(cls_logits.reshape(-1, 2), pres)
+    seg_in = seg_logits.reshape(-1, 2, *hw)
+    if bool(valid.any()):
+        seg_loss = F.cross_entropy(seg_in, tgt, ignore_index=ignore_index)
+    else:
+        seg_loss = seg_in.sum() * 0.0
+    loss = cls_weight * cls_loss + seg_weight * seg_loss
+    return loss, {"cls": cls_loss.detach(), "seg": seg_loss.detach()}

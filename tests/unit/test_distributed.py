@@ -1,0 +1,37 @@
+"""Rank/world resolution from torchrun and SLURM environments."""
+from __future__ import annotations
+
+from fscs.distributed import DistEnv, first_slurm_host, resolve_env
+
+
+def test_single_process():
+    assert resolve_env({}) == DistEnv()
+
+
+def test_torchrun_env():
+    env = resolve_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (3, 4, 1, "10.0.0.1", 1234)
+    assert env.source == "torchrun" and env.distributed and not env.is_main
+
+
+def test_slurm_two_nodes_four_tasks_each():
+    """2 nodes x 4 tasks: every task agrees on the first node as master, ranks come from SLURM_PROCID."""
+    envs = []
+    for node in range(2):
+        for local in range(4):
+            envs.append(resolve_env({
+                "SLURM_PROCID": str(node * 4 + local), "SLURM_NTASKS": "8", "SLURM_LOCALID": str(local),
+                "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "4242",
+            }))
+    assert [e.rank for e in envs] == list(range(8))
+    assert {e.master_addr for e in envs} == {"gpu017"}
+    assert {e.master_port for e in envs} == {20000 + 4242}
+    assert {e.world_size for e in envs} == {8} and {e.local_world_size for e in envs} == {4}
+    assert [e.local_rank for e in envs] == [0, 1, 2, 3] * 2
+
+
+def test_first_slurm_host():
+    assert first_slurm_host("node1") == "node1"
+    assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_slurm_host("a[7,9]") == "a7"

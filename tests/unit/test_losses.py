@@ -1,0 +1,88 @@
+"""Hand-computed tests of the FS-CS loss (weights, flattening over ways, ignore index)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fscs.errors import FSCSError
+from fscs.losses import fscs_loss
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _ce(logits: tuple[float, float], label: int) -> float:
+    """Two-class cross-entropy by hand."""
+    a, b = logits
+    lse = math.log(math.exp(a) + math.exp(b))
+    return lse - logits[label]
+
+
+def _inputs():
+    # B=1, N=2, H=1, W=2
+    cls = torch.tensor([[[0.0, 0.0], [1.0, -1.0]]], requires_grad=True)
+    seg = torch.tensor(
+        [[
+            [[[2.0, 0.0]], [[0.0, 1.0]]],   # way 1: pixel logits (2,0) and (0,1)
+            [[[0.5, 3.0]], [[-0.5, 3.0]]],  # way 2: pixel logits (0.5,-0.5) and (3,3)
+        ]],
+        requires_grad=True,
+    )
+    presence = torch.tensor([[1.0, 0.0]])
+    target = torch.tensor([[[[0, 1]], [[1, 0]]]])
+    return cls, seg, presence, target
+
+
+def test_loss_equals_hand_computation():
+    cls, seg, presence, target = _inputs()
+    loss, parts = fscs_loss(cls, seg, presence, target)
+    want_cls = (_ce((0.0, 0.0), 1) + _ce((1.0, -1.0), 0)) / 2
+    want_seg = (_ce((2.0, 0.0), 0) + _ce((0.0, 1.0), 1) + _ce((0.5, -0.5), 1) + _ce((3.0, 3.0), 0)) / 4
+    assert parts["cls"].item() == pytest.approx(want_cls, rel=1e-6)
+    assert parts["seg"].item() == pytest.approx(want_seg, rel=1e-6)
+    assert loss.item() == pytest.approx(0.1 * want_cls + want_seg, rel=1e-6)
+    assert not parts["cls"].requires_grad and not parts["seg"].requires_grad
+    loss.backward()
+    assert cls.grad is not None and seg.grad is not None
+    loss2, _ = fscs_loss(cls, seg, presence, target, cls_weight=1.0, seg_weight=0.5)
+    assert loss2.item() == pytest.approx(want_cls + 0.5 * want_seg, rel=1e-6)
+
+
+def test_ignore_index_excluded_from_mean_and_gradient():
+    cls, seg, presence, target = _inputs()
+    target = target.clone()
+    target[0, 1, 0, 1] = 255  # the (3,3) pixel of way 2
+    with torch.no_grad():
+        seg[0, 1, 0, 0, 1] = -50.0  # would be a huge loss if it counted
+    loss, parts = fscs_loss(cls, seg, presence, target)
+    want_seg = (_ce((2.0, 0.0), 0) + _ce((0.0, 1.0), 1) + _ce((0.5, -0.5), 1)) / 3
+    assert parts["seg"].item() == pytest.approx(want_seg, rel=1e-6)
+    loss.backward()
+    assert torch.all(seg.grad[0, 1, :, 0, 1] == 0)
+    assert torch.any(seg.grad[0, 0] != 0)
+
+
+def test_all_ignored_gives_zero_seg_with_graph():
+    cls, seg, presence, target = _inputs()
+    loss, parts = fscs_loss(cls, seg, presence, torch.full_like(target, 255))
+    assert parts["seg"].item() == 0.0 and math.isfinite(loss.item())
+    loss.backward()
+    assert torch.all(seg.grad == 0)
+
+
+def test_bad_shapes_and_values_raise():
+    cls, seg, presence, target = _inputs()
+    with pytest.raises(FSCSError):
+        fscs_loss(cls, seg, presence[:, :1], target)
+    with pytest.raises(FSCSError):
+        fscs_loss(cls, seg, presence, target[..., :1])
+    with pytest.raises(FSCSError):
+        fscs_loss(cls[..., :1], seg, presence, target)
+    with pytest.raises(FSCSError):
+        fscs_loss(cls, seg, presence, target * 2)  # label 2 in a 2-class target
+    with pytest.raises(FSCSError):
+        fscs_loss(cls, seg, presence * 3, target)

@@ -1,0 +1,248 @@
+"""Hand-computed tests of FS-CS targets, decisions, ER / mIoU / FB-IoU, bootstrap and record merging."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fscs.bench.metrics import FSCSMetric, episodic_target, predict_from_probs
+from fscs.errors import FSCSError
+
+FOLD = [1, 2, 3, 4, 5]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _t(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# 1-way episode, class 2: target square of 4 pixels, prediction 4 pixels, 3 of them correct.
+TGT_A = _t([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+PRED_A = _t([[0, 0, 0, 0], [0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]])
+
+
+def test_episodic_target_numpy_and_torch():
+    mask = np.array([[0, 7, 7, 255], [3, 3, 5, 255], [0, 0, 0, 0], [7, 3, 5, 0]], dtype=np.uint8)
+    want = _t([[0, 1, 1, 255], [2, 2, 0, 255], [0, 0, 0, 0], [1, 2, 0, 0]])
+    for src in (mask, torch.from_numpy(mask)):
+        out = episodic_target(src, [7, 3])
+        assert out.dtype == torch.long
+        assert torch.equal(out, want)
+    compat = episodic_target(mask, np.array([7, 3]), ignore_boundary=False)
+    want_compat = want.clone()
+    want_compat[want_compat == 255] = 0
+    assert torch.equal(compat, want_compat)
+    with pytest.raises(FSCSError):
+        episodic_target(mask, [7, 7])
+    with pytest.raises(FSCSError):
+        episodic_target(mask[None], [7])
+
+
+def test_predict_from_probs():
+    presence, pred = predict_from_probs(
+        torch.tensor([0.6, 0.5]),
+        torch.tensor([[[0.9, 0.4], [0.3, 0.5]], [[0.2, 0.45], [0.7, 0.1]]]),
+    )
+    assert presence.tolist() == [True, False]  # strictly greater than 0.5
+    # pixel (0,1): max 0.45 < 0.5 -> background; (1,1): max 0.5 (way 1) is not < 0.5 -> way 1
+    assert pred.tolist() == [[1, 0], [2, 1]]
+    assert pred.dtype == torch.long
+    with pytest.raises(FSCSError):
+        predict_from_probs(torch.tensor([0.6]), torch.zeros(2, 3, 3))
+
+
+def test_single_episode_miou_fbiou_er():
+    m = FSCSMetric(FOLD)
+    m.update(PRED_A, TGT_A, [2], [True], [True], episode_index=0)
+    r = m.compute()
+    # class 2: I = 3, U = 4 + 4 - 3 = 5 -> 60; four other classes 0 -> mIoU 12
+    assert r["per_class_iou"][2] == pytest.approx(60.0)
+    assert r["per_class_iou"][1] == 0.0
+    assert r["miou"] == pytest.approx(12.0)
+    # bg: I = 16 - 5 = 11, U = 16 - 3 = 13; fg: 3/5
+    assert r["fbiou"] == pytest.approx((11 / 13 + 3 / 5) / 2 * 100)
+    assert r["er"] == 100.0 and r["episodes"] == 1
+    st = m.state_tensor()
+    assert st.dtype == torch.long and st.shape == (2 * 5 + 6,)
+    assert st.tolist()[:10] == [0, 3, 0, 0, 0, 0, 5, 0, 0, 0]
+    assert st.tolist()[10:] == [11, 13, 3, 5, 1, 1]
+
+
+def test_false_positive_in_absent_episode_grows_union():
+    m = FSCSMetric(FOLD)
+    m.update(PRED_A, TGT_A, [2], [True], [True], episode_index=0)
+    empty = torch.zeros(4, 4, dtype=torch.long)
+    fp = empty.clone()
+    fp[0, 0] = fp[3, 3] = 1
+    m.update(fp, empty, [2], [True], [False], episode_index=1)
+    r = m.compute()
+    assert r["per_class_iou"][2] == pytest.approx(3 / 7 * 100)  # I 3, U 5 + 2
+    assert r["er"] == pytest.approx(50.0)
+    # bg: I 11 + 14, U 13 + 16; fg: I 3, U 5 + 2
+    assert r["fbiou"] == pytest.approx((25 / 29 + 3 / 7) / 2 * 100)
+
+
+def test_ignore_255_excluded_and_reference_compat_mode():
+    mask = np.array([[0, 255, 0, 0], [0, 2, 2, 255], [0, 2, 2, 0], [0, 0, 0, 0]], dtype=np.uint8)
+    ours, ref = FSCSMetric(FOLD), FSCSMetric(FOLD)
+    ours.update(PRED_A, episodic_target(mask, [2]), [2], [True], [True])
+    ref.update(PRED_A, episodic_target(mask, [2], ignore_boundary=False), [2], [True], [True])
+    a, b = ours.compute(), ref.compute()
+    # excluded: 14 valid pixels; the FP at (1,3) is a 255 pixel -> I 3, U 4; bg I 10, U 11
+    assert a["per_class_iou"][2] == pytest.approx(75.0)
+    assert a["fbiou"] == pytest.approx((10 / 11 + 3 / 4) / 2 * 100)
+    # reference mode: 255 -> background, the FP counts: I 3, U 5; bg I 11, U 13
+    assert b["per_class_iou"][2] == pytest.approx(60.0)
+    assert b["fbiou"] == pytest.approx((11 / 13 + 3 / 5) / 2 * 100)
+
+
+def test_two_way_pooled_foreground_and_er():
+    tgt = _t([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]])
+    pred = _t([[1, 1, 0, 0], [2, 2, 0, 0], [0, 0, 2, 2], [0, 0, 0, 0]])
+    m = FSCSMetric(FOLD)
+    m.update(pred.numpy(), tgt.numpy(), np.array([3, 5]), np.array([True, False]), np.array([True, True]))
+    r = m.compute()
+    assert r["per_class_iou"][3] == pytest.approx(50.0)  # I 2, U 4
+    assert r["per_class_iou"][5] == pytest.approx(100 / 3)  # I 2, U 6
+    assert r["miou"] == pytest.approx((50 + 100 / 3) / 5)
+    assert r["fbiou"] == pytest.approx((8 / 10 + 6 / 8) / 2 * 100)  # way confusion still pooled fg
+    assert r["er"] == 0.0
+    m.update(pred, tgt, [3, 5], [True, True], [True, True])
+    m.update(pred, tgt, [5, 3], [False, True], [False, True])
+    assert m.compute()["er"] == pytest.approx(200 / 3)
+
+
+def test_bad_inputs_raise():
+    m = FSCSMetric(FOLD)
+    with pytest.raises(FSCSError):
+        m.update(PRED_A, TGT_A, [9], [True], [True])  # class outside the fold
+    with pytest.raises(FSCSError):
+        m.update(PRED_A * 2, TGT_A, [2], [True], [True])  # label 2 in a 1-way episode
+    with pytest.raises(FSCSError):
+        m.update(PRED_A, TGT_A[:3], [2], [True], [True])
+    with pytest.raises(FSCSError):
+        m.update(PRED_A, TGT_A, [2], [True, False], [True])
+    with pytest.raises(FSCSError):
+        m.bootstrap_ci()  # no episodes
+    with pytest.raises(FSCSError):
+        FSCSMetric([1, 1])
+
+
+def _random_metric(n_episodes: int, seed: int, way: int = 2, size: int = 8) -> FSCSMetric:
+    """A metric filled with noisy predictions of random episodes (episode_index = i)."""
+    rng = np.random.default_rng(seed)
+    m = FSCSMetric(FOLD)
+    for i in range(n_episodes):
+        classes = rng.choice(FOLD, size=way, replace=False)
+        tgt = rng.integers(0, way + 1, size=(size, size))
+        tgt[rng.random((size, size)) < 0.1] = 255
+        noise = rng.integers(0, way + 1, (size, size))
+        pred = np.where(rng.random((size, size)) < 0.7, np.where(tgt == 255, 0, tgt), noise)
+        true_p = rng.random(way) < 0.6
+        pred_p = np.where(rng.random(way) < 0.8, true_p, ~true_p)
+        m.update(pred, tgt, classes, pred_p, true_p, episode_index=i)
+    return m
+
+
+def test_bootstrap_contains_estimate_and_shrinks():
+    small, big = _random_metric(30, seed=1), _random_metric(600, seed=1)
+    ci_s, ci_b = small.bootstrap_ci(300, seed=0), big.bootstrap_ci(300, seed=0)
+    for m, ci in ((small, ci_s), (big, ci_b)):
+        point = m.compute()
+        for key in ("er", "miou", "fbiou"):
+            lo, hi = ci[key]
+            assert lo <= point[key] <= hi, (key, lo, point[key], hi)
+    for key in ("er", "miou", "fbiou"):
+        assert ci_b[key][1] - ci_b[key][0] < 0.5 * (ci_s[key][1] - ci_s[key][0])
+    assert small.bootstrap_ci(300, seed=0) == ci_s  # deterministic for a seed
+    assert small.bootstrap_ci(300, seed=1) != ci_s
+
+
+def test_bootstrap_matches_naive_resampling():
+    m = _random_metric(25, seed=3)
+    rec = m.episode_records()
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, 25, size=(9, 25))
+    naive = {"er": [], "miou": [], "fbiou": []}
+    for row in idx:
+        sub = rec[row].copy()
+        sub[:, 0] = np.arange(25)  # resampled duplicates need distinct indices for from_records
+        r = FSCSMetric.from_records(FOLD, sub).compute()
+        for k in naive:
+            naive[k].append(r[k])
+    ci = m.bootstrap_ci(9, seed=7, alpha=0.2)
+    for k, vals in naive.items():
+        assert ci[k] == pytest.approx(list(np.percentile(vals, [10.0, 90.0])), abs=1e-9)
+
+
+def test_bootstrap_fast_for_5000_episodes():
+    rng = np.random.default_rng(0)
+    e, c = 5000, len(FOLD)
+    rec = np.zeros((e, 6 + 2 * c), dtype=np.int64)
+    rec[:, 0] = np.arange(e)
+    rec[:, 1] = rng.integers(0, 2, e)
+    rec[:, 2:6] = rng.integers(0, 100_000, (e, 4))
+    rec[:, 6:] = rng.integers(0, 50_000, (e, 2 * c))
+    m = FSCSMetric.from_records(FOLD, rec)
+    t0 = time.perf_counter()
+    ci = m.bootstrap_ci(1000, seed=0)
+    assert time.perf_counter() - t0 < 10.0
+    assert ci["er"][0] < 100 * rec[:, 1].mean() < ci["er"][1]
+
+
+def test_records_round_trip_and_rank_merge_bit_identical():
+    whole = _random_metric(40, seed=5)
+    rec = whole.episode_records()
+    assert rec.dtype == np.int64 and rec.shape == (40, 6 + 2 * len(FOLD))
+    assert len(whole.record_columns()) == rec.shape[1]
+    # replay the same episodes on two "ranks" taking interleaved (disjoint) indices
+    ranks = [FSCSMetric(FOLD), FSCSMetric(FOLD)]
+    replay = _random_metric(40, seed=5)
+    for row in replay.episode_records():
+        ranks[int(row[0]) % 2]._records.append(row.copy())  # noqa: SLF001 - set up rank-local state
+    for r in ranks:
+        r._totals = r._record_to_totals(r.episode_records())  # noqa: SLF001
+    gathered = np.concatenate([r.episode_records() for r in ranks])  # rank order, not episode order
+    rebuilt = FSCSMetric.from_records(FOLD, gathered)
+    assert np.array_equal(rebuilt.episode_records(), rec)
+    assert rebuilt.compute() == whole.compute()
+    assert rebuilt.bootstrap_ci(200, seed=4) == whole.bootstrap_ci(200, seed=4)
+    assert FSCSMetric.from_records(FOLD, rec).compute() == whole.compute()
+    # all-reduce of the state tensors
+    summed = ranks[0].state_tensor() + ranks[1].state_tensor()
+    assert torch.equal(summed, whole.state_tensor())
+    ranks[0].merge_state_tensor(summed)
+    assert ranks[0].compute() == whole.compute()
+    with pytest.raises(FSCSError):
+        ranks[0].bootstrap_ci(10)  # totals global, records local
+    with pytest.raises(FSCSError):
+        ranks[0].load_state_tensor(summed[:-1])
+    merged = FSCSMetric(FOLD)
+    merged.merge(ranks[1])
+    merged.merge(FSCSMetric.from_records(FOLD, ranks[0].episode_records()))
+    assert merged.compute() == whole.compute()
+    with pytest.raises(FSCSError):
+        FSCSMetric.from_records(FOLD, np.concatenate([rec, rec[:1]]))  # duplicate episode index
+
+
+def test_split_halves_by_update_equal_whole():
+    tgt = TGT_A
+    halves = [FSCSMetric(FOLD), FSCSMetric(FOLD)]
+    whole = FSCSMetric(FOLD)
+    for i in range(6):
+        cls = [FOLD[i % 5]]
+        pred = PRED_A if i % 3 else torch.zeros_like(PRED_A)
+        args = (pred, tgt, cls, [i % 2 == 0], [True])
+        whole.update(*args, episode_index=i)
+        halves[0 if i < 3 else 1].update(*args, episode_index=i)
+    gathered = np.concatenate([halves[1].episode_records(), halves[0].episode_records()])
+    rebuilt = FSCSMetric.from_records(FOLD, gathered)
+    assert rebuilt.compute() == whole.compute()
+    assert rebuilt.bootstrap_ci(100, seed=0) == whole.bootstrap_ci(100, seed=0)
+    assert whole.compute()["er"] == pytest.approx(50.0)
