@@ -1,0 +1,180 @@
+"""Attention pseudo-masks from the last block's support-CLS query and image keys (no N x N attention)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fscs.errors import FSCSError
+
+logger = logging.getLogger(__name__)
+
+Size = int | tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RuleInputs:
+    """What a pseudo-mask rule may look at.
+
+    cos:   [B, gh, gw] head-mean cosine of the CLS query with the image keys, in [-1, 1].
+    q_cls: [B, heads, dh] CLS query vectors (None when only `cos` was given).
+    k:     [B, heads, T, dh] image keys, T = gh*gw (None when only `cos` was given).
+    """
+
+    cos: torch.Tensor
+    q_cls: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+
+
+# A rule maps (inputs, out_size (H, W), threshold) -> binary float mask [B, H, W].
+RuleFn = Callable[[RuleInputs, tuple[int, int], float], torch.Tensor]
+
+
+def _pair(size: Size) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def upsample_map(cos: torch.Tensor, size: Size) -> torch.Tensor:
+    """Bilinear (align_corners=True) upsampling of maps [B, gh, gw] -> [B, H, W]."""
+    return F.interpolate(cos[:, None], size=_pair(size), mode="bilinear", align_corners=True)[:, 0]
+
+
+def otsu_threshold(values: torch.Tensor) -> torch.Tensor:
+    """Exact per-row Otsu threshold of values [B, n] -> [B].
+
+    Maximises the between-class variance over every split of the sorted values (the limit of the
+    histogram version with infinitely fine bins); the threshold is the midpoint of the two values at
+    the best split. Rows with a single distinct value get +inf (nothing is above it).
+    """
+    ordered, _ = values.float().sort(dim=1)
+    n = ordered.shape[1]
+    if n < 2:
+        return torch.full(ordered.shape[:1], float("inf"), device=values.device)
+    cumsum = ordered.cumsum(dim=1)[:, :-1]  # sum of the i lowest values, i = 1..n-1
+    count = torch.arange(1, n, device=values.device, dtype=ordered.dtype)
+    mean_low = cumsum / count
+    mean_high = (ordered.sum(dim=1, keepdim=True) - cumsum) / (n - count)
+    between = (count / n) * (1 - count / n) * (mean_low - mean_high) ** 2
+    valid = ordered[:, 1:] > ordered[:, :-1]  # only splits between distinct values are thresholds
+    between = torch.where(valid, between, torch.full_like(between, -1.0))
+    best = between.argmax(dim=1, keepdim=True)
+    threshold = (ordered.gather(1, best) + ordered.gather(1, best + 1)).squeeze(1) / 2
+    return torch.where(valid.any(dim=1), threshold, torch.full_like(threshold, float("inf")))
+
+
+def _rule_reference(inputs: RuleInputs, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """CST: upsample, map [-1, 1] -> [0, 1] by (x + 1) / 2, foreground where > threshold."""
+    return ((upsample_map(inputs.cos, size) + 1) / 2 > threshold).float()
+
+
+def _rule_otsu(inputs: RuleInputs, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Per-image Otsu threshold of the token-grid map, applied to the upsampled map (`threshold` unused)."""
+    cut = otsu_threshold(inputs.cos.flatten(1))
+    return (upsample_map(inputs.cos, size) > cut[:, None, None]).float()
+
+
+# Pseudo-mask rules by name; add a rule by adding a RuleFn here.
+MASK_RULES: dict[str, RuleFn] = {
+    "reference": _rule_reference,
+    "otsu": _rule_otsu,
+}
+
+
+def _rule(name: str) -> RuleFn:
+    if name not in MASK_RULES:
+        raise FSCSError(f"unknown pseudo-mask rule '{name}'; choose one of: {', '.join(MASK_RULES)}")
+    return MASK_RULES[name]
+
+
+def _cls_query(q: torch.Tensor) -> torch.Tensor:
+    """[B, h, 1+T, dh] (CLS first) or [B, h, dh] -> CLS query [B, h, dh]."""
+    if q.ndim == 4:
+        return q[:, :, 0]
+    if q.ndim == 3:
+        return q
+    raise ValueError(f"expected CLS queries [B, h, dh] or [B, h, 1+T, dh], got {tuple(q.shape)}")
+
+
+def _image_keys(k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Keys [B, h, 1+T, dh] (CLS first) or [B, h, T, dh] -> image keys [B, h, T, dh], T = gh*gw."""
+    tokens = grid[0] * grid[1]
+    if k.ndim == 4 and k.shape[2] == tokens + 1:
+        return k[:, :, 1:]
+    if k.ndim == 4 and k.shape[2] == tokens:
+        return k
+    raise ValueError(f"expected keys [B, h, {tokens} or {tokens + 1}, dh] for grid {grid}, "
+                     f"got {tuple(k.shape)}")
+
+
+def cls_key_cosine(q_cls: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Head-mean cosine of CLS queries with image keys: q_cls [B, h, dh], k [B, h, T, dh] -> [B, gh, gw].
+
+    Only the CLS row is computed (T dot products per head), never the N x N attention matrix.
+    `k` may also carry the CLS key first ([B, h, 1+T, dh]); it is dropped. Computed in float32.
+    """
+    q_cls, keys = _cls_query(q_cls).float(), _image_keys(k, grid).float()
+    if q_cls.shape[:2] != keys.shape[:2] or q_cls.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"CLS queries {tuple(q_cls.shape)} and keys {tuple(keys.shape)} do not match")
+    cos = torch.einsum("bhd,bhtd->bht", F.normalize(q_cls, dim=-1), F.normalize(keys, dim=-1))
+    return cos.mean(dim=1).reshape(cos.shape[0], grid[0], grid[1])
+
+
+def pseudo_mask(cos: torch.Tensor, out_size: Size, rule: str = "reference", threshold: float = 0.4, *,
+                q_cls: torch.Tensor | None = None, k: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary pseudo-masks from cosine maps: cos [B, gh, gw] -> [B, H, W] float in {0, 1}.
+
+    q_cls [B, h, dh] and image keys k [B, h, T, dh] are passed on to rules that need more than `cos`.
+    """
+    return _rule(rule)(RuleInputs(cos=cos.float(), q_cls=q_cls, k=k), _pair(out_size), float(threshold))
+
+
+class PseudoMaskDistiller:
+    """CST's attention pseudo-masks (cst.md "Attention pseudo-masks"), computed without gradients."""
+
+    def __init__(self, rule: str = "reference", threshold: float = 0.4):
+        _rule(rule)
+        self.rule = rule
+        self.threshold = float(threshold)
+
+    def _masks(self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int], size: Size) -> torch.Tensor:
+        q_cls, keys = _cls_query(q), _image_keys(k, grid)
+        cos = cls_key_cosine(q_cls, keys, grid)
+        return pseudo_mask(cos, size, self.rule, self.threshold, q_cls=q_cls, k=keys)
+
+    @torch.no_grad()
+    def support_masks(self, q_s: torch.Tensor, k_s: torch.Tensor, grid: tuple[int, int],
+                      size: Size) -> torch.Tensor:
+        """Support CLS query vs the support's own image keys.
+
+        q_s [Bs, h, 1+T, dh] (or CLS only [Bs, h, dh]), k_s [Bs, h, 1+T, dh] (or [Bs, h, T, dh]),
+        grid (gh, gw) with T = gh*gw, size int or (H, W) -> [Bs, H, W] float {0, 1}.
+        """
+        return self._masks(q_s, k_s, grid, size)
+
+    @torch.no_grad()
+    def query_masks(self, q_s: torch.Tensor, k_q: torch.Tensor, grid: tuple[int, int], size: Size,
+                    present: torch.Tensor | None) -> torch.Tensor:
+        """Support CLS query vs the query's image keys, zeroed where the class is absent.
+
+        q_s [B, h, 1+Ts, dh] (or [B, h, dh]) of the support paired with each query, k_q [B, h, 1+T, dh]
+        (or [B, h, T, dh]) of the query on `grid`, size int or (H, W) (e.g. the original query size),
+        present [B] bool/0-1 image-level label (None: labels unknown, nothing zeroed)
+        -> [B, H, W] float {0, 1}.
+        """
+        masks = self._masks(q_s, k_q, grid, size)
+        if present is None:
+            return masks
+        keep = present.to(device=masks.device).reshape(-1).bool()
+        if keep.shape[0] != masks.shape[0]:
+            raise ValueError(f"present has {keep.shape[0]} entries for {masks.shape[0]} query masks")
+        return masks * keep[:, None, None].to(masks.dtype)
+
+    def __call__(self, q_s: torch.Tensor, k_s: torch.Tensor, k_q: torch.Tensor, grid: tuple[int, int],
+                 support_size: Size, query_size: Size, present: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(support_masks [B, Hs, Ws], query_masks [B, Hq, Wq]) for B (support, query) pairs on one grid."""
+        return (self.support_masks(q_s, k_s, grid, support_size),
+                self.query_masks(q_s, k_q, grid, query_size, present))
