@@ -84,7 +84,7 @@ decoder2_seg.0.bias	64
 decoder2_seg.2.weight	2x64x3x3
 decoder2_seg.2.bias	2
 """
-SHARED_TSV = Path("/work/shared/reference/cst_head_state_dict.tsv")
+SHARED_TSV = Path(__file__).resolve().parents[3] / "shared" / "reference" / "cst_head_state_dict.tsv"
 
 
 @pytest.fixture(autouse=True, scope="module")

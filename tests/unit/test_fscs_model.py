@@ -1,0 +1,95 @@
+"""FSCSModel: episode forward in both regimes, one backbone pass per image, K-shot averaging, reference loading."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from fscs import FSCSModel
+from fscs.model.cst import _reference_module_map
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> FSCSModel:
+    torch.manual_seed(0)
+    return FSCSModel.build(backbone="fscs_vit_tiny_patch8", image_size=SIZE).eval()
+
+
+def _episode(b=2, n=2, k=1):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, 3, SIZE, SIZE, generator=g), torch.randn(b, n, k, 3, SIZE, SIZE, generator=g)
+
+
+def test_weak_and_full_shapes(model):
+    q, s = _episode()
+    with torch.no_grad():
+        weak = model.forward_episode(q, s, regime="weak", query_presence=torch.tensor([[1, 0], [0, 1]]))
+        full = model.forward_episode(q, s, torch.ones(2, 2, 1, SIZE, SIZE), regime="full", out_size=(50, 70))
+    assert weak.cls_logits.shape == (2, 2, 2) and weak.mask_logits.shape == (2, 2, 2, SIZE, SIZE)
+    assert weak.pseudo_support.shape == (2, 2, 1, SIZE, SIZE) and weak.pseudo_query.shape == (2, 2, SIZE, SIZE)
+    assert set(weak.pseudo_query.unique().tolist()) <= {0.0, 1.0}
+    assert weak.pseudo_query[0, 1].sum() == 0 and weak.pseudo_query[1, 0].sum() == 0  # absent -> zeroed
+    assert full.mask_logits.shape == (2, 2, 2, 50, 70) and full.pseudo_query is None
+
+
+def test_weak_regime_refuses_pixel_labels(model):
+    q, s = _episode()
+    with pytest.raises(ValueError, match="no pixel labels"):
+        model.forward_episode(q, s, torch.ones(2, 2, 1, SIZE, SIZE), regime="weak")
+    with pytest.raises(ValueError, match="support_masks"):
+        model.forward_episode(q, s, None, regime="full")
+
+
+def test_each_image_passes_backbone_once(model, monkeypatch):
+    calls = []
+    original = model.backbone.forward
+
+    def counting(images):
+        calls.append(images.shape[0])
+        return original(images)
+
+    monkeypatch.setattr(model.backbone, "forward", counting)
+    q, s = _episode(b=2, n=2, k=3)
+    with torch.no_grad():
+        model.forward_episode(q, s, regime="weak")
+    assert calls == [2 + 2 * 2 * 3]  # one pass: 2 queries + 12 supports, the query not repeated per way/shot
+
+
+def test_k_shot_averages_probabilities(model):
+    q, s = _episode(b=1, n=1, k=2)
+    masks = torch.ones(1, 1, 2, SIZE, SIZE)
+    with torch.no_grad():
+        both = model.forward_episode(q, s, masks, regime="full")
+        one = [model.forward_episode(q, s[:, :, i : i + 1], masks[:, :, :1], regime="full") for i in range(2)]
+    expect = torch.stack([o.cls_logits.softmax(-1) for o in one]).mean(0)
+    assert torch.allclose(both.cls_logits.softmax(-1), expect, atol=1e-5)
+    expect_seg = torch.stack([o.mask_logits.softmax(2) for o in one]).mean(0)
+    assert torch.allclose(both.mask_logits.softmax(2), expect_seg, atol=1e-5)
+
+
+def test_predict_decisions(model):
+    q, s = _episode()
+    with torch.no_grad():
+        out = model.forward_episode(q, s, regime="weak")
+    presence, pred = model.predict(out)
+    assert presence.shape == (2, 2) and presence.dtype == torch.bool
+    assert pred.shape == (2, SIZE, SIZE) and int(pred.max()) <= 2
+
+
+def test_load_reference_checkpoint(tmp_path):
+    """A Lightning-style checkpoint ('learner.*' head keys, 'backbone.*' keys, pickled hparams) loads strictly."""
+    model = FSCSModel.build(backbone="vit_small_patch16_224.dino", image_size=64)
+    reverse = {ours: ref for ref, ours in _reference_module_map().items()}
+    ref_sd = {}
+    for key, value in model.head.state_dict().items():
+        mod, _, leaf = key.rpartition(".")
+        ref_sd[f"learner.{reverse[mod]}.{leaf}"] = torch.randn_like(value)
+    ref_sd["backbone.cls_token"] = torch.zeros(1, 1, 384)
+    path = tmp_path / "fold0.ckpt"
+    torch.save({"state_dict": ref_sd, "hyper_parameters": argparse.Namespace(lr=1e-3), "epoch": 10}, path)
+    model.load_reference_checkpoint(path)
+    assert torch.equal(model.head.state_dict()["cls_out.weight"], ref_sd["learner.decoder2_cls.2.weight"])
+    assert model.head.cls_out.weight.shape == (2, 64, 1, 1)
