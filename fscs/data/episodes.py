@@ -1,0 +1,325 @@
+"""Episodes: index-seeded evaluation sampler, hashed manifests, and the webdataset training stream."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from fscs.data.shards import CorruptShardLog, ShardIndex, ShardReadError, decode_sample, read_index
+from fscs.data.transforms import resize_mask, to_tensor_image
+from fscs.data.types import Sample
+from fscs.errors import FSCSError
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+_MANIFEST_FIELDS = ("dataset", "role", "fold", "way", "shot", "seed", "count", "episodes")
+
+
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """One N-way K-shot episode: query key + its list entry's class, N support classes, N x K support keys."""
+
+    index: int
+    query: str
+    query_class: int
+    classes: tuple[int, ...]
+    support: tuple[tuple[str, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "query": self.query, "query_class": self.query_class,
+                "classes": list(self.classes), "support": [list(s) for s in self.support]}
+
+
+def support_class_probs(classes: Sequence[int], query_class: int) -> np.ndarray:
+    """Protocol weights over `classes` [C]: 0.5 for the query's class, 0.5 / (C - 1) for each other."""
+    if len(classes) == 1:
+        return np.ones(1)
+    p = np.array([0.5 if c == query_class else 0.5 / (len(classes) - 1) for c in classes])
+    return p / p.sum()
+
+
+def _images_per_class(entries: Sequence[tuple[str, int]], classes: Sequence[int], shot: int, where: str
+                      ) -> dict[int, list[str]]:
+    """Sorted distinct image keys per class; every class needs shot + 1 images (supports never the query)."""
+    images: dict[int, set[str]] = {c: set() for c in classes}
+    for key, c in entries:
+        if c not in images:
+            raise FSCSError(f"{where}: entry ({key}, {c}) has a class outside {list(classes)}; "
+                            "rebuild the index")
+        images[c].add(key)
+    for c, keys in images.items():
+        if len(keys) < shot + 1:
+            raise FSCSError(f"{where}: class {c} has {len(keys)} images, {shot}-shot episodes need "
+                            f"{shot + 1}; use more images (e.g. a larger --num-images) or fewer shots")
+    return {c: sorted(keys) for c, keys in images.items()}
+
+
+class EpisodeSampler:
+    """Evaluation episodes per protocol.md: episode i depends only on (seed, i) and the role's lists."""
+
+    def __init__(self, index: ShardIndex, role: str, fold: int, way: int, shot: int, seed: int) -> None:
+        if role not in ("test", "select"):
+            raise FSCSError(f"episode role {role!r}: use 'test' (test fold) or 'select' (model selection)")
+        self.index, self.role, self.fold, self.way, self.shot, self.seed = index, role, fold, way, shot, seed
+        where = f"{index.root}/index.json lists[{'test' if role == 'test' else 'select'}] fold {fold}"
+        self.entries = index.fold_entries(role, fold)
+        self.classes = index.fold_classes(role, fold)
+        if not self.entries:
+            raise FSCSError(f"{where}: no entries; rebuild the shards with {role} images")
+        if not 1 <= way <= len(self.classes) or shot < 1:
+            raise FSCSError(f"{where}: way={way} shot={shot} invalid for {len(self.classes)} classes")
+        self.images_of = _images_per_class(self.entries, self.classes, shot, where)
+
+    def episode(self, i: int) -> EpisodeSpec:
+        """Episode `i`: query = entry i mod len; N classes by the 0.5 rule; K supports each, not the query."""
+        rng = np.random.default_rng([self.seed, i])
+        query, query_class = self.entries[i % len(self.entries)]
+        picks = rng.choice(len(self.classes), size=self.way, replace=False,
+                           p=support_class_probs(self.classes, query_class))
+        classes = tuple(int(self.classes[j]) for j in picks)
+        support = []
+        for c in classes:
+            cands = [k for k in self.images_of[c] if k != query]
+            support.append(tuple(cands[j] for j in rng.choice(len(cands), size=self.shot, replace=False)))
+        return EpisodeSpec(i, query, int(query_class), classes, tuple(support))
+
+
+def build_manifest(sampler: EpisodeSampler, count: int) -> dict[str, Any]:
+    """Frozen manifest of episodes 0..count-1 with the settings that produced them."""
+    return {"dataset": sampler.index.dataset, "role": sampler.role, "fold": sampler.fold, "way": sampler.way,
+            "shot": sampler.shot, "seed": sampler.seed, "count": count,
+            "episodes": [sampler.episode(i).to_dict() for i in range(count)]}
+
+
+def manifest_hash(manifest: Mapping[str, Any]) -> str:
+    """sha256 hex of the canonical JSON (sorted keys, no spaces) of the settings and episodes."""
+    body = {k: manifest[k] for k in _MANIFEST_FIELDS if k in manifest}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _way_targets(mask: np.ndarray, classes: Sequence[int], size: int) -> torch.Tensor:
+    """uint8 mask [H, W] -> int64 [N, size, size]: 1 where == classes[n], 255 on the ignore band, else 0."""
+    m = resize_mask(mask, size)
+    return torch.stack([torch.where(m == IGNORE, IGNORE, (m == c).long()) for c in classes])
+
+
+def _support_masks(rows: Sequence[Sequence[Sample]], classes: Sequence[int], size: int) -> torch.Tensor:
+    """float [N, K, size, size]: 1 where the support pixel is its way's class (ignore 255 -> 0)."""
+    return torch.stack([torch.stack([(resize_mask(s.mask, size) == c).float() for s in row])
+                        for c, row in zip(classes, rows)])
+
+
+def make_episode_tensors(spec: EpisodeSpec, samples: Mapping[str, Sample], image_size: int
+                         ) -> dict[str, torch.Tensor]:
+    """Tensors of one evaluation episode (S = image_size, N way, K shot).
+
+    query_img [3,S,S] float; support_img [N,K,3,S,S] float; support_mask [N,K,S,S] float {0,1} (1 where the
+    pixel is the way's class, ignore -> 0; only when all support masks exist); query_mask_abs uint8 [H,W]
+    (original size; only when the query has a mask); classes [N] int64; presence [N] float {0,1} (from the
+    query mask, else its labels).
+    """
+    q, size = samples[spec.query], image_size
+    rows = [[samples[k] for k in keys] for keys in spec.support]
+    out = {"query_img": to_tensor_image(q.image, size),
+           "support_img": torch.stack([torch.stack([to_tensor_image(s.image, size) for s in row])
+                                       for row in rows]),
+           "classes": torch.tensor(spec.classes, dtype=torch.long)}
+    if all(s.mask is not None for row in rows for s in row):
+        out["support_mask"] = _support_masks(rows, spec.classes, size)
+    present = set(q.labels)
+    if q.mask is not None:
+        out["query_mask_abs"] = torch.from_numpy(q.mask.copy())
+        present = {int(v) for v in np.unique(q.mask)} - {0, IGNORE}
+    out["presence"] = torch.tensor([float(c in present) for c in spec.classes])
+    return out
+
+
+class _StreamGuard(CorruptShardLog):
+    """Stream error handler: warns once per bad shard, then skips that shard for good (see `drop_bad`).
+
+    Raises FSCSError when every shard is bad or after `limit` failures in a row (never spins forever).
+    """
+
+    def __init__(self, urls: Sequence[str], where: str) -> None:
+        super().__init__()
+        self.urls, self.where, self.bad = list(urls), where, set()
+        self.limit, self.in_a_row = max(20, 4 * len(self.urls)), 0
+
+    def __call__(self, exn: BaseException) -> bool:
+        text = str(exn) + " ".join(map(str, getattr(exn, "args", ())))
+        url = next((u for u in self.urls if u in text), None)
+        if url is None or url not in self.bad:
+            super().__call__(exn)
+        else:
+            self.count += 1
+        if url is not None:
+            self.bad.add(url)
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise FSCSError(f"{self.where}: {self.in_a_row} shard reads failed in a row (last: {exn}); "
+                            "regenerate the shards")
+        return True
+
+    def drop_bad(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage over {"url"} dicts: skip shards that failed before."""
+        for item in src:
+            if len(self.bad) >= len(self.urls):
+                raise FSCSError(f"{self.where}: all {len(self.urls)} shards are unreadable "
+                                f"(e.g. {sorted(self.bad)[0]}); regenerate the shards")
+            if item["url"] not in self.bad:
+                yield item
+
+
+def _split_by_rank(src: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
+    """Node splitter with an explicit rank (webdataset's own reads env vars / torch.distributed)."""
+    return islice(src, rank, None, world_size)
+
+
+def _same_seed_everywhere() -> int:
+    return 0  # one resampled shard sequence for all ranks/workers; the splitters then partition it
+
+
+def _without_masks(fname: str) -> bool:
+    return not fname.endswith(".mask.png")
+
+
+class TrainEpisodeStream(IterableDataset):
+    """Infinite training episodes from the trn shards of `shard_dir` for test fold `fold` (webdataset).
+
+    Yields dicts: query_img [3,S,S], support_img [N,K,3,S,S], presence [N] float, classes [N] int64, and only
+    if use_masks: support_mask [N,K,S,S] float {0,1}, query_target [N,S,S] int64 (1 = way class, 0, 255 band).
+    Each rank/worker reads its own slice of one seeded resampled shard sequence, keeps per-class buffers of
+    recent training images and turns every incoming training image into a query (once buffers are warm).
+    """
+
+    def __init__(self, shard_dir: str | Path, fold: int, way: int, shot: int, image_size: int, seed: int,
+                 use_masks: bool, rank: int = 0, world_size: int = 1, buffer_per_class: int = 64,
+                 shuffle_buffer: int = 256) -> None:
+        super().__init__()
+        index = read_index(shard_dir)
+        where = f"{index.root}/index.json lists[train] fold {fold}"
+        entries = index.fold_entries("train", fold)
+        self.train_classes = [c for c in index.fold_classes("train", fold) if any(e[1] == c for e in entries)]
+        if not entries or not 1 <= way <= len(self.train_classes) or shot < 1:
+            raise FSCSError(f"{where}: {len(entries)} entries, {len(self.train_classes)} classes; "
+                            f"way={way} shot={shot} impossible")
+        if not 0 <= rank < world_size or buffer_per_class < shot + 1:
+            raise FSCSError(f"train stream: rank {rank} / world {world_size}, buffer_per_class "
+                            f"{buffer_per_class} (needs > shot) invalid")
+        _images_per_class(entries, self.train_classes, shot, where)
+        allowed: dict[str, set[int]] = {}
+        for key, c in entries:
+            allowed.setdefault(key, set()).add(c)
+        self.allowed = {k: tuple(sorted(cs)) for k, cs in allowed.items()}
+        self.urls = sorted({str(index.root / index.samples[k]["shard"]) for k in self.allowed})
+        self.where = where
+        self.way, self.shot, self.image_size, self.seed = way, shot, image_size, seed
+        self.use_masks, self.rank, self.world_size = use_masks, rank, world_size
+        self.buffer_per_class, self.shuffle_buffer = buffer_per_class, shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: the shard sequence and episode RNG derive from (seed, epoch, rank, worker)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+        guard = _StreamGuard(self.urls, self.where)
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.urls, seed=self.seed * 1_000_003 + self.epoch,
+                                worker_seed=_same_seed_everywhere, deterministic=True),
+            functools.partial(_split_by_rank, rank=self.rank, world_size=self.world_size),
+            wds.split_by_worker,
+            guard.drop_bad,
+            wds.tarfile_to_samples(handler=guard, select_files=None if self.use_masks else _without_masks),
+            wds.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),
+                        rng=random.Random(int(rng.integers(2**31)))),
+        )
+        buffers: dict[int, OrderedDict[str, Sample]] = {c: OrderedDict() for c in self.train_classes}
+        for raw in pipeline:
+            classes = self.allowed.get(raw["__key__"])
+            if not classes:
+                continue  # not a training image of this fold
+            try:
+                files = {k: v for k, v in raw.items() if not k.startswith("__")}
+                sample = decode_sample(raw["__key__"], files, decode_masks=self.use_masks)
+                if self.use_masks and sample.mask is None:
+                    raise ShardReadError(f"sample {sample.key!r} has no mask.png")
+            except Exception as exn:  # noqa: BLE001 - a bad sample is reported and skipped
+                guard(ShardReadError(f"{raw.get('__url__')}: {exn}"))
+                continue
+            guard.in_a_row = 0
+            episode = self._episode(sample, classes, buffers, rng)
+            for c in classes:
+                buffers[c].pop(sample.key, None)
+                buffers[c][sample.key] = sample
+                if len(buffers[c]) > self.buffer_per_class:
+                    buffers[c].popitem(last=False)
+            if episode is not None:
+                yield episode
+
+    def _episode(self, query: Sample, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, Sample]],
+                 rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
+        """One episode with `query` (None while a needed buffer has < K images besides the query)."""
+        query_class = classes[int(rng.integers(len(classes)))]
+        picks = rng.choice(len(self.train_classes), size=self.way, replace=False,
+                           p=support_class_probs(self.train_classes, query_class))
+        way_classes = [self.train_classes[j] for j in picks]
+        support: list[list[Sample]] = []
+        for c in way_classes:
+            cands = [s for k, s in buffers[c].items() if k != query.key]
+            if len(cands) < self.shot:
+                return None
+            support.append([cands[j] for j in rng.choice(len(cands), size=self.shot, replace=False)])
+        size = self.image_size
+        out = {"query_img": to_tensor_image(query.image, size),
+               "support_img": torch.stack([torch.stack([to_tensor_image(s.image, size) for s in row])
+                                           for row in support]),
+               "presence": torch.tensor([float(c in query.labels) for c in way_classes]),
+               "classes": torch.tensor(way_classes, dtype=torch.long)}
+        if self.use_masks:
+            out["support_mask"] = _support_masks(support, way_classes, size)
+            out["query_target"] = _way_targets(query.mask, way_classes, size)
+        return out
+
+
+class EpochWebLoader(wds.WebLoader):
+    """WebLoader over a TrainEpisodeStream; advances the stream's epoch at every pass (`for b in loader`)."""
+
+    def __init__(self, stream: TrainEpisodeStream, batch_size: int, num_workers: int) -> None:
+        super().__init__(stream, batch_size=batch_size, num_workers=num_workers, persistent_workers=False)
+        self.stream, self.epoch = stream, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Next pass uses `epoch` (e.g. after resuming from a checkpoint)."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.stream.set_epoch(self.epoch)
+        self.epoch += 1
+        return super().__iter__()
+
+
+def make_train_loader(stream: TrainEpisodeStream, batch_size: int, num_workers: int, steps_per_epoch: int
+                      ) -> EpochWebLoader:
+    """Batched loader with exactly `steps_per_epoch` batches per pass on every rank (`.with_epoch`)."""
+    if batch_size < 1 or steps_per_epoch < 1 or num_workers < 0:
+        raise FSCSError(f"train loader: batch_size={batch_size} steps_per_epoch={steps_per_epoch} "
+                        f"num_workers={num_workers} invalid")
+    return EpochWebLoader(stream, batch_size, num_workers).with_epoch(steps_per_epoch)

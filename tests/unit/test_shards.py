@@ -1,0 +1,192 @@
+"""Tests of shard writing (atomic, cached), index reading and corrupt-tolerant shard iteration."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from fscs.data.shards import (
+    CorruptShardLog,
+    iter_shard_samples,
+    load_samples,
+    read_index,
+    write_shards,
+)
+from fscs.data.synthetic import (
+    DATASET_NAME,
+    SYNTH_CLASS_NAMES,
+    SYNTH_FOLDS,
+    build_synthetic_shards,
+    generate_synthetic,
+)
+from fscs.data.types import Sample
+from fscs.errors import FSCSError
+
+N, SIZE, SEED = 120, 96, 11
+
+
+@pytest.fixture(scope="module")
+def generated():
+    return list(generate_synthetic(seed=SEED, num_images=N, size=SIZE, workers=1))
+
+
+def _write(samples, out, per_shard=25, params=None):
+    return write_shards(iter(samples), out, dataset=DATASET_NAME, class_names=SYNTH_CLASS_NAMES,
+                        folds=dict(enumerate(SYNTH_FOLDS)), samples_per_shard=per_shard,
+                        params=params if params is not None else {"seed": SEED})
+
+
+@pytest.fixture(scope="module")
+def shard_dir(generated, tmp_path_factory):
+    return _write(generated, tmp_path_factory.mktemp("shards") / "synth")
+
+
+def test_index_roundtrip(shard_dir, generated):
+    index = read_index(shard_dir)
+    assert index.dataset == DATASET_NAME and index.num_classes == 20
+    assert index.class_names[1] == SYNTH_CLASS_NAMES[0]
+    assert index.folds[2] == [11, 12, 13, 14, 15]
+    assert len(index.samples) == N
+    counts = {s: sum(1 for _, sp in generated if sp == s) for s in ("trn", "val", "test")}
+    for split, n in counts.items():
+        entries = [s for s in index.shards if s["split"] == split]
+        assert sum(s["count"] for s in entries) == n and all(s["count"] <= 25 for s in entries)
+        assert [p.rsplit("/", 1)[1] for p in index.shard_paths(split)] == [
+            f"{split}-{i:06d}.tar" for i in range(len(entries))]
+    raw = json.loads((shard_dir / "index.json").read_text())
+    assert raw["format"] == "fscs-shards/1" and set(raw["lists"]) == {"train", "select", "test"}
+    assert not list(shard_dir.parent.glob("*.tmp-*"))
+
+
+def test_samples_decode_like_written(shard_dir, generated):
+    index = read_index(shard_dir)
+    originals = {s.key: s for s, _ in generated}
+    seen = 0
+    for sample in iter_shard_samples(index.shard_paths("trn") + index.shard_paths("test")):
+        ref = originals[sample.key]
+        assert np.array_equal(sample.mask, ref.mask)  # PNG: exact
+        err = np.abs(sample.image.astype(int) - ref.image).mean()  # JPEG q95 (4:2:0 chroma): close
+        other = originals["synth_000000" if sample.key != "synth_000000" else "synth_000001"]
+        assert err < 10 and err < 0.3 * np.abs(sample.image.astype(int) - other.image).mean()
+        assert sample.labels == ref.labels
+        seen += 1
+    assert seen == sum(1 for _, sp in generated if sp != "val")
+    no_masks = next(iter_shard_samples(index.shard_paths("val"), decode_masks=False))
+    assert no_masks.mask is None and no_masks.labels
+
+
+def test_tar_members_and_json(shard_dir):
+    with tarfile.open(read_index(shard_dir).shard_paths("trn")[0]) as tf:
+        names = tf.getnames()
+        meta = json.loads(tf.extractfile(names[2]).read())
+    assert names[:3] == ["synth_000000.jpg", "synth_000000.mask.png", "synth_000000.json"]
+    assert meta == {"key": "synth_000000", "labels": meta["labels"], "split": "trn", "height": SIZE,
+                    "width": SIZE}
+
+
+def test_lists_separate_folds(shard_dir):
+    index = read_index(shard_dir)
+    for f in range(4):
+        test_classes = set(index.folds[f])
+        train = index.fold_entries("train", f)
+        assert train and all(not set(index.samples[k]["labels"]) & test_classes for k, _ in train)
+        assert all(index.samples[k]["split"] == "trn" and c not in test_classes for k, c in train)
+        select = index.fold_entries("select", f)
+        assert select and all(index.samples[k]["split"] == "val" and c not in test_classes for k, c in select)
+        test = index.fold_entries("test", f)
+        assert test and all(index.samples[k]["split"] == "test" and c in test_classes for k, c in test)
+        assert index.fold_classes("select", f) == sorted(set(range(1, 21)) - test_classes)
+
+
+def test_cache_reuses_without_consuming(shard_dir, generated):
+    def exploding():
+        raise AssertionError("the cached set must not consume samples")
+        yield
+
+    before = (shard_dir / "index.json").stat().st_mtime_ns
+    assert _write(exploding(), shard_dir) == shard_dir
+    assert (shard_dir / "index.json").stat().st_mtime_ns == before
+    with pytest.raises(FSCSError, match="delete it or pass another --out"):
+        _write(generated, shard_dir, params={"seed": SEED + 1})
+
+
+def test_build_synthetic_shards_cached(tmp_path):
+    out = build_synthetic_shards(tmp_path / "s", seed=1, num_images=20, size=SIZE, workers=1)
+    first = (out / "index.json").read_bytes()
+    t0 = time.perf_counter()
+    assert build_synthetic_shards(tmp_path / "s", seed=1, num_images=20, size=SIZE, workers=1) == out
+    assert time.perf_counter() - t0 < 0.5 and (out / "index.json").read_bytes() == first
+    assert read_index(out).params == {"seed": 1, "num_images": 20, "size": SIZE, "generator": 1}
+    # same seed -> byte-identical shards
+    again = build_synthetic_shards(tmp_path / "t", seed=1, num_images=20, size=SIZE, workers=2)
+    assert (again / "trn-000000.tar").read_bytes() == (out / "trn-000000.tar").read_bytes()
+
+
+def test_failed_write_leaves_nothing(tmp_path, generated):
+    def failing():
+        yield from generated[:5]
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        _write(failing(), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_samples_rejected(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(FSCSError, match="key"):
+        _write([(Sample("bad key!", img, None, (1,)), "trn")], tmp_path / "a")
+    with pytest.raises(FSCSError, match="split"):
+        _write([(Sample("ok", img, None, (1,)), "train")], tmp_path / "b")
+    with pytest.raises(FSCSError, match="labels"):
+        _write([(Sample("ok", img, None, (21,)), "trn")], tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_index_missing(tmp_path):
+    with pytest.raises(FSCSError, match="fscs shards synth --out"):
+        read_index(tmp_path / "nowhere")
+    (tmp_path / "index.json").write_text("{not json")
+    with pytest.raises(FSCSError, match="invalid shard index"):
+        read_index(tmp_path)
+
+
+def test_corrupt_shards_skipped(shard_dir, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    index = read_index(bad)
+    paths = index.shard_paths("trn")
+    assert len(paths) >= 4
+    data = open(paths[0], "rb").read()
+    open(paths[0], "wb").write(data[: len(data) // 2 + 100])  # truncated mid-member
+    open(paths[1], "wb").write(b"this is not a tar file" * 300)  # garbage
+    with tarfile.open(paths[2]) as tf:  # truncated exactly after a member: only the end marker is missing
+        m = tf.getmembers()[5]
+        cut = m.offset_data + (m.size + 511) // 512 * 512
+    open(paths[2], "wb").write(open(paths[2], "rb").read()[:cut])
+    log = CorruptShardLog()
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="fscs.data.shards"):
+        got = list(iter_shard_samples(paths, handler=log))
+    assert time.perf_counter() - t0 < 10
+    assert log.count == 3
+    assert all(p in text for p, text in zip(paths[:3], log.errors))
+    for p in paths[:3]:
+        assert any(p in r.getMessage() for r in caplog.records)
+    expected = sum(s["count"] for s in index.shards if s["split"] == "trn") - 3 * 25
+    assert len(got) == expected
+
+
+def test_load_samples(shard_dir):
+    index = read_index(shard_dir)
+    keys = {"synth_000001", "synth_000050", "synth_000119"}
+    got = load_samples(index, keys)
+    assert set(got) == keys and all(got[k].mask is not None for k in keys)
+    assert load_samples(index, {"synth_000001"}, decode_masks=False)["synth_000001"].mask is None
+    with pytest.raises(FSCSError, match="not in the index"):
+        load_samples(index, {"nope"})
