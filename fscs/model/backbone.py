@@ -230,12 +230,16 @@ class BackboneOutput:
 class FrozenBackbone(nn.Module):
     """A frozen (no-grad, always-eval) timm ViT; see BackboneOutput for what forward returns."""
 
-    def __init__(self, name: str, weights: str | os.PathLike | None = None, image_size: int | None = None):
+    def __init__(self, name: str, weights: str | os.PathLike | None = None, image_size: int | None = None,
+                 init_seed: int = 0):
         super().__init__()
         self.spec = get_spec(name)
         self.image_size = int(image_size or self.spec.default_image_size)
-        self.model = build_timm_model(self.spec, self.image_size)
-        sha = "random-init"
+        # a random-init backbone must be the same in every process and run that claims the same identity
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self.model = build_timm_model(self.spec, self.image_size)
+        sha = f"random-init-seed{init_seed}"
         if weights is not None:
             state = fit_state_dict(read_state_dict(weights), self.model, self.spec, str(weights))
             self.model.load_state_dict(state, strict=True)

@@ -69,7 +69,7 @@ def test_named_config_shapes_and_values(name: str, size: int) -> None:
     assert (backbone.num_layers, backbone.num_heads) == (spec.depth, spec.num_heads)
     assert out.tokens.shape == (2, spec.depth, 1 + g * g, spec.embed_dim)
     assert out.q.shape == out.k.shape == (2, spec.num_heads, 1 + g * g, spec.embed_dim // spec.num_heads)
-    assert backbone.identity == {"name": name, "weights_sha256": "random-init", "image_size": size}
+    assert backbone.identity == {"name": name, "weights_sha256": "random-init-seed0", "image_size": size}
 
     model, prefix = backbone.model, backbone.model.num_prefix_tokens
     assert prefix == 1 + spec.num_reg_tokens
@@ -265,3 +265,16 @@ def test_weights_errors_are_one_line(tmp_path) -> None:
     torch.save(state, partial)
     with pytest.raises(FSCSError, match=r"missing keys \['norm.weight'\]"):
         FrozenBackbone("fscs_vit_tiny_patch8", str(partial), 64)
+
+
+def test_random_init_is_reproducible_whatever_the_global_rng():
+    """Processes that claim the same random-init identity must hold the same weights."""
+    torch.manual_seed(1)
+    a = FrozenBackbone("fscs_vit_tiny_patch8", None, 32)
+    torch.manual_seed(2)
+    b = FrozenBackbone("fscs_vit_tiny_patch8", None, 32)
+    c = FrozenBackbone("fscs_vit_tiny_patch8", None, 32, init_seed=1)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert c.identity["weights_sha256"] != a.identity["weights_sha256"]
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
