@@ -39,6 +39,24 @@ class EpisodeOutput:
     pseudo_query: torch.Tensor | None = None
 
 
+@dataclass
+class EpisodeFeatures:
+    """Frozen features of a batch of B episodes (N ways, K shots), input size S x S.
+
+    corr: [B*N*K, heads*L, Tq, 145] correlation tokens; support_q / support_k: [B*N*K, h, 1+T, dh]
+    last-block query/key vectors of the supports; query_k: [B, h, 1+T, dh] of the queries.
+    """
+
+    batch: int
+    way: int
+    shot: int
+    size: tuple[int, int]
+    corr: torch.Tensor
+    support_q: torch.Tensor
+    support_k: torch.Tensor
+    query_k: torch.Tensor
+
+
 class FSCSModel(nn.Module):
     """Frozen ViT features -> correlation tokens -> CST head, for N-way K-shot episodes.
 
@@ -77,6 +95,68 @@ class FSCSModel(nn.Module):
         """images [M, 3, S, S] -> frozen backbone output (tokens [M, L, 1+T, D], q/k [M, h, 1+T, dh])."""
         return self.backbone(images)
 
+    @torch.no_grad()
+    def encode_episode(self, query: torch.Tensor, support: torch.Tensor) -> EpisodeFeatures:
+        """The frozen part of an episode batch, computed once and reusable by any head, regime or rule.
+
+        query [B, 3, S, S]; support [B, N, K, 3, S, S]. Every distinct image passes the backbone once: the
+        query's tokens are shared by all N*K (way, shot) pairs through a broadcast view, never recomputed.
+        """
+        b, n, k = support.shape[:3]
+        feats = self.features(torch.cat([query, support.flatten(0, 2)], dim=0))
+        grid = self.backbone.grid
+        q_tok, s_tok = feats.tokens[:b], feats.tokens[b:]
+        q_rep = q_tok.unsqueeze(1).expand(b, n * k, *q_tok.shape[1:]).flatten(0, 1)
+        corr = correlation(q_rep, s_tok, self.backbone.num_heads, grid, grid)
+        return EpisodeFeatures(b, n, k, tuple(query.shape[-2:]), corr, feats.q[b:], feats.k[b:], feats.k[:b])
+
+    def pseudo_masks(
+        self, feats: EpisodeFeatures, query_presence: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention pseudo-masks: support [B, N, K, S, S] (own CLS vs own keys) and query [B, N, S, S]
+        (each shot's support CLS vs the query keys, majority over shots, zeroed where query_presence == 0)."""
+        b, n, k, size, grid = feats.batch, feats.way, feats.shot, feats.size, self.backbone.grid
+        support = self.distiller.support_masks(feats.support_q, feats.support_k, grid, size).view(b, n, k, *size)
+        k_query = feats.query_k.repeat_interleave(n * k, dim=0)
+        present = None if query_presence is None else query_presence.repeat_interleave(k, dim=1).flatten()
+        per_shot = self.distiller.query_masks(feats.support_q, k_query, grid, size, present)
+        query = (per_shot.view(b, n, k, *size).mean(dim=2) >= 0.5).to(per_shot.dtype)
+        return support, query
+
+    def decode_episode(
+        self,
+        feats: EpisodeFeatures,
+        support_masks: torch.Tensor | None = None,
+        regime: str = "weak",
+        query_presence: torch.Tensor | None = None,
+        out_size: tuple[int, int] | None = None,
+        head: Callable | None = None,
+    ) -> EpisodeOutput:
+        """Head (and pseudo-masks) on encoded episodes; see forward_episode for the arguments."""
+        if regime not in REGIMES:
+            raise FSCSError(f"unknown regime '{regime}'; use one of: {', '.join(REGIMES)}")
+        if regime == "weak" and support_masks is not None:
+            raise ValueError("the weak regime uses no pixel labels: support_masks must be None")
+        if regime == "full" and support_masks is None:
+            raise ValueError("the full regime needs support_masks [B, N, K, S, S]")
+        b, n, k = feats.batch, feats.way, feats.shot
+        out_size = tuple(out_size or feats.size)
+        pseudo_support = pseudo_query = None
+        if regime == "weak":
+            pseudo_support, pseudo_query = self.pseudo_masks(feats, query_presence)
+            masks = pseudo_support.flatten(0, 2)
+        else:
+            masks = support_masks.flatten(0, 2).to(feats.corr.dtype)  # type: ignore[union-attr]
+        cls_logits, seg_logits = (head or self.head)(feats.corr, masks, self.backbone.grid, out_size)
+        cls_logits = cls_logits.view(b, n, k, 2)
+        seg_logits = seg_logits.view(b, n, k, 2, *out_size)
+        if k == 1:
+            cls_out, seg_out = cls_logits[:, :, 0], seg_logits[:, :, 0]
+        else:  # average per-shot probabilities, return their log so softmax gives the mean back
+            cls_out = cls_logits.float().softmax(-1).mean(2).clamp_min(1e-12).log()
+            seg_out = seg_logits.float().softmax(3).mean(2).clamp_min(1e-12).log()
+        return EpisodeOutput(cls_out, seg_out, pseudo_support, pseudo_query)
+
     def forward_episode(
         self,
         query: torch.Tensor,
@@ -94,44 +174,8 @@ class FSCSModel(nn.Module):
         the query pseudo-masks of absent classes (weak training); out_size defaults to (S, S);
         head: the (possibly DDP-wrapped) head to call, default self.head.
         """
-        if regime not in REGIMES:
-            raise FSCSError(f"unknown regime '{regime}'; use one of: {', '.join(REGIMES)}")
-        if regime == "weak" and support_masks is not None:
-            raise ValueError("the weak regime uses no pixel labels: support_masks must be None")
-        if regime == "full" and support_masks is None:
-            raise ValueError("the full regime needs support_masks [B, N, K, S, S]")
-        b, n, k = support.shape[:3]
-        size = tuple(query.shape[-2:])
-        out_size = tuple(out_size or size)
-        feats = self.features(torch.cat([query, support.flatten(0, 2)], dim=0))
-        grid = self.backbone.grid
-        q_tok, s_tok = feats.tokens[:b], feats.tokens[b:]
-
-        pseudo_support = pseudo_query = None
-        if regime == "weak":
-            pseudo_support = self.distiller.support_masks(feats.q[b:], feats.k[b:], grid, size)
-            pseudo_support = pseudo_support.view(b, n, k, *size)
-            masks = pseudo_support.flatten(0, 2)
-            # support CLS query of every shot against its episode's query keys: [B*N*K, H, W]
-            k_query = feats.k[:b].repeat_interleave(n * k, dim=0)
-            present = None if query_presence is None else query_presence.repeat_interleave(k, dim=1).flatten()
-            per_shot = self.distiller.query_masks(feats.q[b:], k_query, grid, size, present)
-            pseudo_query = (per_shot.view(b, n, k, *size).mean(dim=2) >= 0.5).to(per_shot.dtype)
-        else:
-            masks = support_masks.flatten(0, 2).to(q_tok.dtype)  # type: ignore[union-attr]
-
-        # the query's tokens are shared (expand, no copy) by all N*K (way, shot) pairs
-        q_rep = q_tok.unsqueeze(1).expand(b, n * k, *q_tok.shape[1:]).flatten(0, 1)
-        corr = correlation(q_rep, s_tok, self.backbone.num_heads, grid, grid)
-        cls_logits, seg_logits = (head or self.head)(corr, masks, grid, out_size)
-        cls_logits = cls_logits.view(b, n, k, 2)
-        seg_logits = seg_logits.view(b, n, k, 2, *out_size)
-        if k == 1:
-            cls_out, seg_out = cls_logits[:, :, 0], seg_logits[:, :, 0]
-        else:  # average per-shot probabilities, return their log so softmax gives the mean back
-            cls_out = cls_logits.float().softmax(-1).mean(2).clamp_min(1e-12).log()
-            seg_out = seg_logits.float().softmax(3).mean(2).clamp_min(1e-12).log()
-        return EpisodeOutput(cls_out, seg_out, pseudo_support, pseudo_query)
+        feats = self.encode_episode(query, support)
+        return self.decode_episode(feats, support_masks, regime, query_presence, out_size, head)
 
     @torch.no_grad()
     def predict(self, out: EpisodeOutput, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,3 +93,16 @@ def test_load_reference_checkpoint(tmp_path):
     model.load_reference_checkpoint(path)
     assert torch.equal(model.head.state_dict()["cls_out.weight"], ref_sd["learner.decoder2_cls.2.weight"])
     assert model.head.cls_out.weight.shape == (2, 64, 1, 1)
+
+
+def test_encode_once_decode_many_equals_forward(model):
+    """Features of an episode can be reused by several heads and regimes with identical results."""
+    q, s = _episode(b=2, n=2, k=2)
+    masks = (torch.rand(2, 2, 2, SIZE, SIZE) > 0.5).float()
+    with torch.no_grad():
+        feats = model.encode_episode(q, s)
+        for regime, m in (("weak", None), ("full", masks)):
+            direct = model.forward_episode(q, s, m, regime=regime)
+            reused = model.decode_episode(feats, m, regime=regime)
+            assert torch.equal(direct.cls_logits, reused.cls_logits)
+            assert torch.equal(direct.mask_logits, reused.mask_logits)
