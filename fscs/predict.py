@@ -1,0 +1,433 @@
+"""`fscs predict`: which support classes are in new images and where (JSON, mask, overlay, contact sheet)."""
+from __future__ import annotations
+
+import colorsys
+import csv
+import glob
+import hashlib
+import html
+import json
+import logging
+import re
+import time
+import urllib.parse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fscs.bench.metrics import predict_from_probs
+from fscs.bench.runner import load_run
+from fscs.data.transforms import resize_mask, to_tensor_image
+from fscs.errors import FSCSError
+from fscs.model.cst import correlation
+from fscs.model.fscs_model import EpisodeFeatures, EpisodeOutput, FSCSModel, upsample_logits
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+REGIMES = ("auto", "weak", "full", "mixed")
+_READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
+_NAME_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+_COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+def class_colour(i: int) -> tuple[int, int, int]:
+    """Display colour of class index i (0-based): a fixed table, then golden-ratio hues."""
+    if i < len(_COLOURS):
+        return _COLOURS[i]
+    r, g, b = colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 [H, W, 3] (EXIF orientation applied); raises the PIL/OS error for unreadable files."""
+    with Image.open(path) as im:
+        return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+@dataclass
+class SupportClass:
+    """One support class: images [K] of uint8 [H, W, 3], binary masks uint8 {0,1} [H, W] or None, files."""
+
+    name: str
+    files: list[Path] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray | None] = field(default_factory=list)
+
+
+def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`<stem>.mask.png` beside the image or `masks/<stem>.png` in its class folder (nonzero = object)."""
+    stem = img_path.stem
+    for cand in (img_path.with_name(f"{stem}.mask.png"), img_path.parent / "masks" / f"{stem}.png"):
+        if cand.is_file():
+            try:
+                with Image.open(cand) as im:
+                    mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+            except _READ_ERRORS as exn:
+                logger.warning("%s: unreadable support mask (%s); ignored", cand, exn)
+                return None
+            if mask.shape != shape[:2]:
+                logger.warning("%s: mask %s differs from its image %s; ignored", cand, mask.shape, shape[:2])
+                return None
+            return mask
+    return None
+
+
+def scan_support(support_dir: str | Path) -> list[SupportClass]:
+    """Support folder: one sub-folder per class with a few images (+ optional masks); bad images skipped."""
+    root = Path(support_dir)
+    dirs = sorted(d for d in (root.iterdir() if root.is_dir() else ()) if d.is_dir() and d.name[0] != ".")
+    if not dirs:
+        raise FSCSError(f"{root}: --support must be a folder with one sub-folder of images per class")
+    classes = []
+    for d in dirs:
+        sc = SupportClass(d.name)
+        for p in sorted(p for p in d.iterdir() if _is_image(p) and not p.name.lower().endswith(".mask.png")):
+            try:
+                img = read_rgb(p)
+            except _READ_ERRORS as exn:
+                logger.warning("%s: unreadable support image (%s); skipped", p, exn)
+                continue
+            sc.files.append(p)
+            sc.images.append(img)
+            sc.masks.append(_support_mask(p, img.shape))
+        if not sc.files:
+            raise FSCSError(f"{d}: support class {d.name!r} has no readable images; add a few or remove the "
+                            "folder")
+        classes.append(sc)
+    if len(classes) > 254:
+        raise FSCSError(f"{root}: {len(classes)} support classes; masks hold at most 254, split the support "
+                        "folder")
+    return classes
+
+
+def expand_queries(patterns: Iterable[str]) -> list[Path]:
+    """Query arguments (files, folders searched recursively, globs) -> unique image files in order."""
+    out: dict[Path, None] = {}
+    for pat in patterns:
+        p = Path(pat)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if _is_image(f))
+        elif p.is_file():
+            found = [p]
+        else:
+            found = sorted(Path(f) for f in glob.glob(pat, recursive=True) if _is_image(Path(f)))
+            if not found:
+                logger.warning("query %r: no such file, folder or matching image; skipped", pat)
+        out.update(dict.fromkeys(found))
+    return list(out)
+
+
+class FeatureCache:
+    """Backbone features of support images on disk, keyed by sha256(file bytes) + backbone identity."""
+
+    def __init__(self, root: str | Path, identity: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _path(self, file: Path) -> Path:
+        return self.root / self.tag / f"{hashlib.sha256(file.read_bytes()).hexdigest()}.pt"
+
+    def get(self, file: Path) -> dict[str, torch.Tensor] | None:
+        path = self._path(file)
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exn:  # noqa: BLE001 - a damaged cache entry is recomputed
+            logger.warning("%s: unreadable cache entry (%s); recomputing", path, type(exn).__name__)
+            return None
+
+    def put(self, file: Path, feats: dict[str, torch.Tensor]) -> None:
+        path = self._path(file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({k: v.detach().cpu().contiguous() for k, v in feats.items()}, tmp)
+        tmp.replace(path)
+
+
+@dataclass
+class EncodedClass:
+    """Frozen support features of one class (K shots, size S): tokens [K, L, 1+T, D], q/k [K, h, 1+T, dh],
+    masks [K, S, S] float {0,1} (GT where has_gt, reference pseudo-mask elsewhere), has_gt [K] bool."""
+
+    tokens: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    masks: torch.Tensor
+    has_gt: torch.Tensor
+
+
+class Predictor:
+    """A trained run plus an encoded support set: support features are computed once (optionally cached on
+    disk) and every query is decoded as a C-way K-shot episode against all support classes."""
+
+    def __init__(self, run_dir: str | Path, support: str | Path | Sequence[SupportClass], *,
+                 device: str = "auto", regime: str = "auto", cache_dir: str | Path | None = None,
+                 batch_size: int = 8, max_pairs: int | None = None) -> None:
+        if regime not in REGIMES:
+            raise FSCSError(f"--regime {regime!r}: use one of {', '.join(REGIMES)}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise FSCSError(f"--device {device}: no CUDA device is visible; use --device cpu (or auto)")
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if device == "auto" else device)
+        loaded = load_run(run_dir)
+        self.run, self.checkpoint_sha256 = loaded.cfg, loaded.checkpoint_sha256
+        self.model: FSCSModel = loaded.model.to(self.device).eval()
+        self.size = self.model.image_size
+        self.regime = loaded.cfg.train.regime if regime == "auto" else regime
+        self.classes = scan_support(support) if isinstance(support, (str, Path)) else list(support)
+        bb = self.model.backbone
+        pair_bytes = 4 * bb.num_heads * bb.num_layers * bb.grid[0] * bb.grid[1] * 145
+        self.max_pairs = max_pairs or max(1, (256 << 20) // pair_bytes)  # ~256 MiB of correlation per step
+        cache = FeatureCache(cache_dir, bb.identity) if cache_dir is not None else None
+        self.encoded = [self._encode_class(sc, batch_size, cache) for sc in self.classes]
+        n_gt = sum(int(e.has_gt.sum()) for e in self.encoded)
+        n_all = sum(len(e.has_gt) for e in self.encoded)
+        if self.regime == "weak" and n_gt:
+            logger.info("run regime weak: %d support masks ignored (pass --regime full to use them)", n_gt)
+        elif self.regime in ("full", "mixed") and n_gt < n_all:
+            kind = "attention" if self.regime == "full" else "enhanced"
+            logger.warning("regime %s: %d of %d support images have no mask; using %s pseudo-masks for them",
+                           self.regime, n_all - n_gt, n_all, kind)
+
+    @torch.no_grad()
+    def _encode_class(self, sc: SupportClass, batch_size: int, cache: FeatureCache | None) -> EncodedClass:
+        parts: list[dict[str, torch.Tensor] | None] = [cache.get(f) if cache else None for f in sc.files]
+        todo = [i for i, p in enumerate(parts) if p is None]
+        for s in range(0, len(todo), max(1, batch_size)):
+            idx = todo[s:s + batch_size]
+            x = torch.stack([to_tensor_image(sc.images[i], self.size) for i in idx]).to(self.device)
+            out = self.model.features(x)
+            for j, i in enumerate(idx):
+                parts[i] = {"tokens": out.tokens[j], "q": out.q[j], "k": out.k[j]}
+                if cache:
+                    cache.put(sc.files[i], parts[i])
+        stack = {key: torch.stack([p[key] for p in parts]).to(self.device).float()  # type: ignore[index]
+                 for key in ("tokens", "q", "k")}
+        grid, size = self.model.backbone.grid, (self.size, self.size)
+        masks = self.model.distiller.support_masks(stack["q"], stack["k"], grid, size).float()
+        has_gt = torch.tensor([m is not None for m in sc.masks])
+        for i, m in enumerate(sc.masks):
+            if m is not None:
+                masks[i] = resize_mask(m, self.size).float().to(self.device)
+        return EncodedClass(stack["tokens"], stack["q"], stack["k"], masks, has_gt.to(self.device))
+
+    @torch.no_grad()
+    def predict_tensors(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, S, S] (normalised) -> presence probability [B, C] and mask log-probs [B, C, 2, S, S].
+
+        Classes with equal shot counts are decoded together, chunked so one step holds <= max_pairs
+        (query, support) pairs; each class is an independent way of the same C-way episode.
+        """
+        feats = self.model.features(images.to(self.device))
+        b, c, s = images.shape[0], len(self.encoded), self.size
+        presence, logits = torch.zeros(b, c), torch.zeros(b, c, 2, s, s)
+        groups: dict[int, list[int]] = {}
+        for i, e in enumerate(self.encoded):
+            groups.setdefault(len(e.has_gt), []).append(i)
+        for k, idxs in groups.items():
+            qb = max(1, min(b, self.max_pairs // k))
+            nc = max(1, self.max_pairs // (qb * k))
+            for q0 in range(0, b, qb):
+                for c0 in range(0, len(idxs), nc):
+                    chunk = idxs[c0:c0 + nc]
+                    out = self._decode(feats.tokens[q0:q0 + qb], feats.k[q0:q0 + qb], chunk, k)
+                    presence[q0:q0 + qb, chunk] = out.cls_logits.float().softmax(-1)[..., 1].cpu()
+                    logits[q0:q0 + qb, chunk] = out.mask_logits.float().cpu()
+        return presence, logits
+
+    def _decode(self, q_tok: torch.Tensor, q_k: torch.Tensor, chunk: list[int], k: int) -> EpisodeOutput:
+        """Queries (tokens [b, L, 1+T, D], keys [b, h, 1+T, dh]) against the classes `chunk` (K = k each)."""
+        b, n, enc = q_tok.shape[0], len(chunk), [self.encoded[i] for i in chunk]
+
+        def per_pair(t: torch.Tensor) -> torch.Tensor:  # [n*K, ...] -> [b*n*K, ...], query-major
+            return t.unsqueeze(0).expand(b, *t.shape).reshape(b * t.shape[0], *t.shape[1:])
+
+        s_tok, s_q, s_k = (torch.cat([getattr(e, a) for e in enc]) for a in ("tokens", "q", "k"))
+        q_rep = q_tok.unsqueeze(1).expand(b, n * k, *q_tok.shape[1:]).reshape(b * n * k, *q_tok.shape[1:])
+        bb = self.model.backbone
+        corr = correlation(q_rep, per_pair(s_tok), bb.num_heads, bb.grid, bb.grid)
+        feats = EpisodeFeatures(b, n, k, (self.size, self.size), corr, per_pair(s_q), per_pair(s_k), q_k)
+        masks = torch.stack([e.masks for e in enc]).unsqueeze(0).expand(b, n, k, self.size, self.size)
+        has = torch.stack([e.has_gt for e in enc]).unsqueeze(0).expand(b, n, k)
+        if self.regime == "full":
+            return self.model.decode_episode(feats, masks, "full")
+        if self.regime == "mixed" and bool(has.any()):
+            return self.model.decode_episode(feats, masks, "mixed", support_has_gt=has)
+        return self.model.decode_episode(feats, None, self.regime)
+
+
+def _work_size(h: int, w: int, max_side: int) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def label_map(presence: torch.Tensor, logits: torch.Tensor, size: tuple[int, int], threshold: float
+              ) -> np.ndarray:
+    """presence [C], mask log-probs [C, 2, S, S] -> uint8 [H, W]: class i+1 where its foreground probability
+    is the largest, >= 0.5 and the class is decided present (p > threshold); 0 elsewhere."""
+    fg = upsample_logits(logits, size).softmax(1)[:, 1]
+    fg = fg * (presence > threshold).to(fg.dtype)[:, None, None]
+    _, pred = predict_from_probs(presence, fg, threshold, 0.5)
+    return pred.to(torch.uint8).numpy()
+
+
+def _overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> Image.Image:
+    base = np.asarray(Image.fromarray(image).resize(labels.shape[::-1], Image.BILINEAR)).astype(np.float32)
+    colour = palette[labels].astype(np.float32)
+    alpha = np.where(labels > 0, 0.5, 0.0)[..., None]
+    return Image.fromarray((base * (1 - alpha) + colour * alpha).round().astype(np.uint8))
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """File-system-safe output names per query, unique (case-insensitively) and never a fixed output's name."""
+    names, used = [], {"classes", "index", "predictions", "summary"}
+    for p in paths:
+        base = _NAME_BAD.sub("_", p.stem).strip("_") or "image"
+        name, n = base, 1
+        while name.lower() in used:
+            n += 1
+            name = f"{base}-{n}"
+        used.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _html(out: Path, records: list[dict[str, Any]], classes: list[dict[str, Any]],
+          skipped: list[dict[str, str]], meta: dict[str, Any]) -> None:
+    """index.html: legend, one card per query (overlay + probabilities), skipped files; names escaped."""
+    esc, url = html.escape, urllib.parse.quote
+    legend = " ".join(f'<span class="sw" style="background:{c["color"]}"></span>{esc(c["name"])}'
+                      for c in classes)
+    cards = []
+    for r in records:
+        items = sorted(r["classes"], key=lambda c: -c["probability"])
+        rows = "".join(f'<li class="{"on" if c["present"] else "off"}">{esc(c["name"])} '
+                       f'{c["probability"]:.2f}</li>' for c in items)
+        cards.append(f'<figure><a href="{url(r["overlay"])}"><img src="{url(r["overlay"])}" loading="lazy" '
+                     f'alt="{esc(r["name"])}"></a><figcaption><b title="{esc(r["image"])}">'
+                     f'{esc(Path(r["image"]).name)}</b><ul>{rows}</ul></figcaption></figure>')
+    bad = "".join(f"<li>{esc(s['image'])}: {esc(s['error'])}</li>" for s in skipped)
+    about = (f'run {esc(str(meta["run"]))}, regime {esc(meta["regime"])}, threshold {meta["threshold"]}; '
+             "bold = present")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fscs predict</title><style>
+body{{font-family:sans-serif;margin:1em}} .grid{{display:flex;flex-wrap:wrap;gap:12px}}
+figure{{margin:0;width:240px}} img{{max-width:240px;max-height:240px}} ul{{margin:0;padding-left:1.2em}}
+.on{{font-weight:bold}} .off{{color:#888}} .sw{{display:inline-block;width:1em;height:1em;margin:0 4px}}
+</style></head><body>
+<h1>fscs predict: {len(records)} images</h1>
+<p>{about}</p>
+<p>{legend}</p>
+<div class="grid">{"".join(cards)}</div>
+{f"<h2>Skipped ({len(skipped)})</h2><ul>{bad}</ul>" if skipped else ""}
+</body></html>
+"""
+    (out / "index.html").write_text(page, encoding="utf-8")
+
+
+def _write_query(out: Path, name: str, path: Path, image: np.ndarray, presence: torch.Tensor,
+                 logits: torch.Tensor, classes: list[dict[str, Any]], palette: np.ndarray, threshold: float,
+                 max_side: int) -> dict[str, Any]:
+    """Write `<name>.mask.png` (original size), `<name>.overlay.png` and `<name>.json`; returns the record.
+
+    presence [C] probabilities, logits [C, 2, S, S] mask log-probs of one query.
+    """
+    h, w = image.shape[:2]
+    labels = label_map(presence, logits, _work_size(h, w, max_side), threshold)
+    full = labels
+    if labels.shape != (h, w):
+        full = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
+    mask_img = Image.fromarray(full, "P")
+    mask_img.putpalette(palette.reshape(-1).tolist())
+    mask_img.save(out / f"{name}.mask.png")
+    _overlay(image, labels, palette).save(out / f"{name}.overlay.png")
+    area = np.bincount(labels.reshape(-1), minlength=len(classes) + 1) / labels.size
+    per_class = [{"id": c["id"], "name": c["name"], "probability": round(float(presence[i]), 6),
+                  "present": bool(presence[i] > threshold), "area": round(float(area[i + 1]), 6)}
+                 for i, c in enumerate(classes)]
+    rec = {"name": name, "image": str(path), "width": w, "height": h, "threshold": threshold,
+           "classes": per_class, "present": [c["name"] for c in per_class if c["present"]],
+           "mask": f"{name}.mask.png", "overlay": f"{name}.overlay.png"}
+    (out / f"{name}.json").write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str], out_dir: str | Path, *,
+                batch_size: int = 8, threshold: float = 0.5, device: str = "auto", regime: str = "auto",
+                cache_dir: str | Path | None = None, max_side: int = 1024, progress: bool = True
+                ) -> dict[str, Any]:
+    """Predict every query image into `out_dir`: per query `<name>.json`, `<name>.mask.png` (0 = background,
+    i = class i of classes.json), `<name>.overlay.png`; plus classes.json, predictions.csv, summary.json and
+    index.html. Unreadable queries are logged and listed as skipped."""
+    from tqdm import tqdm
+
+    if not 0.0 <= threshold <= 1.0 or batch_size < 1:
+        raise FSCSError(f"--threshold {threshold} must be in [0, 1] and --batch-size {batch_size} >= 1")
+    paths = expand_queries(queries)
+    if not paths:
+        raise FSCSError(f"--query {' '.join(queries)}: no images found; pass image files, folders or quoted "
+                        "globs")
+    t0 = time.time()
+    pred = Predictor(run_dir, support, device=device, regime=regime, cache_dir=cache_dir,
+                     batch_size=batch_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    colours = [class_colour(i) for i in range(len(pred.classes))]
+    palette = np.array([(0, 0, 0), *colours] + [(0, 0, 0)] * (255 - len(colours)), dtype=np.uint8)
+    classes = [{"id": i, "name": sc.name, "color": "#{:02x}{:02x}{:02x}".format(*colours[i - 1]),
+                "support": [str(f) for f in sc.files], "support_masks": sum(m is not None for m in sc.masks)}
+               for i, sc in enumerate(pred.classes, start=1)]
+    meta = {"format": "fscs-predict/1", "run": str(run_dir), "checkpoint_sha256": pred.checkpoint_sha256,
+            "backbone": pred.model.backbone.identity, "regime": pred.regime, "threshold": threshold,
+            "mask_values": "0 = background, i = classes[i - 1].id", "classes": classes}
+    (out / "classes.json").write_text(json.dumps(meta, indent=2))
+    records: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress)
+
+    def flush(batch: list[tuple[Path, str, np.ndarray]]) -> None:
+        x = torch.stack([to_tensor_image(image, pred.size) for *_, image in batch])
+        presence, logits = pred.predict_tensors(x)
+        for (path, name, image), p, lg in zip(batch, presence, logits):
+            records.append(_write_query(out, name, path, image, p, lg, classes, palette, threshold, max_side))
+        bar.update(len(batch))
+
+    batch: list[tuple[Path, str, np.ndarray]] = []
+    for path, name in zip(paths, _unique_names(paths)):
+        try:
+            batch.append((path, name, read_rgb(path)))
+        except _READ_ERRORS as exn:
+            logger.warning("%s: unreadable query image (%s); skipped", path, exn)
+            skipped.append({"image": str(path), "error": f"{type(exn).__name__}: {exn}"})
+            bar.update(1)
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+    if batch:
+        flush(batch)
+    bar.close()
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "present"] + [c["name"] for c in classes])
+        for r in records:
+            probs = [f"{c['probability']:.4f}" for c in r["classes"]]
+            writer.writerow([r["image"], ";".join(r["present"]), *probs])
+    _html(out, records, classes, skipped, meta)
+    summary = {"queries": len(paths), "predicted": len(records), "skipped": skipped,
+               "seconds": round(time.time() - t0, 2), "device": str(pred.device), "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info("predicted %d images (%d skipped) in %.1f s -> %s", len(records), len(skipped),
+                summary["seconds"], out / "index.html")
+    return summary

@@ -1,0 +1,182 @@
+"""End to end on a generated folder dataset: CSV labels + some masks -> shards -> training -> predict."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fscs.cli import main
+from fscs.config import load_config
+from fscs.data.shards import read_index
+from fscs.data.sources.folder import build_folder_shards
+from fscs.data.transforms import to_tensor_image
+from fscs.distributed import DistEnv
+from fscs.predict import Predictor, read_rgb, run_predict
+from fscs.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 64
+CLASSES = {"disk": (220, 40, 40), "square": (40, 180, 60), "triangle": (40, 80, 220), "cross": (230, 200, 30),
+           "ring": (200, 60, 200), "bar": (30, 200, 200)}
+
+
+def _shape(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """bool [size, size] mask of one object of class `name` at a random place and scale."""
+    yy, xx = np.mgrid[:size, :size]
+    r = rng.uniform(0.15, 0.3) * size
+    cy, cx = rng.uniform(r, size - r, 2)
+    dy, dx = yy - cy, xx - cx
+    if name == "disk":
+        return dy**2 + dx**2 < r**2
+    if name == "ring":
+        return (dy**2 + dx**2 < r**2) & (dy**2 + dx**2 > (0.55 * r) ** 2)
+    if name == "square":
+        return (abs(dy) < r * 0.8) & (abs(dx) < r * 0.8)
+    if name == "triangle":
+        return (dy < r * 0.7) & (dy > -r) & (abs(dx) < (dy + r) * 0.6)
+    if name == "cross":
+        return ((abs(dy) < r * 0.3) & (abs(dx) < r)) | ((abs(dx) < r * 0.3) & (abs(dy) < r))
+    return (abs(dy) < r * 0.25) & (abs(dx) < r)  # bar
+
+
+def _image(labels: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Textured background + one object per label: image uint8 [S, S, 3], index mask (ids in sorted order)."""
+    rng = np.random.default_rng(seed)
+    ids = {n: i for i, n in enumerate(sorted(CLASSES), start=1)}
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    stripes = (np.sin(xx * rng.uniform(0.2, 0.8) + yy * rng.uniform(0.1, 0.5)) > 0)[..., None]
+    img = np.where(stripes, rng.integers(60, 140, 3), rng.integers(60, 140, 3)).astype(np.float32)
+    img += rng.normal(0, 10, img.shape)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    for name in labels:
+        m = _shape(name, SIZE, rng) & (mask == 0)
+        img[m] = np.array(CLASSES[name]) + rng.normal(0, 8, (int(m.sum()), 3))
+        mask[m] = ids[name]
+    return img.clip(0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """6 classes x 12 images (some with a second class), labels CSV, masks for the novel classes' images."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("own")
+    images, masks = root / "images", root / "masks"
+    images.mkdir(), masks.mkdir()
+    names, rows, seed = sorted(CLASSES), ["image,labels"], 0
+    for ci, c in enumerate(names):
+        for i in range(12):
+            labels = [c] + ([names[(ci + 1) % 6]] if i % 4 == 3 else [])
+            img, mask = _image(labels, seed)
+            seed += 1
+            Image.fromarray(img).save(images / f"{c}_{i:02d}.jpg", quality=95)
+            if c in ("cross", "ring") or i % 3 == 0:
+                Image.fromarray(mask, "L").save(masks / f"{c}_{i:02d}.png")
+            rows.append(f"{c}_{i:02d}.jpg,{';'.join(labels)}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    shards = build_folder_shards(images, root / "shards", labels=root / "labels.csv", masks=masks,
+                                 novel=["cross", "ring"])
+    support, queries = root / "support", root / "queries"
+    for k, c in enumerate(("cross", "ring", "disk")):
+        (support / c).mkdir(parents=True)
+        for i in range(2):
+            img, mask = _image([c], 1000 + 10 * k + i)
+            Image.fromarray(img).save(support / c / f"s{i}.png")
+            if i == 0:
+                Image.fromarray(mask * 255).save(support / c / f"s{i}.mask.png")
+    queries.mkdir()
+    for i, labels in enumerate([["cross"], ["ring"], ["disk", "ring"], ["bar"], ["square"]]):
+        Image.fromarray(_image(labels, 2000 + i)[0]).save(queries / f"q{i}{' & <x>' if i == 0 else ''}.jpg")
+    (queries / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    cfg = load_config(ROOT / "configs" / "pilot.yaml", [
+        f"out_dir={root / 'runs'}", "name=pilot", f"data.shards={shards}", "model.image_size=64",
+        "data.batch_size=2", "train.steps_per_epoch=3", "train.epochs=1", "data.num_workers=0"])
+    Trainer(cfg, DistEnv()).fit()
+    return {"root": root, "shards": shards, "run": root / "runs" / "pilot", "support": support,
+            "queries": queries}
+
+
+def test_shards_follow_the_novel_layout(world):
+    index = read_index(world["shards"])
+    assert [index.class_names[c] for c in index.folds[0]] == ["cross", "ring"]
+    train_keys = {k for k, _ in index.fold_entries("train", 0)}
+    novel = set(index.folds[0])
+    assert novel == {2, 4} and train_keys
+    assert all(not novel & set(index.samples[k]["labels"]) for k in train_keys)
+    assert all(index.samples[k]["split"] == "test" for k, _ in index.fold_entries("test", 0))
+
+
+def test_predict_writes_sane_outputs(world, tmp_path):
+    out = tmp_path / "pred"
+    summary = run_predict(world["run"], world["support"], [str(world["queries"])], out, batch_size=2,
+                          threshold=0.5, progress=False)
+    assert summary["queries"] == 6 and summary["predicted"] == 5
+    assert [Path(s["image"]).name for s in summary["skipped"]] == ["broken.jpg"]
+    meta = json.loads((out / "classes.json").read_text())
+    assert [c["name"] for c in meta["classes"]] == ["cross", "disk", "ring"] and meta["regime"] == "weak"
+    assert [c["support_masks"] for c in meta["classes"]] == [1, 1, 1]
+    page = (out / "index.html").read_text()
+    assert html.escape("q0 & <x>.jpg") in page and "<x>" not in page and "broken.jpg" in page
+    for name in ("q0_x", "q1", "q2", "q3", "q4"):
+        rec = json.loads((out / f"{name}.json").read_text())
+        probs = [c["probability"] for c in rec["classes"]]
+        assert len(probs) == 3 and all(0.0 <= p <= 1.0 for p in probs)
+        assert [c["present"] for c in rec["classes"]] == [p > 0.5 for p in probs]
+        mask = np.array(Image.open(out / rec["mask"]))
+        assert mask.shape == (SIZE, SIZE) and mask.max() <= 3
+        present_ids = {c["id"] for c in rec["classes"] if c["present"]}
+        assert set(np.unique(mask)) - {0} <= present_ids  # absent classes are never painted
+        assert Image.open(out / rec["overlay"]).size == (SIZE, SIZE)
+        assert f'src="{rec["overlay"]}"' in page
+    rows = (out / "predictions.csv").read_text().strip().splitlines()
+    assert rows[0] == "image,present,cross,disk,ring" and len(rows) == 6
+
+
+def test_chunked_ways_equal_one_episode_and_forward_episode(world):
+    """Each class is a way of one episode: chunking changes nothing, and results equal forward_episode."""
+    whole = Predictor(world["run"], world["support"], device="cpu")
+    chunked = Predictor(world["run"], world["support"], device="cpu", max_pairs=1)
+    files = sorted(world["queries"].glob("q[1-4].jpg"))
+    x = torch.stack([to_tensor_image(read_rgb(f), whole.size) for f in files])
+    p1, l1 = whole.predict_tensors(x)
+    p2, l2 = chunked.predict_tensors(x)
+    assert p1.shape == (4, 3) and l1.shape == (4, 3, 2, 64, 64)
+    torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(l1, l2, rtol=1e-4, atol=1e-4)
+    sup = torch.stack([to_tensor_image(img, whole.size) for img in whole.classes[0].images])  # "cross", K = 2
+    with torch.no_grad():
+        support = sup[None, None].expand(4, 1, *sup.shape).contiguous()
+        ref = whole.model.forward_episode(x, support, regime="weak")
+    torch.testing.assert_close(p1[:, 0], ref.cls_logits.softmax(-1)[:, 0, 1], rtol=1e-4, atol=1e-5)
+    full = Predictor(world["run"], world["support"], device="cpu", regime="full")
+    enc = full.encoded[0]
+    gt = np.array(Image.open(world["support"] / "cross" / "s0.mask.png")) > 0
+    assert enc.has_gt.tolist() == [True, False] and torch.equal(enc.masks[0].bool(), torch.from_numpy(gt))
+    assert not torch.allclose(full.predict_tensors(x)[0], p1)  # the given masks change the episode
+
+
+def test_cli_predict_full_regime_with_disk_cache(world, tmp_path, capsys):
+    def args(out: str) -> list[str]:
+        return ["predict", "--run", str(world["run"]), "--support", str(world["support"]), "--query",
+                str(world["queries"] / "q1.jpg"), str(world["queries"] / "q[23].jpg"),
+                "--out", str(tmp_path / out),
+                "--regime", "full", "--cache", str(tmp_path / "cache"), "--no-progress", "--threshold", "0.3"]
+
+    assert main(args("a")) == 0
+    assert "predicted 3 of 3 images" in capsys.readouterr().out
+    cached = sorted((tmp_path / "cache").rglob("*.pt"))
+    assert len(cached) == 6
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert main(args("b")) == 0  # second run reads the cache instead of rewriting it
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    a = json.loads((tmp_path / "a" / "q1.json").read_text())
+    b = json.loads((tmp_path / "b" / "q1.json").read_text())
+    assert a["classes"] == b["classes"] and a["threshold"] == 0.3
+    assert json.loads((tmp_path / "a" / "classes.json").read_text())["regime"] == "full"
+    assert main(["predict", "--run", str(world["run"]), "--support", str(world["support"]), "--query",
+                 str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "c")]) == 2
+    assert "no images found" in capsys.readouterr().err

@@ -1,0 +1,260 @@
+"""Tests of `fscs shards folder`: labels CSV / ImageFolder, mask formats, novel split, every bad input."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fscs.cli import main
+from fscs.data.episodes import EpisodeSampler, TrainEpisodeStream
+from fscs.data.shards import load_samples, read_index
+from fscs.data.sources.folder import BASE_FOLD, NOVEL_FOLD, build_folder_shards, choose_novel, make_keys
+from fscs.errors import FSCSError
+
+W, H = 32, 24
+
+
+def _img(path: Path, seed: int, size: tuple[int, int] = (W, H)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+
+
+def _dataset(root: Path, rows: dict[str, str]) -> tuple[Path, Path]:
+    """Write one random image per row (file -> 'a;b') and labels.csv; returns (images dir, csv)."""
+    images = root / "images"
+    for i, name in enumerate(rows):
+        _img(images / name, i)
+    csv = root / "labels.csv"
+    csv.write_text("image,labels\n" + "".join(f'"{n}",{lab}\n' for n, lab in rows.items()))
+    return images, csv
+
+
+def _rows(per_class: int = 4) -> dict[str, str]:
+    """Classes a, b, c (base) and d (novel); some images multi-label (with ';' and '|' separators)."""
+    rows = {}
+    for c in "abcd":
+        for i in range(per_class):
+            rows[f"{c}/{c}{i}.png"] = c
+    rows["mix/ab0.png"] = "a;b"
+    rows["mix/bc0.png"] = "b|c"
+    rows["mix/ad0.png"] = "a;d"
+    return rows
+
+
+def test_csv_multilabel_novel_split(tmp_path):
+    images, csv = _dataset(tmp_path, _rows())
+    out = build_folder_shards(images, tmp_path / "shards", labels=csv, novel=["d"], select_fraction=0.2,
+                              seed=3)
+    index = read_index(out)
+    assert index.class_names == {1: "a", 2: "b", 3: "c", 4: "d"}
+    assert index.folds == {NOVEL_FOLD: [4], BASE_FOLD: [1, 2, 3]}
+    assert index.samples["mix_ab0"]["labels"] == [1, 2] and index.samples["mix_bc0"]["labels"] == [2, 3]
+    # every image showing the novel class is a test image, never trained on
+    tested = {k for k, s in index.samples.items() if s["split"] == "test"}
+    assert tested == {"d_d0", "d_d1", "d_d2", "d_d3", "mix_ad0"}
+    train = index.fold_entries("train", 0)
+    select = index.fold_entries("select", 0)
+    test = index.fold_entries("test", 0)
+    assert {c for _, c in train} == {1, 2, 3} and {c for _, c in test} == {4}
+    assert len(test) == 5 and ("mix_ad0", 4) in test and ("mix_ad0", 1) not in test + train + select
+    assert not {k for k, _ in train} & {k for k, _ in select}
+    assert len({k for k, _ in select}) == round(0.2 * 14)
+    assert index.fold_classes("train", 0) == [1, 2, 3] and index.fold_classes("test", 0) == [4]
+    spec = EpisodeSampler(index, "test", 0, way=1, shot=1, seed=0).episode(0)
+    assert spec.classes == (4,) and spec.query not in spec.support[0]
+    stream = TrainEpisodeStream(out, fold=0, way=1, shot=1, image_size=32, seed=0, use_masks=False)
+    assert stream.train_classes == [1, 2, 3] and "d_d0" not in stream.allowed
+
+
+def test_rebuild_is_cached_and_edited_labels_are_refused(tmp_path):
+    images, csv = _dataset(tmp_path, _rows(3))
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"])
+    mtime = (out / "index.json").stat().st_mtime_ns
+    assert build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"]) == out
+    assert (out / "index.json").stat().st_mtime_ns == mtime
+    csv.write_text(csv.read_text().replace('"a/a0.png",a', '"a/a0.png",a;b'))
+    with pytest.raises(FSCSError, match="delete it or pass another --out"):
+        build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"])
+
+
+def test_image_folder_layout_and_seeded_novel_choice(tmp_path):
+    for c in ("cat", "dog", "fox", "owl", "yak", "emu"):
+        for i in range(3):
+            _img(tmp_path / "imgs" / c / f"{i}.jpg", hash((c, i)) % 1000)
+    out = build_folder_shards(tmp_path / "imgs", tmp_path / "s", novel_count=2, seed=5, select_fraction=0)
+    index = read_index(out)
+    assert list(index.class_names.values()) == ["cat", "dog", "emu", "fox", "owl", "yak"]
+    novel = choose_novel(list(index.class_names.values()), None, 2, 5)
+    assert [index.class_names[c] for c in index.folds[0]] == novel and len(novel) == 2
+    assert all(len(s["labels"]) == 1 for s in index.samples.values()) and len(index.samples) == 18
+    assert choose_novel(list("abcdef"), None, None, 0) == choose_novel(list("abcdef"), None, 2, 0)
+    assert choose_novel(list("abcdef"), None, 0, 0) == []
+    assert index.samples["cat_0"]["split"] in ("trn", "test")
+
+
+def test_index_png_masks_and_max_side(tmp_path):
+    rows = _rows(3)
+    images, csv = _dataset(tmp_path, rows)
+    masks = tmp_path / "masks"
+    (masks / "mix").mkdir(parents=True)
+    m = np.zeros((H, W), np.uint8)
+    m[2:10, 2:12], m[12:20, 14:30], m[0:2, :] = 1, 2, 255  # a, b, ignore band
+    Image.fromarray(m, "L").save(masks / "mix" / "ab0.png")
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=masks, novel=["d"], max_side=16)
+    index = read_index(out)
+    sample = load_samples(index, {"mix_ab0", "a_a0"})
+    got = sample["mix_ab0"].mask
+    assert sample["a_a0"].mask is None
+    assert sample["mix_ab0"].image.shape == (12, 16, 3) and got.shape == (12, 16)
+    assert set(np.unique(got)) == {0, 1, 2, 255}
+    assert got[3, 3] == 1 and got[8, 10] == 2
+
+
+def test_partly_masked_novel_images_only_masked_ones_are_tested(tmp_path, caplog):
+    images, csv = _dataset(tmp_path, _rows(3))
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    for name in ("d0", "d1"):
+        m = np.zeros((H, W), np.uint8)
+        m[3:9, 3:9] = 4
+        Image.fromarray(m, "L").save(tmp_path / "masks" / "d" / f"{name}.png")
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
+    index = read_index(out)
+    assert index.fold_entries("test", 0) == [("d_d0", 4), ("d_d1", 4)]
+    assert index.samples["d_d2"]["split"] == "test" and index.samples["mix_ad0"]["split"] == "test"
+    assert "2 of 4 novel test images have no mask" in caplog.text
+    assert "class 'd' has 2 novel test images" in caplog.text
+
+
+def test_per_class_binary_masks_with_overlap(tmp_path):
+    images, csv = _dataset(tmp_path, _rows(3))
+    d = tmp_path / "masks" / "mix" / "ab0"
+    d.mkdir(parents=True)
+    a, b = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
+    a[0:10, 0:10], b[5:15, 5:15] = 255, 1
+    Image.fromarray(a).save(d / "a.png")
+    Image.fromarray(b).save(d / "b.png")
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
+    mask = load_samples(read_index(out), {"mix_ab0"})["mix_ab0"].mask
+    assert mask[1, 1] == 1 and mask[12, 12] == 2 and mask[7, 7] == 255 and mask[20, 30] == 0
+
+
+def test_binary_mask_format_for_single_label_images(tmp_path):
+    for c in ("p", "q", "r"):
+        for i in range(3):
+            _img(tmp_path / "imgs" / c / f"{i}.png", i)
+    fg = np.zeros((H, W), np.uint8)
+    fg[4:8, 4:8] = 255
+    (tmp_path / "masks" / "q").mkdir(parents=True)
+    Image.fromarray(fg).save(tmp_path / "masks" / "q" / "1.png")
+    out = build_folder_shards(tmp_path / "imgs", tmp_path / "s", masks=tmp_path / "masks",
+                              mask_format="binary", novel=["r"])
+    mask = load_samples(read_index(out), {"q_1"})["q_1"].mask
+    assert set(np.unique(mask)) == {0, 2} and mask[5, 5] == 2
+
+
+def test_keys_are_sanitised_and_unique():
+    keys = make_keys(["my photo (1).jpg", "a/b.png", "a_b.jpg", "x.png"])
+    assert keys[0] == "my_photo_1" and keys[3] == "x"
+    assert keys[1] != keys[2] and keys[1].startswith("a_b-")
+
+
+def test_few_images_warns(tmp_path, caplog):
+    images, csv = _dataset(tmp_path, _rows(2))
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"], shots=(1, 5))
+    assert "class 'd' has 3 novel test images; 5-shot episodes need 6" in caplog.text
+    assert "have no mask" in caplog.text
+
+
+def _mask_case(tmp_path: Path, values: dict[str, int], name: str = "mix/ab0.png", shape=(H, W), mode="L"):
+    images, csv = _dataset(tmp_path, _rows(3))
+    path = tmp_path / "masks" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "RGB":
+        Image.fromarray(np.zeros((*shape, 3), np.uint8)).save(path)
+    else:
+        m = np.zeros(shape, np.uint8)
+        for i, v in enumerate(values.values()):
+            m[i, :] = v
+        Image.fromarray(m, "L").save(path)
+    return images, csv, tmp_path / "masks"
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing_image", r"labels.csv line 2: image 'a/nope.png' not found under"),
+    ("unreadable", r"a0.png: unreadable image"),
+    ("no_images_class", r"class 'zebra' has no images"),
+    ("mask_size", r"ab0.png: mask is 10x5 but image .*ab0.png is 32x24"),
+    ("mask_unknown_value", r"ab0.png: value 9 is not a class id"),
+    ("mask_unlabelled_class", r"ab0.png: contains class 'c' \(id 3\), not labelled"),
+    ("mask_rgb", r"ab0.png: mask mode RGB is not an index PNG"),
+    ("binary_unknown_class", r"zebra.png: 'zebra' is not a class"),
+    ("binary_missing_class", r"no b.png although ab0.png is labelled 'b'"),
+    ("no_header", r"labels.csv: first line must be the header"),
+    ("duplicate_row", r"is listed again"),
+    ("too_many_fields", r"3 fields, header has 2"),
+    ("novel_unknown", r"--novel 'zebra' is not a class"),
+    ("novel_all", r"leave at least one class for training"),
+    ("empty_class_folder", r"class folder 'empty' has no images"),
+])
+def test_bad_inputs_raise_one_line_errors(tmp_path, case, match):
+    kwargs: dict = {"novel": ["d"]}
+    if case == "empty_class_folder":
+        _img(tmp_path / "imgs" / "full" / "0.png", 0)
+        (tmp_path / "imgs" / "empty").mkdir()
+        images, csv = tmp_path / "imgs", None
+        kwargs = {}
+    elif case.startswith("mask_"):
+        spec = {"mask_size": ({}, (5, 10), "L"), "mask_unknown_value": ({"x": 9}, (H, W), "L"),
+                "mask_unlabelled_class": ({"x": 3}, (H, W), "L"), "mask_rgb": ({}, (H, W), "RGB")}[case]
+        images, csv, masks = _mask_case(tmp_path, spec[0], shape=spec[1], mode=spec[2])
+        kwargs["masks"] = masks
+    elif case.startswith("binary_"):
+        images, csv = _dataset(tmp_path, _rows(3))
+        d = tmp_path / "masks" / "mix" / "ab0"
+        d.mkdir(parents=True)
+        Image.fromarray(np.zeros((H, W), np.uint8)).save(d / "a.png")
+        if case == "binary_unknown_class":
+            Image.fromarray(np.zeros((H, W), np.uint8)).save(d / "zebra.png")
+        kwargs["masks"] = tmp_path / "masks"
+    else:
+        images, csv = _dataset(tmp_path, _rows(3))
+        text = csv.read_text()
+        if case == "missing_image":
+            csv.write_text(text.replace('"a/a0.png"', '"a/nope.png"'))
+        elif case == "unreadable":
+            (images / "a" / "a0.png").write_bytes(b"not an image at all")
+        elif case == "no_images_class":
+            kwargs["classes"] = ["a", "b", "c", "d", "zebra"]
+        elif case == "no_header":
+            csv.write_text(text.split("\n", 1)[1])
+        elif case == "duplicate_row":
+            csv.write_text(text + '"a/a0.png",b\n')
+        elif case == "too_many_fields":
+            csv.write_text(text + "a/a1.png,a,b\n")
+        elif case == "novel_unknown":
+            kwargs["novel"] = ["zebra"]
+        elif case == "novel_all":
+            kwargs["novel"] = ["a", "b", "c", "d"]
+    with pytest.raises(FSCSError, match=match) as info:
+        build_folder_shards(images, tmp_path / "out", labels=csv, **kwargs)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+
+def test_cli_shards_folder(tmp_path, capsys):
+    images, csv = _dataset(tmp_path, _rows(3))
+    assert main(["shards", "folder", "--images", str(images), "--labels", str(csv), "--novel", "d",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert "shards ready" in capsys.readouterr().out
+    assert read_index(tmp_path / "s").folds[0] == [4]
+    csv.write_text(csv.read_text().replace('"a/a0.png"', '"a/missing.png"'))
+    assert main(["shards", "folder", "--images", str(images), "--labels", str(csv),
+                 "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fscs shards: error: labels.csv line") and "\n" not in err
