@@ -1,0 +1,149 @@
+"""Learned pseudo-mask enhancer for the mixed regime: a small conv net over per-head CLS-key cosine maps."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fscs.errors import FSCSError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fscs.config import TrainConfig
+    from fscs.model.fscs_model import FSCSModel
+
+logger = logging.getLogger(__name__)
+
+IGNORE = 255
+DEFAULT_PRIOR_SCALE = 8.0
+
+
+def per_head_cosine(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-head cosine of CLS queries with image keys, on the token grid (no N x N attention).
+
+    q: [M, h, 1+T, dh] (CLS first) or CLS only [M, h, dh]; k: [M, h, 1+T, dh] (CLS key dropped) or
+    [M, h, T, dh]; grid (gh, gw) with T = gh*gw. Returns float32 [M, h, gh, gw] in [-1, 1].
+    """
+    q_cls = q[:, :, 0] if q.ndim == 4 else q
+    tokens = grid[0] * grid[1]
+    if k.ndim != 4 or k.shape[2] not in (tokens, tokens + 1) or q_cls.ndim != 3:
+        raise ValueError(f"per_head_cosine: q {tuple(q.shape)} / k {tuple(k.shape)} do not fit grid {grid}")
+    keys = k[:, :, -tokens:]
+    cos = torch.einsum("mhd,mhtd->mht", F.normalize(q_cls.float(), dim=-1), F.normalize(keys.float(), dim=-1))
+    return cos.reshape(cos.shape[0], cos.shape[1], grid[0], grid[1])
+
+
+class PseudoMaskEnhancer(nn.Module):
+    """Refines attention pseudo-masks from the h per-head CLS-key cosine maps of the last block.
+
+    Body (cst.md's sketch): conv h->C 3x3, ReLU, conv C->C 3x3, ReLU, conv C->1 3x3 (padding 1, C = 128).
+    Added to the body's logit: a rule prior `prior_scale * (mean_h(cos) - prior_center)` with learnable
+    scale/center initialised so that sigmoid(logit) > 0.5 <=> (mean cos + 1) / 2 > threshold, i.e. the CST
+    reference rule; the last conv is zero-initialised, so an untrained enhancer reproduces the reference
+    pseudo-mask and training only has to learn corrections.
+    """
+
+    def __init__(self, num_heads: int, channels: int = 128, threshold: float = 0.4,
+                 prior_scale: float = DEFAULT_PRIOR_SCALE):
+        super().__init__()
+        if num_heads < 1 or channels < 1 or not 0.0 < threshold < 1.0:
+            raise FSCSError(f"enhancer: num_heads={num_heads}, channels={channels}, threshold={threshold} "
+                            "invalid; set model.enhancer_channels >= 1 and model.mask_threshold in (0, 1)")
+        self.num_heads, self.channels = int(num_heads), int(channels)
+        self.body = nn.Sequential(
+            nn.Conv2d(num_heads, channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, 1, 3, padding=1),
+        )
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
+        self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
+        self.prior_center = nn.Parameter(torch.tensor(2.0 * threshold - 1.0))
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps [M, h, gh, gw] per-head cosines -> foreground logits [M, gh, gw] on the token grid."""
+        if maps.ndim != 4 or maps.shape[1] != self.num_heads:
+            raise ValueError(f"enhancer expects maps [M, {self.num_heads}, gh, gw], got {tuple(maps.shape)}")
+        prior = self.prior_scale * (maps.mean(dim=1) - self.prior_center)
+        return self.body(maps)[:, 0] + prior
+
+    @staticmethod
+    def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Logits [M, gh, gw] -> [M, H, W] (bilinear, align_corners=True, float32)."""
+        up = F.interpolate(logits.float()[:, None], size=tuple(size), mode="bilinear", align_corners=True)
+        return up[:, 0]
+
+    @torch.no_grad()
+    def probs(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Foreground probabilities [M, H, W] from grid logits [M, gh, gw] (no gradient)."""
+        return self.upsample(logits, size).sigmoid()
+
+
+def enhancer_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                  dice_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE + soft Dice of enhancer logits against ground-truth foreground, on maps that have ground truth.
+
+    logits [M, gh, gw] (grid logits, with grad); target [M, H, W] {0, 1} (255 = ignore, e.g. the VOC
+    boundary band); valid [M] bool: maps whose image has a ground-truth mask. Logits are upsampled to
+    (H, W); BCE is averaged over the non-ignored pixels of valid maps, Dice (1 - (2|p g| + 1) /
+    (|p| + |g| + 1), per map) over valid maps, so an empty target (query without the class) pushes the
+    map to empty. With no valid map the loss is `0 * logits.sum()`: zero, but every enhancer parameter
+    still receives a (zero) gradient, which DDP needs. Returns (loss, number of valid maps).
+    """
+    valid = valid.reshape(-1).bool()
+    if logits.shape[0] != valid.shape[0] or target.shape[0] != valid.shape[0]:
+        raise ValueError(f"enhancer_loss: logits {tuple(logits.shape)}, target {tuple(target.shape)} and "
+                         f"valid {tuple(valid.shape)} disagree on the number of maps")
+    zero = logits.float().sum() * 0.0
+    count = valid.sum()
+    if not bool(count):
+        return zero, count
+    up = PseudoMaskEnhancer.upsample(logits[valid], tuple(target.shape[-2:]))
+    tgt = target[valid]
+    keep = (tgt != IGNORE).float()
+    gt = torch.where(tgt == IGNORE, torch.zeros_like(tgt), tgt).float()
+    bce = F.binary_cross_entropy_with_logits(up, gt, weight=keep, reduction="sum") / keep.sum().clamp_min(1.0)
+    p = up.sigmoid() * keep
+    inter = (p * gt).flatten(1).sum(1)
+    dice = 1.0 - (2.0 * inter + 1.0) / (p.flatten(1).sum(1) + (gt * keep).flatten(1).sum(1) + 1.0)
+    return zero + bce + dice_weight * dice.mean(), count
+
+
+def mixed_step_loss(model: FSCSModel, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+                    head: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one mixed-regime batch (see docs/mixed.md): head loss + enhancer_weight * enhancer loss.
+
+    batch (from TrainEpisodeStream with gt_fraction > 0, batched over B): query_img [B,3,S,S], support_img
+    [B,N,K,3,S,S], presence [B,N], support_mask [B,N,K,S,S] (zeros where no GT), support_has_gt [B,N,K],
+    query_target [B,N,S,S] (255 where no GT), query_has_gt [B]. The head sees GT support masks where
+    available and enhanced pseudo-masks elsewhere; its segmentation target is the GT query mask where the
+    query has GT, else the enhanced query pseudo-mask (zeroed for absent classes). The enhancer learns from
+    every GT-having support (its way-class mask) and GT-having query (its way-class mask, zero if absent).
+    Returns (loss, {"cls", "seg", "enh", "gt_maps"}).
+    """
+    from fscs.losses import fscs_loss
+
+    presence = batch["presence"]
+    support_gt, query_gt = batch["support_has_gt"].bool(), batch["query_has_gt"].bool().reshape(-1)
+    out = model.forward_episode(batch["query_img"], batch["support_img"], support_masks=batch["support_mask"],
+                                regime="mixed", query_presence=presence, head=head, support_has_gt=support_gt)
+    gt_target = batch["query_target"].long()
+    if not cfg.loss_ignore_boundary:
+        gt_target = torch.where(gt_target == IGNORE, torch.zeros_like(gt_target), gt_target)
+    pseudo = out.pseudo_query.long()  # type: ignore[union-attr]
+    target = torch.where(query_gt[:, None, None, None], gt_target, pseudo)
+    loss, parts = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
+                            cls_weight=cfg.cls_weight)
+    b, n, k = support_gt.shape
+    s_logits = out.enhancer_support_logits.flatten(0, 2)  # type: ignore[union-attr]
+    q_logits = out.enhancer_query_logits.flatten(0, 2)  # type: ignore[union-attr]
+    s_target = batch["support_mask"].flatten(0, 2).long()
+    q_target = batch["query_target"].long().repeat_interleave(k, dim=1).flatten(0, 1)
+    q_valid = query_gt[:, None].expand(b, n * k).reshape(-1)
+    enh, count = enhancer_loss(torch.cat([s_logits, q_logits]), torch.cat([s_target, q_target]),
+                               torch.cat([support_gt.reshape(-1), q_valid]))
+    total = loss + cfg.enhancer_weight * enh
+    return total, {**parts, "enh": enh.detach(), "gt_maps": count.float()}
