@@ -1,0 +1,574 @@
+"""`fscs report`: results -> LEADERBOARD.md + a self-contained index.html (tables with CIs, plots, panels)."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fscs.bench import plots
+from fscs.errors import FSCSError
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("er", "miou", "fbiou")
+METRIC_NAMES = {"er": "ER", "miou": "mIoU", "fbiou": "FB-IoU"}
+# Published 4-fold means (ER, mIoU) of Kang et al., CVPR 2023 (shared/reference/cst.md, "Published numbers").
+PUBLISHED: tuple[tuple[str, str, tuple[tuple[str, str, float, float], ...]], ...] = (
+    ("CST", "weak", (("pascal", "1w1s", 79.9, 33.2), ("pascal", "2w1s", 64.6, 31.9),
+                     ("coco", "1w1s", 78.2, 19.6), ("coco", "2w1s", 62.4, 18.3))),
+    ("CST", "full", (("pascal", "1w1s", 85.7, 55.5), ("pascal", "2w1s", 70.4, 53.7),
+                     ("coco", "1w1s", 80.8, 38.3), ("coco", "2w1s", 64.0, 36.2))),
+    ("ASNet (iFSL)", "full", (("pascal", "1w1s", 84.9, 52.3), ("pascal", "2w1s", 68.3, 47.8),
+                              ("coco", "1w1s", 78.6, 35.8), ("coco", "2w1s", 63.1, 31.6))),
+    ("HSNet", "full", (("pascal", "1w1s", 83.7, 49.7), ("pascal", "2w1s", 67.3, 43.5),
+                       ("coco", "1w1s", 77.0, 34.3), ("coco", "2w1s", 62.5, 29.5))),
+    ("PANet", "full", (("pascal", "1w1s", 69.0, 36.2), ("pascal", "2w1s", 50.9, 37.2),
+                       ("coco", "1w1s", 66.7, 25.2), ("coco", "2w1s", 48.5, 23.6))),
+)
+PUBLISHED_SOURCE = ("Kang et al., CVPR 2023 (4-fold mean, 1,000 episodes per fold, boundary pixels counted "
+                    "as background)")
+MEAN_CI_METHOD = ("percentile bootstrap over the per-fold episode sets: each of B replicates resamples every "
+                  "fold's episodes with replacement, recomputes each fold's ER / mIoU / FB-IoU from the "
+                  "resampled sums and averages over the folds (folds and their classes are held fixed: the "
+                  "interval covers episode-sampling noise only); shown only when every fold's per-episode "
+                  "records are available")
+
+
+@dataclass
+class Result:
+    """One result JSON (fscs-result/1) and where it lies."""
+
+    path: Path
+    data: dict[str, Any]
+    _records: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def setting(self) -> str:
+        return f"{self.data['way']}w{self.data['shot']}s"
+
+    @property
+    def label(self) -> str:
+        return str(self.data.get("train_regime") or self.data.get("regime"))
+
+    @property
+    def gt_fraction(self) -> float | None:
+        from fscs.bench.runner import label_gt_fraction
+
+        return label_gt_fraction(self.label)
+
+    @property
+    def backbone(self) -> str:
+        bb = self.data.get("backbone") or {}
+        sha = str(bb.get("weights_sha256", "?"))
+        weights = sha if sha.startswith("random") else sha[:10]
+        return f"{bb.get('name', '?')} ({weights}, {bb.get('image_size', '?')} px)"
+
+    @property
+    def model(self) -> str:
+        """Run name without a trailing fold marker (runs weak_f0..weak_f3 form one model)."""
+        name = str(self.data.get("run") or self.path.stem)
+        return re.sub(rf"[_-]?(fold|f){self.data['fold']}$", "", name) or name
+
+    @property
+    def model_key(self) -> tuple[str, str, str, str]:
+        return (self.model, self.label, str(self.data["regime"]), self.backbone)
+
+    def records(self) -> np.ndarray | None:
+        """Per-episode metric records [E, 6 + 2C] (None when the side file is missing)."""
+        if self._records is None:
+            ref = (self.data.get("records") or {}).get("file")
+            path = self.path.parent / ref if ref else None
+            if path is None or not path.is_file():
+                return None
+            self._records = np.load(path)["records"]
+        return self._records
+
+    def presence(self) -> tuple[np.ndarray, np.ndarray] | None:
+        p = self.data.get("presence")
+        if not p or not p.get("prob"):
+            return None
+        return np.asarray(p["prob"], dtype=np.float64), np.asarray(p["true"], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FSCSError(f"result file '{path}' is unreadable ({type(exc).__name__}); delete it or rerun the "
+                        "bench") from None
+
+
+def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
+    """Result JSONs from files, suite indexes (OUT/suite-*.json) and directories.
+
+    A directory contributes the results listed by its suite-*.json indexes when it has any (a rerun's stale
+    cache entries are then left out), else every fscs-result JSON below it.
+    """
+    files: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            indexes = sorted(p.glob("suite-*.json"))
+            files += indexes or sorted(q for q in p.rglob("*.json") if q.parent.name != "manifests")
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FSCSError(f"'{p}' does not exist; pass result JSON files, suite-*.json indexes or bench "
+                            "output directories")
+    seen: dict[Path, Result] = {}
+    for f in files:
+        data = _read(f)
+        if data.get("format") == "fscs-suite-index/1":
+            for rel in data.get("results", []):
+                q = (f.parent / rel).resolve()
+                if not q.is_file():
+                    raise FSCSError(f"suite index '{f}' lists '{rel}', which is missing; rerun the bench")
+                seen.setdefault(q, Result(q, _read(q)))
+        elif str(data.get("format", "")).startswith("fscs-result/"):
+            seen.setdefault(f.resolve(), Result(f.resolve(), data))
+    if not seen:
+        raise FSCSError(f"no fscs results found in {', '.join(map(str, paths))}; run `fscs bench` first")
+    return list(seen.values())
+
+
+def check_comparable(results: Sequence[Result]) -> None:
+    """Refuse results of one (dataset, role, fold, setting) made on different manifests or boundary rules, and
+    two results of the same model in one cell."""
+    cells: dict[tuple, Result] = {}
+    models: dict[tuple, Result] = {}
+    for r in results:
+        d = r.data
+        cell = (d["dataset"], d.get("role", "test"), d["fold"], r.setting)
+        first = cells.setdefault(cell, r)
+        if first.data["manifest_hash"] != d["manifest_hash"]:
+            raise FSCSError(
+                f"results made on different episode manifests for {cell[0]} fold {cell[2]} {cell[3]}: "
+                f"'{first.path}' ({first.data['manifest_hash'][:12]}) vs '{r.path}' "
+                f"({d['manifest_hash'][:12]}); "
+                "rerun them with one suite (fscs bench --suite) or report them separately")
+        if first.data.get("ignore_boundary") != d.get("ignore_boundary"):
+            raise FSCSError(f"results for {cell[0]} fold {cell[2]} {cell[3]} use different boundary rules "
+                            f"(ignore_boundary): '{first.path}' vs '{r.path}'; report them separately")
+        other = models.setdefault(cell + r.model_key, r)
+        if other is not r:
+            raise FSCSError(f"two results of model '{r.model}' ({r.label}, test {d['regime']}) for {cell[0]} "
+                            f"fold {cell[2]} {cell[3]}: '{other.path}' and '{r.path}'; pass one (e.g. the "
+                            "suite index)")
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+def _replicates(records: np.ndarray, n_classes: int, num: int, rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+    """Bootstrap replicates [num] of ER / mIoU / FB-IoU (x100) over the episodes of one fold's records."""
+    e = records.shape[0]
+    values = records[:, 1:].astype(np.float64)  # er, bg_i, bg_u, fg_i, fg_u, I..., U...
+    chunk = max(1, 4_000_000 // max(e, 1))
+    sums = []
+    for start in range(0, num, chunk):
+        b = min(chunk, num - start)
+        idx = rng.integers(0, e, size=(b, e))
+        counts = np.bincount((idx + np.arange(b)[:, None] * e).ravel(), minlength=b * e).reshape(b, e)
+        sums.append(counts.astype(np.float64) @ values)
+    s = np.concatenate(sums, axis=0)
+    c = n_classes
+    return {"er": s[:, 0] / e * 100.0,
+            "fbiou": (s[:, 1] / np.maximum(s[:, 2], 1.0) + s[:, 3] / np.maximum(s[:, 4], 1.0)) / 2.0 * 100.0,
+            "miou": (s[:, 5 : 5 + c] / np.maximum(s[:, 5 + c :], 1.0)).mean(axis=1) * 100.0}
+
+
+def fold_mean(results: Sequence[Result], bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mean over folds of each metric and, when all records exist, its fold-bootstrap 95 % CI.
+
+    results: one model's results of one (dataset, setting), one per fold.
+    """
+    mean = {m: float(np.mean([r.data["metrics"][m] for r in results])) for m in METRICS}
+    recs = [r.records() for r in results]
+    ci = None
+    if bootstrap and all(x is not None and len(x) for x in recs):
+        reps = {m: np.zeros(bootstrap) for m in METRICS}
+        for r, rec in zip(results, recs):
+            rng = np.random.default_rng([seed, int(r.data["fold"])])
+            for m, v in _replicates(rec, len(r.data["metrics"]["per_class_iou"]), bootstrap, rng).items():
+                reps[m] += v / len(results)
+        ci = {m: [float(v) for v in np.percentile(reps[m], [2.5, 97.5])] for m in METRICS}
+    return {"metrics": mean, "ci95": ci, "folds": sorted(int(r.data["fold"]) for r in results),
+            "episodes": sum(int(r.data["metrics"]["episodes"]) for r in results)}
+
+
+# ----------------------------------------------------------------------------------------------- layout
+@dataclass
+class Row:
+    kind: str  # fold | mean | published
+    cells: dict[str, str]
+    title: str = ""
+
+
+@dataclass
+class Table:
+    dataset: str
+    setting: str
+    note: str
+    rows: list[Row]
+
+
+def _cell(metrics: dict, ci: dict | None, m: str) -> str:
+    v = metrics.get(m)
+    if v is None:
+        return "—"
+    lo_hi = (ci or {}).get(m)
+    return f"{v:.1f}" + (f" [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "")
+
+
+def _settings(results: Iterable[Result]) -> list[str]:
+    """Distinct settings, 1-shot before 5-shot, then by way."""
+    def key(s: str) -> tuple[int, int]:
+        way, shot = s.rstrip("s").split("w")
+        return int(shot), int(way)
+
+    return sorted({r.setting for r in results}, key=key)
+
+
+def _family(dataset: str) -> str | None:
+    low = dataset.lower()
+    return "pascal" if "pascal" in low else "coco" if "coco" in low else None
+
+
+def _order(key: tuple[str, str, str, str], results: Sequence[Result]) -> tuple:
+    frac = next((r.gt_fraction for r in results if r.model_key == key), None)
+    return (-1.0 if frac is None else frac, key)
+
+
+def summarize(results: Sequence[Result], bootstrap: int = 1000, seed: int = 0) -> dict[tuple, dict[str, Any]]:
+    """{(dataset, setting, model_key): fold_mean of that model's per-fold results} (one entry per model)."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.data["dataset"], r.setting, r.model_key), []).append(r)
+    return {k: fold_mean(sorted(g, key=lambda r: r.data["fold"]), bootstrap, seed) for k, g in groups.items()}
+
+
+def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]]) -> list[Table]:
+    """One table per (dataset, setting): per-fold rows and a fold-mean row per model, then published rows."""
+    tables = []
+    for dataset in sorted({r.data["dataset"] for r in results}):
+        ds = [r for r in results if r.data["dataset"] == dataset]
+        for setting in _settings(ds):
+            rs = [r for r in ds if r.setting == setting]
+            rows: list[Row] = []
+            for key in sorted({r.model_key for r in rs}, key=lambda k: _order(k, rs)):
+                group = sorted((r for r in rs if r.model_key == key), key=lambda r: r.data["fold"])
+                base = {"model": key[0], "train": key[1], "test": key[2], "backbone": key[3]}
+                for r in group:
+                    d = r.data
+                    rows.append(Row("fold", {**base, "fold": str(d["fold"]),
+                                             **{m: _cell(d["metrics"], d.get("ci95"), m) for m in METRICS},
+                                             "episodes": str(d["metrics"]["episodes"]),
+                                             "manifest": d["manifest_hash"][:12]}, title=str(r.path)))
+                if len(group) > 1:
+                    fm = summaries[(dataset, setting, key)]
+                    ci_note = "" if fm["ci95"] else " (no CI: records missing)"
+                    rows.append(Row("mean", {**base, "fold": f"mean of {len(group)}{ci_note}",
+                                             **{m: _cell(fm["metrics"], fm["ci95"], m) for m in METRICS},
+                                             "episodes": str(fm["episodes"]), "manifest": "—"}))
+            rows += _published_rows(dataset, setting)
+            ib = rs[0].data.get("ignore_boundary", True)
+            note = (f"{len(rs)} results; seed {rs[0].data['seed']}; role {rs[0].data.get('role', 'test')}; "
+                    f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
+            tables.append(Table(dataset, setting, note, rows))
+    return tables
+
+
+def _published_rows(dataset: str, setting: str) -> list[Row]:
+    """The published baselines of a PASCAL/COCO setting, marked as published."""
+    rows = []
+    for name, regime, entries in PUBLISHED:
+        for family, s, er, miou in entries:
+            if family == _family(dataset) and s == setting:
+                cells = {"model": f"{name} (published)", "train": regime, "test": regime,
+                         "backbone": "ViT-S/8 (DINO)" if name == "CST" else "as published",
+                         "fold": "4-fold mean", "er": f"{er:.1f}", "miou": f"{miou:.1f}", "fbiou": "—",
+                         "episodes": "1000 / fold", "manifest": "—"}
+                rows.append(Row("published", cells, title=PUBLISHED_SOURCE))
+    return rows
+
+
+COLUMNS = (("model", "model"), ("train", "train regime"), ("test", "test regime"), ("backbone", "backbone"),
+           ("fold", "fold"), ("er", "ER [95% CI]"), ("miou", "mIoU [95% CI]"), ("fbiou", "FB-IoU [95% CI]"),
+           ("episodes", "episodes"), ("manifest", "manifest"))
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+@dataclass
+class Picture:
+    """A PNG shown in the report: a plot or an episode panel."""
+
+    kind: str  # plot | panel
+    name: str  # file name under figures/ or panels/
+    title: str
+    png: bytes
+    caption: str = ""
+
+
+def _slug(*parts: object) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(str(p) for p in parts)).strip("_")
+
+
+def _display(key: tuple[str, str, str, str], keys: Sequence[tuple]) -> str:
+    """Legend name of a model: its regime label, plus name / test regime / backbone to tell models apart."""
+    name, label, test, backbone = key
+    out = label if test == label.split("@")[0] else f"{label}→test {test}"
+    if len({k[0] for k in keys}) > 1 and name != label:
+        out = f"{name} · {out}"
+    if len({k[3] for k in keys}) > 1:
+        out += f" · {backbone.split(' ')[0]}"
+    return out
+
+
+def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]]
+                ) -> dict[str, list[Picture]]:
+    """Per dataset: metrics by regime and by GT fraction; per setting: per-class IoU, presence reliability."""
+    out: dict[str, list[Picture]] = {}
+    for dataset in sorted({r.data["dataset"] for r in results}):
+        ds = [r for r in results if r.data["dataset"] == dataset]
+        keys = sorted({r.model_key for r in ds}, key=lambda k: _order(k, ds))
+        settings = _settings(ds)
+        names = [_display(k, keys) for k in keys]
+        series: dict[str, list[tuple[float, list | None]]] = {}
+        for s in settings:
+            vals = []
+            for m in ("miou", "er"):
+                for k in keys:
+                    fm = summaries.get((dataset, s, k))
+                    vals.append((fm["metrics"][m], (fm["ci95"] or {}).get(m)) if fm else (float("nan"), None))
+            series[s] = vals
+        png = plots.grouped_bars(f"{dataset}: mean over folds, 95 % CI", names, series, ("mIoU", "ER"))
+        pics = [Picture("plot", f"{_slug(dataset, 'by-regime')}.png", f"{dataset}: mIoU and ER by regime",
+                        png, "bars: mean over the folds present; error bars: fold-bootstrap 95 % CI")]
+        lines: dict[str, list[tuple[float, float, float]]] = {}
+        for k in keys:
+            frac = next(r.gt_fraction for r in ds if r.model_key == k)
+            if frac is None or k[2] != k[1].split("@")[0]:
+                continue
+            for s in settings:
+                fm = summaries.get((dataset, s, k))
+                if fm:
+                    name = s if len({kk[3] for kk in keys}) == 1 else f"{s} · {k[3].split(' ')[0]}"
+                    lines.setdefault(name, []).append((frac, fm["metrics"]["miou"], fm["metrics"]["er"]))
+        png = plots.lines_by_fraction(f"{dataset}: by share of GT-masked training images", lines,
+                                      ("mIoU", "ER"))
+        pics.append(Picture("plot", f"{_slug(dataset, 'by-gt-fraction')}.png",
+                            f"{dataset}: mIoU and ER by GT fraction", png,
+                            "x: 0 = weak (image-level labels only), 1 = full; models tested in their own "
+                            "regime"))
+        for s in settings:
+            rs = [r for r in ds if r.setting == s]
+            class_names: dict[int, str] = {}
+            for r in rs:
+                class_names.update({int(c): str(n) for c, n in (r.data.get("class_names") or {}).items()})
+            for r in rs:
+                for c in r.data["metrics"]["per_class_iou"]:
+                    class_names.setdefault(int(c), str(c))
+            ids = sorted(class_names)
+            bars = {}
+            for k, nm in zip(keys, names):
+                per = {int(c): v for r in rs if r.model_key == k
+                       for c, v in r.data["metrics"]["per_class_iou"].items()}
+                if per:
+                    bars[nm] = [per.get(c, float("nan")) for c in ids]
+            png = plots.class_bars(f"{dataset} {s}: per-class IoU", [class_names[c] for c in ids], bars)
+            pics.append(Picture("plot", f"{_slug(dataset, s, 'per-class')}.png",
+                                f"{dataset} {s}: per-class IoU", png,
+                                "each class is a test class of one fold; IoU from that fold's result"))
+            rel = {}
+            for k, nm in zip(keys, names):
+                arrs = [r.presence() for r in rs if r.model_key == k]
+                arrs = [a for a in arrs if a is not None]
+                if arrs:
+                    rel[nm] = (np.concatenate([a[0] for a in arrs]), np.concatenate([a[1] for a in arrs]))
+            pics.append(Picture("plot", f"{_slug(dataset, s, 'reliability')}.png",
+                                f"{dataset} {s}: reliability of presence probabilities",
+                                plots.reliability_plot(f"{dataset} {s}: presence reliability", rel),
+                                "10 equal-width bins over all ways of all episodes (folds pooled); ECE in "
+                                "the legend"))
+        out[dataset] = pics
+    return out
+
+
+def build_panels(results: Sequence[Result]) -> dict[tuple[str, str], list[Picture]]:
+    """Per (dataset, setting): each model's saved episode panels of its lowest fold (first + worst)."""
+    out: dict[tuple[str, str], list[Picture]] = {}
+    done: set[tuple] = set()
+    order = sorted(results, key=lambda r: (r.data["dataset"], r.setting, _order(r.model_key, results),
+                                           r.data["fold"]))
+    for r in order:
+        pics = out.setdefault((r.data["dataset"], r.setting), [])
+        if (r.data["dataset"], r.setting, r.model_key) in done or not r.data.get("panels"):
+            continue  # this model already has panels from a lower fold
+        done.add((r.data["dataset"], r.setting, r.model_key))
+        names = {int(c): str(n) for c, n in (r.data.get("class_names") or {}).items()}
+        for p in r.data.get("panels") or []:
+            f = r.path.parent / p["file"]
+            if not f.is_file():
+                logger.warning("panel %s of %s is missing; skipped", f, r.path)
+                continue
+            ways = "; ".join(f"{names.get(c, c)}: {'present' if t else 'absent'}, predicted "
+                             f"{'present' if q else 'absent'}"
+                             for c, t, q in zip(p["classes"], p["present"], p["pred_present"]))
+            test = "" if r.data["regime"] == r.label.split("@")[0] else f", test {r.data['regime']}"
+            who = r.label if r.model == r.label else f"{r.model} ({r.label})"
+            title = f"{who}{test} · fold {r.data['fold']}"
+            caption = (f"episode {p['index']} ({p['kind']}), IoU {p['iou']:.1f}, query {p['query']}; "
+                       f"ways: {ways}")
+            name = _slug(r.data["dataset"], r.setting, r.path.stem, p["file"])
+            pics.append(Picture("panel", name, title, f.read_bytes(), caption))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- writers
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1400px;
+color:#1d1d1f;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.6em}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+th,td{border:1px solid #ddd;padding:.3em .55em;text-align:left;white-space:nowrap}
+th{background:#f3f3f5}tr.mean td{font-weight:600;background:#f7fbff}
+tr.published td{background:#fff8e6;font-style:italic}
+.badge{display:inline-block;background:#e8a317;color:#fff;border-radius:3px;padding:0 .35em;font-size:.8em;
+font-style:normal;margin-left:.3em}
+.note{color:#555;font-size:.85em}code{background:#f3f3f5;padding:0 .2em}
+figure{margin:.6em 0;display:inline-block;vertical-align:top}
+figure.plot img{max-width:100%;border:1px solid #eee}
+figure.panel{margin:.4em;max-width:560px}figure.panel img{image-rendering:pixelated;border:1px solid #ccc}
+figcaption{font-size:.78em;color:#444;max-width:560px;white-space:normal}
+.legend span{display:inline-block;padding:0 .5em;margin-right:.4em;border-radius:3px;color:#fff}
+"""
+
+
+def _h(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _md(x: object) -> str:
+    """Text safe in a Markdown table cell (pipes, angle brackets, newlines)."""
+    return (str(x).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\n", " "))
+
+
+def _img(pic: Picture, cls: str) -> str:
+    data = base64.b64encode(pic.png).decode("ascii")
+    return f'<img class="{cls}" alt="{_h(pic.title)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(title: str, tables: Sequence[Table], plot_pics: dict[str, list[Picture]],
+                panel_pics: dict[tuple[str, str], list[Picture]], sources: Sequence[Result]) -> str:
+    """The self-contained page: inline CSS, images as data: URIs, every text escaped."""
+    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title>'
+             f'<style>{CSS}</style></head><body><h1>{_h(title)}</h1>',
+             f'<p class="note">{len(sources)} results · generated {_h(time.strftime("%Y-%m-%d %H:%M:%S"))} · '
+             f'cells: value [95 % CI]; fold rows: bootstrap over that fold\'s episodes; "mean of k" rows: '
+             f'{_h(MEAN_CI_METHOD)}. Rows marked <span class="badge">published</span> are copied from '
+             f'{_h(PUBLISHED_SOURCE)}, not measured here.</p>']
+    legend = "".join(f'<span style="background:rgb{c}">way {k}</span>'
+                     for k, c in enumerate(plots.PALETTE[:4], 1))
+    for dataset in sorted({t.dataset for t in tables}):
+        parts.append(f'<section class="dataset" data-dataset="{_h(dataset)}"><h2>{_h(dataset)}</h2>')
+        for t in (t for t in tables if t.dataset == dataset):
+            parts.append(f'<h3>{_h(dataset)} · {_h(t.setting)}</h3><p class="note">{_h(t.note)}</p>'
+                         f'<table class="leaderboard" data-setting="{_h(t.setting)}"><thead><tr>'
+                         + "".join(f"<th>{_h(h)}</th>" for _, h in COLUMNS) + "</tr></thead><tbody>")
+            for row in t.rows:
+                cells = []
+                for key, _ in COLUMNS:
+                    v = _h(row.cells.get(key, ""))
+                    if key == "model" and row.kind == "published":
+                        v += '<span class="badge">published</span>'
+                    cells.append(f"<td>{v}</td>")
+                parts.append(f'<tr class="result-row {row.kind}" data-kind="{row.kind}" '
+                             f'title="{_h(row.title)}">' + "".join(cells) + "</tr>")
+            parts.append("</tbody></table>")
+        parts.append("<h3>Plots</h3>")
+        for pic in plot_pics.get(dataset, []):
+            parts.append(f'<figure class="plot" data-name="{_h(pic.name)}">{_img(pic, "plot")}'
+                         f"<figcaption>{_h(pic.title)} — {_h(pic.caption)}</figcaption></figure>")
+        parts.append('<h3>Episodes</h3><p class="note legend">query · ground truth · pseudo-mask · '
+                     f"prediction; grey = ignored boundary. {legend}</p>")
+        for (ds, setting), pics in panel_pics.items():
+            if ds != dataset or not pics:
+                continue
+            parts.append(f"<h4>{_h(setting)}</h4><div class=\"panels\">")
+            for pic in pics:
+                parts.append(f'<figure class="panel">{_img(pic, "panel")}<figcaption><b>{_h(pic.title)}'
+                             f"</b><br>{_h(pic.caption)}</figcaption></figure>")
+            parts.append("</div>")
+        parts.append("</section>")
+    items = "".join(f"<li><code>{_h(r.path)}</code> · manifest "
+                    f"<code>{_h(r.data['manifest_hash'])}</code></li>"
+                    for r in sorted(sources, key=lambda r: str(r.path)))
+    parts.append(f'<h2>Sources</h2><ul class="sources">{items}</ul></body></html>\n')
+    return "".join(parts)
+
+
+def render_markdown(title: str, tables: Sequence[Table], plot_pics: dict[str, list[Picture]],
+                    panel_pics: dict[tuple[str, str], list[Picture]]) -> str:
+    """LEADERBOARD.md: the same tables; figures and panels linked from figures/ and panels/."""
+    lines = [f"# {_md(title)}", "",
+             "Cells: value [95 % CI]. Fold rows: percentile bootstrap over that fold's episodes. "
+             f"\"mean of k\" rows: {MEAN_CI_METHOD}. Rows marked *(published)* are copied from "
+             f"{PUBLISHED_SOURCE}, not measured here.", ""]
+    for dataset in sorted({t.dataset for t in tables}):
+        lines += [f"## {_md(dataset)}", ""]
+        for t in (t for t in tables if t.dataset == dataset):
+            lines += [f"### {_md(dataset)} · {t.setting}", "", f"_{_md(t.note)}_", "",
+                      "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+            for row in t.rows:
+                cells = [_md(row.cells.get(k, "")) for k, _ in COLUMNS]
+                if row.kind == "mean":
+                    cells = [f"**{c}**" if c else c for c in cells]
+                elif row.kind == "published":
+                    cells = [f"*{c}*" if c and c != "—" else c for c in cells]
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += ["### Plots", ""]
+        lines += [f"![{_md(p.title)}](figures/{p.name})" for p in plot_pics.get(dataset, [])]
+        lines += ["", "### Episodes (query · ground truth · pseudo-mask · prediction)", ""]
+        for (ds, setting), pics in panel_pics.items():
+            if ds == dataset and pics:
+                lines += [f"#### {setting}", ""]
+                lines += [f"- {_md(p.title)}: {_md(p.caption)}  \n  ![panel](panels/{p.name})" for p in pics]
+                lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
+                 title: str = "fscs leaderboard", bootstrap: int = 1000, seed: int = 0) -> Path:
+    """Collect results, refuse incomparable ones, write OUT/LEADERBOARD.md, OUT/index.html (self-contained),
+    OUT/figures/*.png and OUT/panels/*.png; returns the path of index.html."""
+    results = collect_results(result_paths)
+    check_comparable(results)
+    out = Path(out_dir)
+    summaries = summarize(results, bootstrap, seed)
+    tables = build_tables(results, summaries)
+    plot_pics = build_plots(results, summaries)
+    panel_pics = build_panels(results)
+    for sub, pics in (("figures", [p for ps in plot_pics.values() for p in ps]),
+                      ("panels", [p for ps in panel_pics.values() for p in ps])):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for pic in pics:
+            (out / sub / pic.name).write_bytes(pic.png)
+    (out / "LEADERBOARD.md").write_text(render_markdown(title, tables, plot_pics, panel_pics))
+    page = out / "index.html"
+    tmp = page.with_name(page.name + f".tmp-{os.getpid()}")
+    tmp.write_text(render_html(title, tables, plot_pics, panel_pics, results))
+    os.replace(tmp, page)
+    logger.info("report of %d results: %s (+ LEADERBOARD.md)", len(results), page)
+    return page

@@ -1,0 +1,207 @@
+"""Suite loader, plot helpers, and the report (tables, fold-mean CIs, refusals, escaping) on fake results."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fscs.bench import plots
+from fscs.bench.metrics import FSCSMetric
+from fscs.bench.report import collect_results, fold_mean, write_report
+from fscs.bench.suite import load_suite, regime_matches
+from fscs.errors import FSCSError
+
+REPO = Path(__file__).resolve().parents[2]
+HOSTILE = '<script>alert("x")</script>&|$\\frac{cls'
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------- suites
+@pytest.mark.parametrize("name,episodes", [("synthetic5i", 500), ("pascal5i", 1000), ("coco20i", 5000)])
+def test_shipped_suites_load(name, episodes):
+    s = load_suite(REPO / "benchmarks" / "suites" / f"{name}.yaml")
+    assert s.name == name and s.episodes == episodes and s.folds == [0, 1, 2, 3]
+    assert s.settings == ["1w1s", "2w1s", "1w5s", "2w5s"]
+    assert "weak" in s.regimes and "full" in s.regimes and any(r.startswith("mixed@") for r in s.regimes)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("name: a\ndataset: d\nepisode: 3\n", "unknown key 'episode'"),
+    ("dataset: d\n", "key 'name' is required"),
+    ("name: a\ndataset: d\nregimes: [weak, mixed@1.5]\n", "mixed@1.5"),
+    ("name: a\ndataset: d\nsettings: [1way1shot]\n", "1way1shot"),
+    ("name: a\ndataset: d\nepisodes: many\n", "'episodes'"),
+    ("name: a\ndataset: d\neval_regimes: [strong]\n", "strong"),
+])
+def test_suite_errors_are_one_line(tmp_path, text, needle):
+    f = tmp_path / "s.yaml"
+    f.write_text(text)
+    with pytest.raises(FSCSError) as exc:
+        load_suite(f)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_suite_overrides_and_regime_matching(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("name: a\ndataset: d\nregimes: [weak, mixed@0.05]\n")
+    s = load_suite(f, ["episodes=7", "folds=[1]"])
+    assert s.episodes == 7 and s.folds == [1]
+    assert regime_matches("mixed@0.05", "mixed@5e-2") and not regime_matches("mixed@0.1", "mixed@0.05")
+    assert regime_matches("mixed@0.3", "mixed") and not regime_matches("weak", "full")
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def test_episode_panel_and_labels():
+    img = np.full((40, 60, 3), 100, dtype=np.uint8)
+    gt = np.zeros((40, 60), dtype=np.uint8)
+    gt[:10] = 1
+    gt[10:12] = 255
+    ways = torch.zeros(2, 20, 30, dtype=torch.long)
+    ways[1, 10:] = 1
+    pseudo = plots.ways_to_labels(ways)
+    assert pseudo.shape == (20, 30) and set(np.unique(pseudo)) == {0, 2}
+    panel = plots.episode_panel(img, gt, pseudo, None, tile=32)
+    assert panel.dtype == np.uint8 and panel.shape == (32, 4 * 48 + 3 * 2, 3)
+    gt_tile = panel[:, 50:98]
+    assert tuple(gt_tile[0, 0]) != (100, 100, 100)  # way-1 colour painted on the first rows
+    assert tuple(gt_tile[-1, -1]) == (100, 100, 100)  # background untouched
+    assert len(plots.png_bytes(panel)) > 100
+
+
+def test_epoch_table_and_reliability():
+    text = plots.epoch_table([{"epoch": 1, "loss": 0.712345, "val/miou": 12.0}, {"epoch": 2, "loss": 0.5}])
+    lines = text.splitlines()
+    assert lines[0].split(" | ") == ["epoch", "loss ", "val/miou"] or "val/miou" in lines[0]
+    assert "0.7123" in lines[2] and len(lines) == 4
+    st = plots.reliability_stats(np.array([0.05, 0.05, 0.95, 0.95]), np.array([0, 0, 1, 0]))
+    assert st["count"][0] == 2 and st["count"][9] == 2
+    assert st["freq"][9] == pytest.approx(0.5) and st["ece"] == pytest.approx((2 * 0.05 + 2 * 0.45) / 4)
+
+
+# ----------------------------------------------------------------------------------------------- report
+def _records(rng: np.random.Generator, classes: list[int], n: int) -> np.ndarray:
+    rows = []
+    for i in range(n):
+        u = rng.integers(50, 200, size=len(classes))
+        inter = (u * rng.uniform(0, 1, size=len(classes))).astype(np.int64)
+        bg_u = int(rng.integers(500, 1000))
+        head = [i, rng.integers(0, 2), bg_u - 20, bg_u, inter.sum(), u.sum()]
+        rows.append(np.concatenate([head, inter, u]))
+    return np.stack(rows).astype(np.int64)
+
+
+def _fake_result(root: Path, name: str, fold: int, *, regime: str = "weak", dataset: str = "pascal-5i",
+                 setting: tuple[int, int] = (1, 1), manifest: str | None = None, n: int = 60, seed: int = 0,
+                 class_name: str | None = None) -> Path:
+    classes = [5 * fold + c for c in range(1, 6)]
+    rec = _records(np.random.default_rng([seed, fold]), classes, n)
+    m = FSCSMetric.from_records(classes, rec)
+    stem = f"{name}_f{fold}_{setting[0]}w{setting[1]}s"
+    np.savez_compressed(root / f"{stem}.records.npz", records=rec, columns=np.array(m.record_columns()))
+    (root / f"{stem}.panels").mkdir(parents=True, exist_ok=True)
+    png = plots.png_bytes(np.zeros((8, 20, 3), np.uint8))
+    (root / f"{stem}.panels" / "first-000000.png").write_bytes(png)
+    names = {str(c): f"class{c}" for c in classes}
+    if class_name:
+        names[str(classes[0])] = class_name
+    prob = np.random.default_rng(fold).uniform(0, 1, size=n * setting[0])
+    data = {
+        "format": "fscs-result/1", "dataset": dataset, "fold": fold, "way": setting[0], "shot": setting[1],
+        "regime": regime.split("@")[0], "train_regime": regime, "role": "test", "episodes": n, "seed": 0,
+        "manifest_hash": manifest or f"{dataset}-{fold}-{setting}".ljust(64, "0"), "ignore_boundary": True,
+        "metrics": m.compute(), "ci95": m.bootstrap_ci(200, 0), "bootstrap": 200, "class_names": names,
+        "presence": {"shape": [n, setting[0]], "prob": prob.round(4).tolist(),
+                     "true": (prob > 0.4).astype(int).tolist()},
+        "records": {"file": f"{stem}.records.npz", "columns": m.record_columns()},
+        "panels": [{"index": 0, "iou": 12.5, "query": "img_1", "classes": [classes[0]], "present": [1],
+                    "pred_present": [0], "kind": "first", "file": f"{stem}.panels/first-000000.png"}],
+        "backbone": {"name": "vit_small_patch8_224.dino", "weights_sha256": "ab" * 32, "image_size": 400},
+        "run": f"{name}_f{fold}", "checkpoint_sha256": f"{name}{fold}".ljust(64, "0"),
+    }
+    path = root / f"{stem}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_tables_means_published_and_escaping(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    paths = [_fake_result(res, "weak", f, class_name=HOSTILE if f == 0 else None) for f in range(4)]
+    paths += [_fake_result(res, "full", f, regime="full", seed=1) for f in range(4)]
+    paths += [_fake_result(res, "weak", 0, setting=(2, 1))]
+    page = write_report([res], tmp_path / "rep", bootstrap=200)
+    text = page.read_text()
+    assert text.count('data-kind="fold"') == 9 and text.count('data-kind="mean"') == 2
+    assert text.count('data-kind="published"') == 5 + 5  # pascal 1w1s and 2w1s: 5 published models each
+    assert "<script" not in text and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
+    assert re.search(r"src=\"(?!data:image/png;base64,)", text) is None  # nothing external
+    md = (tmp_path / "rep" / "LEADERBOARD.md").read_text()
+    assert "CST (published)" in md and "&amp;\\|$" not in md and "&\\|$" in md and "<script" not in md
+    assert len(list((tmp_path / "rep" / "figures").glob("*.png"))) == 2 + 2 * 2
+    # the mean row is the mean of the four fold values
+    results = [r for r in collect_results([res]) if r.setting == "1w1s" and r.model == "weak"]
+    fm = fold_mean(results, bootstrap=200)
+    assert fm["metrics"]["miou"] == pytest.approx(np.mean([r.data["metrics"]["miou"] for r in results]))
+    assert f"{fm['metrics']['miou']:.1f} [{fm['ci95']['miou'][0]:.1f}, {fm['ci95']['miou'][1]:.1f}]" in md
+
+
+def test_fold_mean_ci_is_narrower_than_a_fold_ci(tmp_path):
+    paths = [_fake_result(tmp_path, "weak", f, n=200, seed=3) for f in range(4)]
+    results = collect_results(paths)
+    fm = fold_mean(results, bootstrap=400)
+    width = {m: fm["ci95"][m][1] - fm["ci95"][m][0] for m in ("er", "miou")}
+    single = {m: np.mean([r.data["ci95"][m][1] - r.data["ci95"][m][0] for r in results])
+              for m in ("er", "miou")}
+    for m in width:  # 4 independent folds: the mean's spread is about half of one fold's
+        assert 0.3 * single[m] < width[m] < 0.75 * single[m]
+        assert fm["ci95"][m][0] <= fm["metrics"][m] <= fm["ci95"][m][1]
+
+
+def test_report_refuses_other_manifests_duplicates_and_missing(tmp_path):
+    a = _fake_result(tmp_path, "weak", 0)
+    b = _fake_result(tmp_path, "full", 0, regime="full", manifest="f" * 64)
+    with pytest.raises(FSCSError, match="different episode manifests"):
+        write_report([a, b], tmp_path / "rep")
+    dup = tmp_path / "copy.json"
+    dup.write_text(a.read_text())
+    with pytest.raises(FSCSError, match="two results of model 'weak'"):
+        write_report([a, dup], tmp_path / "rep")
+    with pytest.raises(FSCSError, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "rep")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FSCSError, match="no fscs results"):
+        write_report([empty], tmp_path / "rep")
+
+
+def test_missing_records_means_no_mean_ci(tmp_path):
+    paths = [_fake_result(tmp_path, "weak", f) for f in range(2)]
+    (tmp_path / "weak_f1_1w1s.records.npz").unlink()
+    md = (write_report(paths, tmp_path / "rep").parent / "LEADERBOARD.md").read_text()
+    assert "mean of 2 (no CI: records missing)" in md
+
+
+def test_training_panels_for_tensorboard():
+    from fscs.model.fscs_model import FSCSModel
+
+    model = FSCSModel.build("fscs_vit_tiny_patch8", image_size=32)
+    g = torch.Generator().manual_seed(0)
+    batch = {"query_img": torch.randn(3, 3, 32, 32, generator=g),
+             "support_img": torch.randn(3, 2, 1, 3, 32, 32, generator=g),
+             "presence": torch.tensor([[1.0, 0.0]] * 3), "classes": torch.tensor([[1, 2]] * 3),
+             "support_mask": torch.ones(3, 2, 1, 32, 32),
+             "query_target": torch.zeros(3, 2, 32, 32, dtype=torch.long)}
+    model.head.train(True)
+    for regime in ("weak", "full"):
+        panels = plots.training_panels(model, batch, regime, count=2, tile=40)
+        assert len(panels) == 2
+        assert all(p.shape == (40, 4 * 40 + 6, 3) and p.dtype == np.uint8 for p in panels)
+    assert model.head.training  # restored
