@@ -21,5 +21,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm"
 
+bench-perf: $(STAMP)
+	$(PY) benchmarks/perf/run.py $(PERF_ARGS)
+
 clean:
 	rm -rf runs .pytest_cache

@@ -70,6 +70,10 @@ BACKBONES: dict[str, BackboneSpec] = {
         _dinov2_reg("vit_base_patch14_reg4_dinov2.lvd142m", "vit_base_patch14_reg4_dinov2", 768, 12),
         BackboneSpec("fscs_vit_tiny_patch8", "vit_tiny_patch16_224", 8, 192, 6, 3,
                      timm_kwargs={"patch_size": 8, "depth": 6}, pos_resample="timm", default_image_size=128),
+        # offline default shipped in fscs/assets (fscs pretrain): 4 blocks x 4 heads of 32 dims
+        BackboneSpec("fscs_vit_mini_patch8", "vit_tiny_patch16_224", 8, 128, 4, 4,
+                     timm_kwargs={"patch_size": 8, "depth": 4, "embed_dim": 128, "num_heads": 4},
+                     pos_resample="timm", default_image_size=96),
     )
 }
 
@@ -227,6 +231,17 @@ class BackboneOutput:
     k: torch.Tensor
 
 
+def _is_plain_timm_block(block: nn.Module) -> bool:
+    """True when `block` is timm's standard ViT Block with its standard Attention (no gate), i.e. its forward
+    is exactly what FrozenBackbone._last_block replays."""
+    from timm.models.vision_transformer import Attention, Block
+
+    attn = getattr(block, "attn", None)
+    return (type(block).forward is Block.forward and attn is not None
+            and type(attn).forward is Attention.forward and getattr(attn, "gate", None) is None
+            and hasattr(attn, "scale") and hasattr(attn, "norm"))
+
+
 class FrozenBackbone(nn.Module):
     """A frozen (no-grad, always-eval) timm ViT; see BackboneOutput for what forward returns."""
 
@@ -254,6 +269,12 @@ class FrozenBackbone(nn.Module):
         self.identity: dict[str, Any] = {"name": name, "weights_sha256": sha, "image_size": self.image_size}
         for param in self.parameters():
             param.requires_grad_(False)
+        # Fused attention (scaled_dot_product_attention: flash / memory-efficient kernels, no N x N matrix in
+        # memory) in every block, whatever TIMM_FUSED_ATTN says; the last block's q/k are still exported.
+        for block in self.model.blocks:
+            if hasattr(block.attn, "fused_attn"):
+                block.attn.fused_attn = True
+        self._fast_last_block = _is_plain_timm_block(self.model.blocks[-1])
         super().train(False)
 
     def train(self, mode: bool = True) -> FrozenBackbone:
@@ -276,6 +297,28 @@ class FrozenBackbone(nn.Module):
         qk = qk.reshape(x.shape[0], x.shape[1], 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         return attn.q_norm(qk[0]), attn.k_norm(qk[1])
 
+    def _last_block(self, block: nn.Module, x: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block output [B, N, D], q, k [B, heads, N, dh]) of the last block for its input x [B, N, D].
+
+        A plain timm Block is run step by step (same operations as its forward, fused attention) so that its
+        one qkv projection also yields the exported q/k; any other block type runs as is and its q/k are
+        recomputed from the q/k rows of its qkv.
+        """
+        if not self._fast_last_block:
+            q, k = self._last_block_qk(block, x)
+            return block(x), q, k
+        attn = block.attn
+        b, n, _ = x.shape
+        qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        out = attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)))
+        x = x + block.drop_path1(block.ls1(attn.proj_drop(out)))
+        x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return x, q, k
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         """images [B, 3, S, S] (S = image_size, normalised with spec.mean/std) -> BackboneOutput."""
@@ -284,13 +327,18 @@ class FrozenBackbone(nn.Module):
                              f"got {tuple(images.shape)}")
         model = self.model
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-        layers: list[torch.Tensor] = []
         last = len(model.blocks) - 1
+        tokens: torch.Tensor | None = None  # [B, L, 1+T, D], filled block by block (no list + stack copy)
         q = k = x
         for index, block in enumerate(model.blocks):
             if index == last:
-                q, k = self._last_block_qk(block, x)
-            x = block(x)
-            layers.append(model.norm(self._keep_cls_and_patches(x, dim=1)))
-        return BackboneOutput(tokens=torch.stack(layers, dim=1), q=self._keep_cls_and_patches(q, dim=2),
+                x, q, k = self._last_block(block, x)
+            else:
+                x = block(x)
+            normed = model.norm(self._keep_cls_and_patches(x, dim=1))
+            if tokens is None:
+                tokens = normed.new_empty(normed.shape[0], len(model.blocks), *normed.shape[1:])
+            tokens[:, index] = normed
+        assert tokens is not None
+        return BackboneOutput(tokens=tokens, q=self._keep_cls_and_patches(q, dim=2),
                               k=self._keep_cls_and_patches(k, dim=2))

@@ -1,4 +1,4 @@
-"""FSCSModel: frozen backbone + pseudo-mask distiller + CST head; the public model API."""
+"""FSCSModel: frozen backbone + pseudo-mask distiller (+ enhancer) + CST head; the public model API."""
 from __future__ import annotations
 
 import logging
@@ -16,11 +16,12 @@ from fscs.errors import FSCSError
 from fscs.model.backbone import BACKBONES, BackboneOutput, FrozenBackbone
 from fscs.model.cst import CSTHead, convert_reference_state_dict, correlation
 from fscs.model.distill import PseudoMaskDistiller
+from fscs.model.enhancer import PseudoMaskEnhancer, per_head_cosine
 from fscs.safe_load import load_untrusted
 
 logger = logging.getLogger(__name__)
 
-REGIMES = ("weak", "full")
+REGIMES = ("weak", "full", "mixed")
 
 
 @dataclass
@@ -29,14 +30,19 @@ class EpisodeOutput:
 
     cls_logits: [B, N, 2] (absent, present); for K > 1 these are log mean-over-shots probabilities.
     mask_logits: [B, N, 2, H, W] (background, foreground) at the requested output size.
-    pseudo_support: [B, N, K, Hs, Ws] {0,1} pseudo-masks used for the supports (weak regime), else None.
-    pseudo_query: [B, N, Hs, Ws] {0,1} query pseudo-masks (the weak segmentation target), else None.
+    pseudo_support: [B, N, K, Hs, Ws] {0,1} pseudo-masks of the supports (weak: attention rule; mixed:
+        enhanced, for every shot, including those whose GT mask was used), else None.
+    pseudo_query: [B, N, Hs, Ws] {0,1} query pseudo-masks (the weak/mixed segmentation target), else None.
+    enhancer_support_logits / enhancer_query_logits: [B, N, K, gh, gw] enhancer logits on the token grid of
+        each support's own map / each shot's support-CLS-vs-query map (mixed regime only; carry gradients).
     """
 
     cls_logits: torch.Tensor
     mask_logits: torch.Tensor
     pseudo_support: torch.Tensor | None = None
     pseudo_query: torch.Tensor | None = None
+    enhancer_support_logits: torch.Tensor | None = None
+    enhancer_query_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -78,14 +84,46 @@ class FSCSModel(nn.Module):
         image_size: int | None = None,
         mask_rule: str = "reference",
         mask_threshold: float = 0.4,
+        enhancer: bool = False,
+        enhancer_channels: int = 128,
     ) -> "FSCSModel":
-        """Build from a registry name and an optional local weights file (None = random init)."""
+        """Build from a registry name and an optional local weights file (None = random init).
+
+        enhancer=True attaches a PseudoMaskEnhancer (needed by the mixed regime) inside the head.
+        """
         if backbone not in BACKBONES:
             raise FSCSError(f"unknown backbone '{backbone}'; choose one of: {', '.join(sorted(BACKBONES))}")
         size = image_size or BACKBONES[backbone].default_image_size
         bb = FrozenBackbone(backbone, None if weights is None else str(weights), size)
         head = CSTHead(in_channels=bb.num_layers * bb.num_heads)
-        return cls(bb, head, PseudoMaskDistiller(rule=mask_rule, threshold=mask_threshold))
+        model = cls(bb, head, PseudoMaskDistiller(rule=mask_rule, threshold=mask_threshold))
+        if enhancer:
+            model.attach_enhancer(enhancer_channels)
+        return model
+
+    def attach_enhancer(self, channels: int = 128) -> PseudoMaskEnhancer:
+        """Register a PseudoMaskEnhancer as `head.enhancer` (idempotent for the same width).
+
+        Living inside the head module tree, its parameters are trained, DDP-wrapped and checkpointed with
+        the head (`head.state_dict()` gains `enhancer.*` keys). Call before building the training engine.
+        """
+        current = self.enhancer
+        if current is not None:
+            if current.channels != channels:
+                raise FSCSError(f"the head already has an enhancer of width {current.channels}, "
+                                f"not {channels}")
+            return current
+        device = next(self.head.parameters()).device
+        enh = PseudoMaskEnhancer(self.backbone.num_heads, channels, threshold=self.distiller.threshold)
+        enh = enh.to(device)
+        self.head.add_module("enhancer", enh)
+        return enh
+
+    @property
+    def enhancer(self) -> PseudoMaskEnhancer | None:
+        """The head's pseudo-mask enhancer, or None (weak/full models)."""
+        enh = getattr(self.head, "enhancer", None)
+        return enh if isinstance(enh, PseudoMaskEnhancer) else None
 
     @property
     def image_size(self) -> int:
@@ -106,8 +144,8 @@ class FSCSModel(nn.Module):
         feats = self.features(torch.cat([query, support.flatten(0, 2)], dim=0))
         grid = self.backbone.grid
         q_tok, s_tok = feats.tokens[:b], feats.tokens[b:]
-        q_rep = q_tok.unsqueeze(1).expand(b, n * k, *q_tok.shape[1:]).flatten(0, 1)
-        corr = correlation(q_rep, s_tok, self.backbone.num_heads, grid, grid)
+        # support j is paired with query j // (N*K): the query's tokens are never copied per way or shot
+        corr = correlation(q_tok, s_tok, self.backbone.num_heads, grid, grid)
         return EpisodeFeatures(b, n, k, tuple(query.shape[-2:]), corr, feats.q[b:], feats.k[b:], feats.k[:b])
 
     def pseudo_masks(
@@ -123,6 +161,32 @@ class FSCSModel(nn.Module):
         query = (per_shot.view(b, n, k, *size).mean(dim=2) >= 0.5).to(per_shot.dtype)
         return support, query
 
+    def enhanced_masks(
+        self, feats: EpisodeFeatures, query_presence: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Enhanced pseudo-masks and the enhancer's grid logits (the logits carry gradients when enabled).
+
+        Returns support masks [B, N, K, S, S] {0,1} (sigmoid > 0.5 of the enhancer on the support's own
+        per-head CLS-key maps), query masks [B, N, S, S] {0,1} (mean over shots of the probabilities on the
+        support-CLS-vs-query maps > 0.5, zeroed where query_presence == 0), and support / query logits
+        [B, N, K, gh, gw].
+        """
+        enh = self.enhancer
+        if enh is None:
+            raise FSCSError("the mixed regime needs a pseudo-mask enhancer: build the model with "
+                            "FSCSModel.build(..., enhancer=True) (train.regime=mixed does this)")
+        b, n, k, size, grid = feats.batch, feats.way, feats.shot, feats.size, self.backbone.grid
+        k_query = feats.query_k.repeat_interleave(n * k, dim=0)
+        maps = torch.cat([per_head_cosine(feats.support_q, feats.support_k, grid),
+                          per_head_cosine(feats.support_q, k_query, grid)])  # [2*B*N*K, h, gh, gw]
+        logits = enh(maps)
+        s_logits, q_logits = logits.view(2, b, n, k, *grid).unbind(0)
+        support = (enh.probs(s_logits.flatten(0, 2), size) > 0.5).float().view(b, n, k, *size)
+        query = (enh.probs(q_logits.flatten(0, 2), size).view(b, n, k, *size).mean(2) > 0.5).float()
+        if query_presence is not None:
+            query = query * query_presence.to(query.device).bool()[..., None, None].to(query.dtype)
+        return support, query, s_logits, q_logits
+
     def decode_episode(
         self,
         feats: EpisodeFeatures,
@@ -131,20 +195,35 @@ class FSCSModel(nn.Module):
         query_presence: torch.Tensor | None = None,
         out_size: tuple[int, int] | None = None,
         head: Callable | None = None,
+        support_has_gt: torch.Tensor | None = None,
     ) -> EpisodeOutput:
         """Head (and pseudo-masks) on encoded episodes; see forward_episode for the arguments."""
         if regime not in REGIMES:
             raise FSCSError(f"unknown regime '{regime}'; use one of: {', '.join(REGIMES)}")
-        if regime == "weak" and support_masks is not None:
-            raise ValueError("the weak regime uses no pixel labels: support_masks must be None")
+        if regime == "weak" and (support_masks is not None or support_has_gt is not None):
+            raise ValueError("the weak regime uses no pixel labels: support_masks/support_has_gt must be "
+                             "None")
         if regime == "full" and support_masks is None:
             raise ValueError("the full regime needs support_masks [B, N, K, S, S]")
+        if regime == "mixed" and (support_masks is None) != (support_has_gt is None):
+            raise ValueError("the mixed regime takes support_masks [B, N, K, S, S] and support_has_gt "
+                             "[B, N, K] together (or neither: enhanced pseudo-masks for every support)")
         b, n, k = feats.batch, feats.way, feats.shot
         out_size = tuple(out_size or feats.size)
-        pseudo_support = pseudo_query = None
+        pseudo_support = pseudo_query = s_logits = q_logits = None
         if regime == "weak":
             pseudo_support, pseudo_query = self.pseudo_masks(feats, query_presence)
             masks = pseudo_support.flatten(0, 2)
+        elif regime == "mixed":
+            pseudo_support, pseudo_query, s_logits, q_logits = self.enhanced_masks(feats, query_presence)
+            masks = pseudo_support
+            if support_masks is not None:
+                if tuple(support_has_gt.shape) != (b, n, k):  # type: ignore[union-attr]
+                    raise ValueError(f"support_has_gt must be [{b}, {n}, {k}], "
+                                     f"got {tuple(support_has_gt.shape)}")
+                has_gt = support_has_gt.to(masks.device).bool()[..., None, None]  # type: ignore[union-attr]
+                masks = torch.where(has_gt, support_masks.to(masks.dtype), masks)
+            masks = masks.flatten(0, 2).to(feats.corr.dtype)
         else:
             masks = support_masks.flatten(0, 2).to(feats.corr.dtype)  # type: ignore[union-attr]
         cls_logits, seg_logits = (head or self.head)(feats.corr, masks, self.backbone.grid, out_size)
@@ -155,7 +234,7 @@ class FSCSModel(nn.Module):
         else:  # average per-shot probabilities, return their log so softmax gives the mean back
             cls_out = cls_logits.float().softmax(-1).mean(2).clamp_min(1e-12).log()
             seg_out = seg_logits.float().softmax(3).mean(2).clamp_min(1e-12).log()
-        return EpisodeOutput(cls_out, seg_out, pseudo_support, pseudo_query)
+        return EpisodeOutput(cls_out, seg_out, pseudo_support, pseudo_query, s_logits, q_logits)
 
     def forward_episode(
         self,
@@ -166,16 +245,20 @@ class FSCSModel(nn.Module):
         query_presence: torch.Tensor | None = None,
         out_size: tuple[int, int] | None = None,
         head: Callable | None = None,
+        support_has_gt: torch.Tensor | None = None,
     ) -> EpisodeOutput:
         """Run a batch of N-way K-shot episodes.
 
-        query [B, 3, S, S]; support [B, N, K, 3, S, S]; support_masks [B, N, K, S, S] {0,1} (full regime
-        only; the weak regime refuses pixel labels); query_presence [B, N] image-level labels used to zero
-        the query pseudo-masks of absent classes (weak training); out_size defaults to (S, S);
-        head: the (possibly DDP-wrapped) head to call, default self.head.
+        query [B, 3, S, S]; support [B, N, K, 3, S, S]; support_masks [B, N, K, S, S] {0,1} (full: required;
+        mixed: optional, used where support_has_gt [B, N, K] is true, enhanced pseudo-masks elsewhere; weak
+        refuses pixel labels); query_presence [B, N] image-level labels used to zero the query pseudo-masks
+        of absent classes (weak/mixed training); out_size defaults to (S, S);
+        head: the (possibly DDP-wrapped) head to call, default self.head (the enhancer is always called
+        as self.head.enhancer: its gradients are still reduced by a DDP wrapper of the head).
         """
         feats = self.encode_episode(query, support)
-        return self.decode_episode(feats, support_masks, regime, query_presence, out_size, head)
+        return self.decode_episode(feats, support_masks, regime, query_presence, out_size, head,
+                                   support_has_gt)
 
     @torch.no_grad()
     def predict(self, out: EpisodeOutput, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -403,3 +403,14 @@ def test_real_size_forward_shapes():
         cls, seg = head(corr, torch.ones(1, 400, 400), (50, 50), (400, 400))
     assert cls.shape == (1, 2) and seg.shape == (1, 2, 400, 400)
     assert torch.isfinite(seg).all()
+
+
+def test_correlation_pairs_each_query_with_r_supports():
+    """Passing each query once with R supports equals repeating the query R times."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 1 + 16, 12, generator=g)
+    s = torch.randn(2 * 3, 3, 1 + 16, 12, generator=g)
+    once = correlation(q, s, 2, (4, 4), (4, 4))
+    repeated = correlation(q.repeat_interleave(3, 0), s, 2, (4, 4), (4, 4))
+    assert once.shape == (6, 6, 16, 145)
+    assert torch.equal(once, repeated)
