@@ -15,7 +15,10 @@ EXAMPLES = {
     "shards": "fscs shards synth --out data/synthetic-5i",
     "train": "torchrun --nproc_per_node=2 -m fscs train --config configs/default.yaml name=weak train.regime=weak",
     "bench": "fscs bench --run-dir runs/weak bench.settings=[1w1s,2w1s] bench.episodes=1000",
+    "report": "fscs report runs/bench/synthetic5i --out runs/report",
     "demo": "fscs demo --out runs/demo",
+    "pretrain": "torchrun --nproc_per_node=2 -m fscs pretrain --config configs/pretrain.yaml name=pretrain",
+    "predict": "fscs predict --run runs/pilot --support support/ --query 'new/*.jpg' --out predictions/",
 }
 
 
@@ -26,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(f"  {v}" for v in EXAMPLES.values()),
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{shards,train,bench,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shards,train,bench,report,predict,pretrain,demo}")
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {EXAMPLES[name]}",
@@ -42,19 +45,100 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--num-images", type=int, default=6000)
     syn.add_argument("--size", type=int, default=128, help="image side in pixels")
     syn.add_argument("--workers", type=int, default=2)
+    for name, root_help, example in (
+            ("pascal", "VOCdevkit/VOC2012 (JPEGImages/, SBD's SegmentationClassAug/)",
+             "fscs shards pascal --root VOCdevkit/VOC2012 --out data/pascal5i --workers 8"),
+            ("coco", "COCO 2014 root (train2014/, val2014/, annotations/)",
+             "fscs shards coco --root COCO2014 --out data/coco20i --workers 8")):
+        real = shsub.add_parser(name, help=f"{name.upper()} standard layout + the shipped FS-CS split lists",
+                                epilog=f"example:\n  {example}\n(see docs/real-data.md)",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        real.add_argument("--root", required=True, type=Path, help=root_help)
+        real.add_argument("--out", required=True, type=Path, help="output shard directory")
+        real.add_argument("--splits", type=Path, default=None,
+                          help=f"split-list directory (default: the shipped shards/splits/{name})")
+        real.add_argument("--workers", type=int, default=2, help="decoding processes")
+        real.add_argument("--select-fraction", type=float, default=0.1,
+                          help="share of training images held out for model selection (split val)")
+        real.add_argument("--seed", type=int, default=0, help="seed of the model-selection hold-out")
+        if name == "coco":
+            real.add_argument("--mask-source", choices=["auto", "png", "json"], default="auto",
+                              help="semantic PNGs under annotations/<subset>/ or the instances JSON "
+                                   "(auto: PNGs when that folder exists)")
+    fo = shsub.add_parser(
+        "folder", help="your own images: labels CSV (multi-label) or one folder per class, optional masks",
+        epilog="example:\n  fscs shards folder --images photos/ --labels labels.csv --masks masks/ "
+               "--novel dent,scratch --out data/my-shards\n(see docs/your-own-data.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    fo.set_defaults(handler=_cmd_shards_folder)
+    fo.add_argument("--images", required=True, type=Path, help="image directory (ImageFolder if no --labels)")
+    fo.add_argument("--labels", type=Path, default=None,
+                    help="CSV with header image,labels; several labels separated by ';' or '|'")
+    fo.add_argument("--masks", type=Path, default=None,
+                    help="masks: <rel path stem>.png (index PNG) or <rel path stem>/<class>.png (binary)")
+    fo.add_argument("--mask-format", choices=["index", "binary"], default="index",
+                    help="how <stem>.png masks are read: class-id values, or nonzero = the image's one label")
+    fo.add_argument("--out", required=True, type=Path, help="output shard directory")
+    fo.add_argument("--classes", default=None, help="comma-separated class order = ids 1..C (default sorted)")
+    fo_novel = fo.add_mutually_exclusive_group()
+    fo_novel.add_argument("--novel", default=None, help="comma-separated held-out classes (fold 0)")
+    fo_novel.add_argument("--novel-count", type=int, default=None,
+                          help="hold out this many classes chosen with --seed (default about C/4; 0 = none)")
+    fo.add_argument("--seed", type=int, default=0, help="seed of the novel-class choice and the val split")
+    fo.add_argument("--select-fraction", type=float, default=0.15,
+                    help="share of base-class images held out for model selection")
+    fo.add_argument("--max-side", type=int, default=1024, help="downscale larger images (0 = keep size)")
+    fo.add_argument("--shots", default="1,5", help="shots you plan to use (warns about too-small classes)")
+    fo.add_argument("--name", default=None, help="dataset name in index.json (default folder-<dir name>)")
 
     tr = add("train", "Train the CST head (run under torchrun for several processes).")
     tr.add_argument("--config", type=Path, default=None, help="YAML config (see configs/)")
     tr.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=5e-4")
 
+    pt = add("pretrain", "Self-supervised (DINO) pretraining of a backbone on image shards; exports safetensors.")
+    pt.set_defaults(handler=_cmd_pretrain)
+    pt.add_argument("--config", type=Path, default=None, help="YAML config (see configs/pretrain.yaml)")
+    pt.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.steps=500")
+
     be = add("bench", "Evaluate a trained run on index-seeded FS-CS episodes.")
-    be.add_argument("--run-dir", "--run", dest="run", required=True, type=Path,
+    be.add_argument("--run-dir", "--run", dest="run", default=None, type=Path,
                     help="run directory holding checkpoint.pt (under torchrun write --run-dir: torchrun "
-                         "mistakes a bare --run for its own --run-path)")
+                         "mistakes a bare --run for its own --run-path); or use --suite with --runs")
     be.add_argument("--out", type=Path, default=None, help="results directory (default RUN/results)")
-    be.add_argument("--regime", choices=["weak", "full"], default=None,
+    be.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
+                    help="write every episode's manifest entry, presence per way and predicted mask (index PNG "
+                         "at the original query size) under DIR/<setting>/")
+    be.add_argument("--regime", choices=["weak", "mixed", "full"], default=None,
                     help="supervision at test time (default: the run's training regime)")
-    be.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (bench.*, data.*)")
+    be.add_argument("overrides", nargs="*", help="key=value overrides of the run's config (bench.*, data.*), "
+                    "or with --suite of the suite's keys (episodes=200)")
+    be.add_argument("--suite", type=Path, default=None,
+                    help="suite YAML (benchmarks/suites/*.yaml): evaluate every run of --runs on its frozen "
+                         "manifests, sharing backbone passes and caching results in --out")
+    be.add_argument("--runs", nargs="+", type=Path, default=None, help="run directories (with --suite)")
+
+    rp = add("report", "Leaderboard of results: LEADERBOARD.md and a self-contained index.html.")
+    rp.set_defaults(handler=_cmd_report)
+    rp.add_argument("results", nargs="+", type=Path,
+                    help="result JSON files, suite indexes (OUT/suite-*.json) or bench output directories")
+    rp.add_argument("--out", required=True, type=Path, help="report directory")
+    rp.add_argument("--title", default="fscs leaderboard")
+    rp.add_argument("--bootstrap", type=int, default=1000, help="resamples of the fold-mean CI (0 = none)")
+
+    pr = add("predict", "Which support classes are in new images, and where (JSON, masks, overlays, HTML).")
+    pr.add_argument("--run-dir", "--run", dest="run", required=True, type=Path, help="trained run directory")
+    pr.add_argument("--support", required=True, type=Path,
+                    help="folder with one sub-folder of a few images per class (+ optional <name>.mask.png)")
+    pr.add_argument("--query", required=True, nargs="+", help="query images, folders or quoted globs")
+    pr.add_argument("--out", required=True, type=Path, help="output directory (index.html, per-image files)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--threshold", type=float, default=0.5, help="presence probability threshold")
+    pr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pr.add_argument("--regime", choices=["auto", "weak", "full", "mixed"], default="auto",
+                    help="support masks: auto = the run's regime (weak: pseudo-masks; full/mixed: the given)")
+    pr.add_argument("--cache", type=Path, default=None, help="cache support features on disk here")
+    pr.add_argument("--max-side", type=int, default=1024, help="longest side of overlays / mask computation")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     de = add("demo", "End to end on the offline default: shards, weak+full training, evaluation, table.")
     de.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -75,6 +159,15 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _cmd_shards(args: argparse.Namespace) -> int:
+    if args.source in ("pascal", "coco"):
+        from fscs.data.sources import convert_coco, convert_pascal
+
+        common = {"splits": args.splits, "workers": args.workers, "select_fraction": args.select_fraction,
+                  "seed": args.seed}
+        report = (convert_pascal(args.root, args.out, **common) if args.source == "pascal" else
+                  convert_coco(args.root, args.out, mask_source=args.mask_source, **common))
+        print("\n".join(report.lines()))
+        return 0
     from fscs.data.synthetic import build_synthetic_shards
 
     out = build_synthetic_shards(args.out, seed=args.seed, num_images=args.num_images, size=args.size,
@@ -91,11 +184,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     env = distributed.resolve_env()
     distributed.init(env)
-    Trainer(cfg, env).fit()
-    distributed.finish(0)
+    summary = Trainer(cfg, env).fit()
+    code = int(summary["exit_code"])  # 128 + signal number when a signal stopped it (after a checkpoint)
+    distributed.finish(code)
+    return code
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite is not None or args.runs:
+        return _cmd_bench_suite(args)
+    if args.run is None:
+        raise FSCSError("bench needs --run-dir RUN (one run) or --suite FILE --runs RUN... (a suite)")
     from fscs import distributed
     from fscs.bench.runner import bench_run, load_run
     from fscs.config import load_config
@@ -104,7 +203,79 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     distributed.init(env)
     loaded = load_run(args.run)
     cfg = load_config(None, args.overrides, base_cfg=loaded.cfg)
-    bench_run(loaded, cfg, env, args.out or Path(args.run) / "results", regime=args.regime)
+    bench_run(loaded, cfg, env, args.out or Path(args.run) / "results", regime=args.regime,
+              save_predictions=args.save_predictions)
+    distributed.finish(0)
+
+
+def _cmd_shards_folder(args: argparse.Namespace) -> int:
+    from fscs.data.sources.folder import build_folder_shards
+
+    def names(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    try:
+        shots = [int(s) for s in args.shots.split(",") if s.strip()]
+    except ValueError:
+        raise FSCSError(f"--shots {args.shots!r}: write comma-separated integers, e.g. 1,5") from None
+    out = build_folder_shards(
+        args.images, args.out, labels=args.labels, masks=args.masks, mask_format=args.mask_format,
+        classes=names(args.classes), novel=names(args.novel), novel_count=args.novel_count, seed=args.seed,
+        select_fraction=args.select_fraction, max_side=args.max_side, shots=shots, name=args.name)
+    print(f"shards ready: {out} (train with data.shards={out} data.fold=0)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fscs.predict import run_predict
+
+    summary = run_predict(args.run, args.support, args.query, args.out, batch_size=args.batch_size,
+                          threshold=args.threshold, device=args.device, regime=args.regime,
+                          cache_dir=args.cache, max_side=args.max_side, progress=not args.no_progress)
+    print(f"predicted {summary['predicted']} of {summary['queries']} images: {Path(args.out) / 'index.html'}")
+    return 0
+
+
+def _cmd_bench_suite(args: argparse.Namespace) -> int:
+    from fscs import distributed
+    from fscs.bench.suite import bench_suite, load_suite
+
+    if args.suite is None or not args.runs or args.run is not None:
+        raise FSCSError("bench --suite FILE --runs RUN... (no --run-dir); e.g. fscs bench --suite "
+                        "benchmarks/suites/synthetic5i.yaml --runs runs/weak runs/full")
+    # `--runs a b episodes=50` puts the override among the runs: take key=value items that are no directory
+    overrides = list(args.overrides) + [str(r) for r in args.runs if "=" in str(r) and not r.exists()]
+    runs = [r for r in args.runs if str(r) not in overrides]
+    suite = load_suite(args.suite, overrides)
+    env = distributed.resolve_env()
+    distributed.init(env)
+    summary = bench_suite(suite, runs, args.out or Path("runs/bench") / suite.name, env)
+    if env.is_main:
+        print(f"suite {suite.name}: {len(summary.results)} results ({summary.computed} computed, "
+              f"{summary.cached} cached, {len(summary.skipped)} runs skipped): {summary.index_file}")
+    if env.distributed:
+        distributed.finish(0)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fscs.bench.report import write_report
+
+    page = write_report(args.results, args.out, title=args.title, bootstrap=args.bootstrap)
+    print(f"report: {page} and {page.parent / 'LEADERBOARD.md'}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from fscs import distributed
+    from fscs.pretrain import load_pretrain_config, run_pretrain
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    env = distributed.resolve_env()
+    distributed.init(env)
+    summary = run_pretrain(cfg, env)
+    if env.is_main and "export" in summary:
+        print(f"backbone exported: {summary['export']}")
     distributed.finish(0)
 
 
@@ -118,9 +289,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"shards": _cmd_shards, "train": _cmd_train, "bench": _cmd_bench, "demo": _cmd_demo}
+    handlers = {"shards": _cmd_shards, "train": _cmd_train, "bench": _cmd_bench, "demo": _cmd_demo,
+                "predict": _cmd_predict}
     try:
-        return handlers[args.command](args)
+        return (getattr(args, "handler", None) or handlers[args.command])(args)
     except FSCSError as exc:
         print(f"fscs {args.command}: error: {exc}", file=sys.stderr)
         if os.environ.get("WORLD_SIZE", "1") != "1":

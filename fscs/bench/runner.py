@@ -1,28 +1,36 @@
-"""Benchmark runner: index-seeded episodes split across ranks, metrics reduced exactly, results JSON."""
+"""Benchmark runner: index-seeded episodes split across ranks, shared backbone passes, results JSON."""
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fscs.bench.metrics import FSCSMetric, episodic_target
+from fscs.bench.plots import episode_panel, png_bytes, ways_to_labels
 from fscs.config import RunConfig, config_from_dict, config_to_dict, parse_setting
-from fscs.data.episodes import EpisodeSampler, build_manifest, make_episode_tensors, manifest_hash
+from fscs.data.episodes import (
+    EpisodeSampler, EpisodeSpec, build_manifest, make_episode_tensors, manifest_hash,
+)
 from fscs.data.shards import ShardIndex, load_samples, read_index
+from fscs.data.types import Sample
 from fscs.distributed import DistEnv, all_gather_objects
 from fscs.errors import FSCSError
-from fscs.model.fscs_model import FSCSModel, upsample_logits
-from fscs.train import CHECKPOINT, build_model, check_backbone_identity, load_checkpoint
+from fscs.model.fscs_model import EpisodeFeatures, FSCSModel, upsample_logits
 
 logger = logging.getLogger(__name__)
+
+RESULT_FORMAT = "fscs-result/1"
 
 
 @dataclass
@@ -43,17 +51,47 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_run(run_dir: str | os.PathLike) -> LoadedRun:
-    """Rebuild the model of a run directory from its checkpoint (config stored inside it)."""
-    path = Path(run_dir) / CHECKPOINT
+def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> LoadedRun:
+    """Rebuild the model of a run directory from its checkpoint (config stored inside it).
+
+    checkpoint: a head file (path, or name inside run_dir); default best.pt (the model-selection winner)
+    when training wrote one, else checkpoint.pt (the newest save).
+    """
+    from fscs.train import build_model, check_backbone_identity, load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(run_dir, checkpoint)
     if not path.is_file():
-        raise FSCSError(f"no checkpoint at '{path}'; train first (fscs train name=... ) or pass the right --run")
+        raise FSCSError(f"no checkpoint at '{path}'; train first (fscs train name=... ) or pass the right "
+                        "--run")
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
     model = build_model(cfg)
     check_backbone_identity(state["backbone"], model, path)
-    model.head.load_state_dict(state["engine"]["head"])
+    head_state = state["engine"]["head"]
+    if any(k.startswith("enhancer.") for k in head_state) and getattr(model, "enhancer", True) is None:
+        model.attach_enhancer(getattr(cfg.model, "enhancer_channels", 128))  # mixed-regime checkpoint
+    model.head.load_state_dict(head_state)
     return LoadedRun(cfg, model.eval(), path, file_sha256(path))
+
+
+def regime_label(cfg: RunConfig) -> str:
+    """A run's training regime as a leaderboard label: 'weak', 'full' or 'mixed@<gt_fraction>'."""
+    regime = str(cfg.train.regime)
+    frac = getattr(cfg.train, "gt_fraction", None)
+    return f"{regime}@{float(frac):g}" if regime == "mixed" and frac is not None else regime
+
+
+def label_gt_fraction(label: str) -> float | None:
+    """Share of GT-masked training images a regime label stands for: weak 0, full 1, mixed@f f (else None)."""
+    base, _, frac = label.partition("@")
+    if base == "weak":
+        return 0.0
+    if base == "full":
+        return 1.0
+    try:
+        return float(frac) if base == "mixed" and frac else None
+    except ValueError:
+        return None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -63,11 +101,271 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _batches(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def spec_from_dict(d: Mapping[str, Any]) -> EpisodeSpec:
+    """Inverse of EpisodeSpec.to_dict (a manifest entry)."""
+    support = tuple(tuple(str(k) for k in shots) for shots in d["support"])
+    return EpisodeSpec(int(d["index"]), str(d["query"]), int(d["query_class"]),
+                       tuple(int(c) for c in d["classes"]), support)
+
+
+@dataclass
+class EvalJob:
+    """One model evaluated under one test-time regime ('weak', 'full', 'mixed'); jobs whose models share a
+    backbone identity share one backbone pass per episode batch (their features are computed once)."""
+
+    model: FSCSModel
+    regime: str
+    name: str = ""
+    predictions_dir: Path | None = None
+    """If set, every episode's manifest entry, presence per way and predicted label map are written here."""
+
+
+@dataclass
+class _Track:
+    """Per-job accumulators on one rank: metric records, presence probabilities, panel candidates."""
+
+    metric: FSCSMetric
+    first: int
+    worst: int
+    prob: dict[int, np.ndarray] = field(default_factory=dict)
+    true: dict[int, np.ndarray] = field(default_factory=dict)
+    panels: dict[int, dict[str, Any]] = field(default_factory=dict)
+    heap: list[tuple[float, int]] = field(default_factory=list)  # max-heap of the lowest (iou, index)
+
+    def wants(self, index: int, iou: float) -> bool:
+        """Whether episode `index` (foreground IoU `iou`) is a panel candidate (a first one or a worst)."""
+        if index < self.first:
+            return True
+        keep = self.worst + self.first  # enough to still pick `worst` failures outside the first ones
+        return self.worst > 0 and (len(self.heap) < keep or (-iou, -index) > self.heap[0])
+
+    def add_panel(self, index: int, iou: float, panel: dict[str, Any]) -> None:
+        self.panels[index] = panel
+        if self.worst == 0:
+            return
+        heapq.heappush(self.heap, (-iou, -index))
+        if len(self.heap) > self.worst + self.first:
+            _, gone = heapq.heappop(self.heap)
+            if -gone >= self.first:
+                self.panels.pop(-gone, None)
+
+
+def _episode_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Pooled foreground IoU (x100) of one episode, pred / target [H, W] (255 ignored) as FSCSMetric pools it;
+    100 when prediction and truth are both empty."""
+    valid = target != 255
+    p, t = (pred != 0) & valid, (target != 0) & valid
+    union = int((p | t).sum())
+    return 100.0 * int((p & t).sum()) / union if union else 100.0
+
+
+def _query_pseudo(model: FSCSModel, feats: EpisodeFeatures, regime: str, presence: torch.Tensor
+                  ) -> torch.Tensor:
+    """Query pseudo-masks [B, N, S, S] of a batch given its true presence (enhanced for the mixed regime)."""
+    if regime == "mixed" and getattr(model, "enhancer", None) is not None:
+        return model.enhanced_masks(feats, presence)[1]
+    return model.pseudo_masks(feats, presence)[1]
+
+
+def _load(index: ShardIndex, specs: Sequence[EpisodeSpec], samples: dict[str, Sample] | None
+          ) -> dict[str, Sample]:
+    """The samples the episodes need, added to (and returned as) `samples` when given."""
+    keys = {s.query for s in specs} | {k for s in specs for shots in s.support for k in shots}
+    have = samples if samples is not None else {}
+    missing = keys - have.keys()
+    if missing:
+        have.update(load_samples(index, missing, decode_masks=True))
+    return have
+
+
 @torch.no_grad()
+def evaluate_jobs(
+    jobs: Sequence[EvalJob],
+    index: ShardIndex,
+    *,
+    fold: int,
+    way: int,
+    shot: int,
+    episodes: int,
+    seed: int = 0,
+    role: str = "test",
+    ignore_boundary: bool = True,
+    batch_size: int = 8,
+    bootstrap: int = 1000,
+    env: DistEnv | None = None,
+    panels: tuple[int, int] = (4, 4),
+    artifacts: bool = True,
+    manifest: Mapping[str, Any] | None = None,
+    samples: dict[str, Sample] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate several (model, regime) jobs on the same `episodes` index-seeded episodes; one result per job.
+
+    Episodes are grouped into fixed batches of consecutive indices and rank r takes batches r, r + P, ...
+    (no padding, no duplicates). For each batch, the jobs are grouped by backbone identity and every group
+    runs the backbone once (`encode_episode`); each job then only runs its head (`decode_episode`).
+    Per-episode records are gathered and every rank rebuilds the same metric from them: P = 1 and P = 2
+    agree bit for bit.
+    panels = (first, worst): episode panels (query | GT | pseudo-mask | prediction) of episodes 0..first-1
+    and of the `worst` lowest foreground-IoU others. artifacts=True adds result["artifacts"] = {"records"
+    [E, 6 + 2C] int64, "record_columns", "panels": [{index, kind, iou, ..., "png": bytes}]} (not JSON: save
+    with write_result). `manifest`: a prebuilt build_manifest(...) of these settings; `samples`: a shared
+    {key: Sample} cache that is filled as needed (reused across settings of a fold).
+    """
+    env = env or DistEnv()
+    if not jobs:
+        return []
+    sampler = EpisodeSampler(index, role, fold, way, shot, seed)
+    if manifest is None:
+        manifest = build_manifest(sampler, episodes)
+    expect = {"dataset": index.dataset, "role": role, "fold": fold, "way": way, "shot": shot, "seed": seed,
+              "count": episodes}
+    if any(manifest.get(k) != v for k, v in expect.items()):
+        raise FSCSError(f"evaluate: the manifest given does not match {expect}; rebuild it with "
+                        "build_manifest")
+    all_specs = [spec_from_dict(d) for d in manifest["episodes"]]
+    my_batches = _batches(list(range(episodes)), batch_size)[env.rank :: env.world_size]
+    samples = _load(index, [all_specs[i] for b in my_batches for i in b], samples)
+    fold_classes = sorted(index.fold_classes(role, fold))
+    n_first, n_worst = (panels if artifacts else (0, 0))
+    tracks = [_Track(FSCSMetric(fold_classes), n_first, n_worst) for _ in jobs]
+    groups: dict[str, list[int]] = {}
+    for j, job in enumerate(jobs):
+        groups.setdefault(json.dumps(job.model.backbone.identity, sort_keys=True), []).append(j)
+    t0 = time.time()
+    for batch in my_batches:
+        specs = [all_specs[i] for i in batch]
+        items_by_size: dict[int, list[dict[str, torch.Tensor]]] = {}
+        for members in groups.values():
+            encoder = jobs[members[0]].model
+            device = next(encoder.head.parameters()).device
+            size = encoder.image_size
+            if size not in items_by_size:
+                items_by_size[size] = [make_episode_tensors(s, samples, size) for s in specs]
+            items = items_by_size[size]
+            if any("query_mask_abs" not in it for it in items):
+                raise FSCSError(f"{index.root}: evaluation needs query masks; episode query "
+                                f"{specs[0].query!r} has none (rebuild the shards with masks)")
+            query = torch.stack([it["query_img"] for it in items]).to(device)
+            support = torch.stack([it["support_img"] for it in items]).to(device)
+            feats = encoder.encode_episode(query, support)
+            masks = None
+            for j in members:
+                job = jobs[j]
+                if job.regime == "full" and masks is None:
+                    masks = torch.stack([it["support_mask"] for it in items]).to(device)
+                out = job.model.decode_episode(feats, masks if job.regime == "full" else None,
+                                               regime=job.regime)
+                _score(job, tracks[j], feats, out, specs, items, samples, ignore_boundary)
+    gathered = all_gather_objects([_payload(t) for t in tracks])
+    seconds = round(time.time() - t0, 2)
+    results = []
+    for j, job in enumerate(jobs):
+        parts = [g[j] for g in gathered]
+        records = np.concatenate([p["records"] for p in parts if len(p["records"])], axis=0)
+        metric = FSCSMetric.from_records(fold_classes, records)
+        prob = {i: v for p in parts for i, v in p["prob"].items()}
+        true = {i: v for p in parts for i, v in p["true"].items()}
+        order = sorted(prob)
+        result = {
+            "format": RESULT_FORMAT,
+            "dataset": index.dataset,
+            "fold": fold, "way": way, "shot": shot, "regime": job.regime, "role": role,
+            "episodes": episodes, "seed": seed,
+            "manifest_hash": manifest_hash(manifest),
+            "manifest": dict(manifest),
+            "ignore_boundary": ignore_boundary,
+            "metrics": metric.compute(),
+            "ci95": metric.bootstrap_ci(bootstrap, seed) if bootstrap else None,
+            "bootstrap": bootstrap,
+            "class_names": {str(c): index.class_names.get(c, str(c)) for c in fold_classes},
+            "presence": {"shape": [len(order), way],
+                         "prob": [round(float(x), 4) for i in order for x in prob[i]],
+                         "true": [int(x) for i in order for x in true[i]]},
+            "world_size": env.world_size,
+            "seconds": seconds,
+        }
+        if artifacts:
+            result["artifacts"] = {"records": metric.episode_records(),
+                                   "record_columns": metric.record_columns(),
+                                   "panels": _pick_panels(parts, n_first, n_worst)}
+        results.append(result)
+    return results
+
+
+def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs: Sequence[EpisodeSpec],
+           items: Sequence[dict[str, torch.Tensor]], samples: Mapping[str, Sample], ignore_boundary: bool
+           ) -> None:
+    """Metric update, presence probabilities and panel candidates of one decoded batch for one job."""
+    presence_p = out.cls_logits.float().softmax(-1)[..., 1]
+    pseudo: torch.Tensor | None = None
+    for j, spec in enumerate(specs):
+        it = items[j]
+        gt = it["query_mask_abs"]
+        logits = upsample_logits(out.mask_logits[j], tuple(gt.shape[-2:]))  # [N, 2, H, W] at original size
+        fg = logits.softmax(1)[:, 1]
+        best, arg = fg.max(0)
+        pred = torch.where(best >= 0.5, arg + 1, torch.zeros_like(arg)).cpu()
+        target = episodic_target(gt, spec.classes, ignore_boundary=ignore_boundary)
+        pred_presence = (presence_p[j] > 0.5).cpu()
+        track.metric.update(pred, target, list(spec.classes), pred_presence, it["presence"].bool(),
+                            episode_index=spec.index)
+        track.prob[spec.index] = presence_p[j].cpu().numpy().astype(np.float32)
+        track.true[spec.index] = it["presence"].numpy().astype(np.int8)
+        if job.predictions_dir is not None:
+            save_prediction(job.predictions_dir, spec, presence_p[j], pred_presence, pred)
+        iou = _episode_iou(pred, target)
+        if not track.wants(spec.index, iou):
+            continue
+        if pseudo is None:
+            presence = torch.stack([x["presence"] for x in items]).to(feats.corr.device)
+            pseudo = _query_pseudo(job.model, feats, job.regime, presence).cpu()
+        image = episode_panel(samples[spec.query].image, target.numpy(), ways_to_labels(pseudo[j]),
+                              pred.numpy())
+        track.add_panel(spec.index, iou, {
+            "index": spec.index, "iou": round(iou, 2), "query": spec.query, "classes": list(spec.classes),
+            "present": [int(x) for x in it["presence"].tolist()],
+            "pred_present": [int(x) for x in pred_presence.tolist()], "png": png_bytes(image)})
+
+
+
+def save_prediction(out_dir: Path, spec: EpisodeSpec, prob: torch.Tensor, decision: torch.Tensor,
+                    pred: torch.Tensor) -> None:
+    """episode_NNNNNN.json (manifest entry, presence probability and decision per way) + episode_NNNNNN.png
+    (label map at the original query size: 0 background, k = way k), so every metric can be recomputed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"episode_{spec.index:06d}"
+    Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(f"{stem}.png")
+    entry = {"episode": spec.to_dict(), "presence_prob": [round(float(x), 6) for x in prob.tolist()],
+             "presence": [bool(x) for x in decision.tolist()], "mask": f"{stem.name}.png",
+             "mask_values": "0 = background, k = k-th way (classes[k-1])"}
+    write_json_atomic(Path(f"{stem}.json"), entry)
+
+
+def _payload(track: _Track) -> dict[str, Any]:
+    """What one rank sends for one job: records, presence arrays, its panel candidates."""
+    return {"records": track.metric.episode_records(), "prob": track.prob, "true": track.true,
+            "panels": list(track.panels.values())}
+
+
+def _pick_panels(parts: Sequence[dict[str, Any]], first: int, worst: int) -> list[dict[str, Any]]:
+    """Panels of episodes 0..first-1 ("first") and the `worst` lowest-IoU other episodes ("worst")."""
+    cands = {p["index"]: p for part in parts for p in part["panels"]}
+    firsts = [dict(cands[i], kind="first") for i in sorted(cands) if i < first]
+    rest = sorted((p for i, p in cands.items() if i >= first), key=lambda p: (p["iou"], p["index"]))
+    return firsts + [dict(p, kind="worst") for p in rest[:worst]]
+
+
 def evaluate(
     model: FSCSModel,
     index: ShardIndex,
@@ -83,84 +381,92 @@ def evaluate(
     batch_size: int = 8,
     bootstrap: int = 1000,
     env: DistEnv | None = None,
+    panels: tuple[int, int] = (4, 4),
+    artifacts: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate one (fold, way, shot, regime) on `episodes` index-seeded episodes.
+    """Evaluate one (fold, way, shot, regime) on `episodes` index-seeded episodes (see evaluate_jobs).
 
-    Episodes are grouped into fixed batches of consecutive indices and rank r takes batches r, r + P, ...
-    (no padding, no duplicates), so every episode is computed in the same batch whatever P is; per-episode
-    records are gathered and every rank rebuilds the same metric from them: P = 1 and P = 2 agree bit for bit.
+    The result is JSON-ready (metrics, ci95, manifest, presence {"shape": [E, N], "prob", "true"} flat lists)
+    unless artifacts=True adds the per-episode records and episode panels (save those with write_result).
     """
-    env = env or DistEnv()
-    device = next(model.head.parameters()).device
-    sampler = EpisodeSampler(index, role, fold, way, shot, seed)
-    manifest = build_manifest(sampler, episodes)
-    my_batches = _batches(list(range(episodes)), batch_size)[env.rank :: env.world_size]
-    specs = {i: sampler.episode(i) for batch in my_batches for i in batch}
-    keys = {s.query for s in specs.values()} | {k for s in specs.values() for shots in s.support for k in shots}
-    samples = load_samples(index, keys, decode_masks=True)
-    fold_classes = sorted(index.fold_classes(role, fold))
-    metric = FSCSMetric(fold_classes)
-    size = model.image_size
-    t0 = time.time()
-    for batch in my_batches:
-        items = [make_episode_tensors(specs[i], samples, size) for i in batch]
-        query = torch.stack([it["query_img"] for it in items]).to(device)
-        support = torch.stack([it["support_img"] for it in items]).to(device)
-        masks = torch.stack([it["support_mask"] for it in items]).to(device) if regime == "full" else None
-        out = model.forward_episode(query, support, masks, regime=regime)
-        presence_p = out.cls_logits.float().softmax(-1)[..., 1]
-        for j, i in enumerate(batch):
-            it, spec = items[j], specs[i]
-            gt = it["query_mask_abs"]
-            logits = upsample_logits(out.mask_logits[j], tuple(gt.shape[-2:]))  # [N, 2, H, W] at original size
-            fg = logits.softmax(1)[:, 1]
-            best, arg = fg.max(0)
-            pred = torch.where(best >= 0.5, arg + 1, torch.zeros_like(arg)).cpu()
-            target = episodic_target(gt, spec.classes, ignore_boundary=ignore_boundary)
-            metric.update(pred, target, list(spec.classes), (presence_p[j] > 0.5).cpu(),
-                          it["presence"].bool(), episode_index=spec.index)
-    records = np.concatenate([r for r in all_gather_objects(metric.episode_records()) if len(r)], axis=0)
-    metric = FSCSMetric.from_records(fold_classes, records)
-    result = {
-        "format": "fscs-result/1",
-        "dataset": index.dataset,
-        "fold": fold, "way": way, "shot": shot, "regime": regime, "role": role,
-        "episodes": episodes, "seed": seed,
-        "manifest_hash": manifest_hash(manifest),
-        "manifest": manifest,
-        "ignore_boundary": ignore_boundary,
-        "metrics": metric.compute(),
-        "ci95": metric.bootstrap_ci(bootstrap, seed) if bootstrap else None,
-        "world_size": env.world_size,
-        "seconds": round(time.time() - t0, 2),
-    }
-    return result
+    return evaluate_jobs([EvalJob(model, regime)], index, fold=fold, way=way, shot=shot, episodes=episodes,
+                         seed=seed, role=role, ignore_boundary=ignore_boundary, batch_size=batch_size,
+                         bootstrap=bootstrap, env=env, panels=panels, artifacts=artifacts)[0]
 
 
-def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, regime: str | None = None) -> list[dict]:
-    """Evaluate a loaded run on every setting of cfg.bench; rank 0 writes one JSON per setting."""
+def write_result(result: dict[str, Any], path: Path, manifest_dir: Path | None = None) -> dict[str, Any]:
+    """Write an evaluation result as `path` (JSON) with its side files; returns the JSON written.
+
+    The manifest goes to `manifest_dir/<hash16>.json` (default: path's folder/manifests) and is referenced,
+    artifacts go next to the JSON: `<stem>.records.npz` (per-episode metric records) and
+    `<stem>.panels/*.png`; the JSON refers to them by paths relative to its own folder.
+    """
+    res = dict(result)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = res.pop("manifest", None)
+    art = res.pop("artifacts", None)
+    mdir = manifest_dir or path.parent / "manifests"
+    if manifest is not None:
+        mpath = mdir / f"{res['manifest_hash'][:16]}.json"
+        if not mpath.exists():
+            write_json_atomic(mpath, manifest)
+        res["manifest_file"] = os.path.relpath(mpath, path.parent)
+    if art is not None:
+        rec_path = path.with_name(path.stem + ".records.npz")
+        tmp = rec_path.with_name(rec_path.name + f".tmp-{os.getpid()}.npz")
+        np.savez_compressed(tmp, records=art["records"], columns=np.array(art["record_columns"]))
+        os.replace(tmp, rec_path)
+        res["records"] = {"file": rec_path.name, "columns": list(art["record_columns"])}
+        pdir = path.with_name(path.stem + ".panels")
+        listed = []
+        for p in art["panels"]:
+            name = f"{p['kind']}-{p['index']:06d}.png"
+            _write_bytes_atomic(pdir / name, p["png"])
+            listed.append({k: v for k, v in p.items() if k != "png"} | {"file": f"{pdir.name}/{name}"})
+        res["panels"] = listed
+    write_json_atomic(path, res)
+    return res
+
+
+def _device(env: DistEnv) -> torch.device:
+    return torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+
+
+def run_metadata(loaded: LoadedRun) -> dict[str, Any]:
+    """What a result records about the checkpoint it evaluated."""
+    return {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": loaded.checkpoint_sha256,
+            "backbone": loaded.model.backbone.identity, "run": loaded.cfg.name,
+            "train_regime": regime_label(loaded.cfg),
+            "gt_fraction": label_gt_fraction(regime_label(loaded.cfg)),
+            "train_fold": loaded.cfg.data.fold, "train_config": config_to_dict(loaded.cfg)}
+
+
+def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, regime: str | None = None,
+              save_predictions: Path | None = None) -> list[dict]:
+    """Evaluate a run on every setting of cfg.bench; rank 0 writes a JSON per setting (+ side files)."""
     index = read_index(cfg.data.shards)
     regime = regime or loaded.cfg.train.regime
+    loaded.model.to(_device(env))
     results = []
+    samples: dict[str, Sample] = {}
     for setting in cfg.bench.settings:
         way, shot = parse_setting(setting)
-        res = evaluate(
-            loaded.model, index, fold=cfg.data.fold, way=way, shot=shot, regime=regime,
+        res = evaluate_jobs(
+            [EvalJob(loaded.model, regime, loaded.cfg.name,
+                     None if save_predictions is None else Path(save_predictions) / setting)],
+            index, fold=cfg.data.fold, way=way, shot=shot,
             episodes=cfg.bench.episodes, seed=cfg.bench.seed, role=cfg.bench.role,
             ignore_boundary=cfg.bench.ignore_boundary, batch_size=cfg.bench.batch_size,
-            bootstrap=cfg.bench.bootstrap, env=env,
-        )
-        res.update(checkpoint=str(loaded.checkpoint), checkpoint_sha256=loaded.checkpoint_sha256,
-                   backbone=loaded.model.backbone.identity, run=loaded.cfg.name,
-                   train_config=config_to_dict(loaded.cfg), bench_config=config_to_dict(cfg.bench))
+            bootstrap=cfg.bench.bootstrap, env=env, samples=samples,
+        )[0]
+        res.update(run_metadata(loaded), bench_config=config_to_dict(cfg.bench))
         m = res["metrics"]
         logger.info("%s %s fold %d %s: ER %.1f mIoU %.1f FB-IoU %.1f (%d episodes)", loaded.cfg.name, regime,
                     cfg.data.fold, setting, m["er"], m["miou"], m["fbiou"], m["episodes"])
-        manifest = res.pop("manifest")
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(out_dir / "manifests" / f"{res['manifest_hash'][:16]}.json", manifest)
             path = out_dir / f"{loaded.cfg.name}_{regime}_fold{cfg.data.fold}_{setting}.json"
-            write_json_atomic(path, res)
+            res = write_result(res, path)
         results.append(res)
     return results

@@ -101,3 +101,31 @@ def test_bad_inputs_are_one_line_errors(tmp_path, shards):
         err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fscs ")]
         assert len(err_lines) == 1 and needle in err_lines[0], proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
+
+
+def test_saved_predictions_recompute_the_metrics(weak_run, shards, tmp_path):
+    """--save-predictions writes enough to recompute every metric from files alone."""
+    import numpy as np
+    from PIL import Image
+
+    from fscs.bench.metrics import FSCSMetric, episodic_target
+    from fscs.data.shards import load_samples, read_index
+
+    preds = tmp_path / "preds"
+    _fscs(["bench", "--run-dir", str(weak_run), "--out", str(tmp_path / "res"), "--save-predictions", str(preds),
+           "bench.settings=[2w1s]", "bench.episodes=12", "bench.bootstrap=0"], nproc=2)
+    result = json.loads(next((tmp_path / "res").glob("*_2w1s.json")).read_text())
+    entries = [json.loads(p.read_text()) for p in sorted((preds / "2w1s").glob("episode_*.json"))]
+    assert [e["episode"]["index"] for e in entries] == list(range(12))
+    index = read_index(shards)
+    samples = load_samples(index, {e["episode"]["query"] for e in entries})
+    metric = FSCSMetric(sorted(index.fold_classes("test", 0)))
+    for e in entries:
+        ep = e["episode"]
+        gt = samples[ep["query"]].mask
+        pred = np.array(Image.open(preds / "2w1s" / e["mask"]))
+        assert pred.shape == gt.shape
+        true = [int(c in set(np.unique(gt).tolist())) for c in ep["classes"]]
+        metric.update(pred, episodic_target(gt, ep["classes"]), ep["classes"], np.array(e["presence"]),
+                      np.array(true, dtype=bool), episode_index=ep["index"])
+    assert json.loads(json.dumps(metric.compute())) == result["metrics"]
