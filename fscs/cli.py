@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return (getattr(args, "handler", None) or handlers[args.command])(args)
     except FSCSError as exc:
         print(f"fscs {args.command}: error: {exc}", file=sys.stderr)
-        if os.environ.get("WORLD_SIZE", "1") != "1":
-            sys.stderr.flush()
+        if os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get("FSCS_IN_PROCESS") != "1":
+            sys.stderr.flush()  # other ranks may wait in a collective: leave now (a submitit task returns instead)
             os._exit(2)
         return 2
 

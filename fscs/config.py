@@ -15,9 +15,11 @@ from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
 
-REGIMES = ("weak", "full")
+REGIMES = ("weak", "full", "mixed")
 PRECISIONS = ("fp32", "bf16")
-ENGINES = ("ddp",)
+ENGINES = ("ddp", "deepspeed")
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -55,6 +57,8 @@ class ModelConfig:
     """Pseudo-mask rule of fscs.model.distill (reference = the CST rule)."""
     mask_threshold: float = 0.4
     """Threshold of the reference rule on (cos + 1) / 2."""
+    enhancer_channels: int = 128
+    """Width of the mixed regime's pseudo-mask enhancer (conv h->C->C->1, 3x3; see docs/mixed.md)."""
 
 
 @dataclass
@@ -62,7 +66,12 @@ class TrainConfig:
     """Optimisation and logging of the head."""
 
     regime: str = "weak"
-    """weak (image-level labels, pseudo-masks) or full (ground-truth masks)."""
+    """weak (image-level labels, pseudo-masks), full (ground-truth masks) or mixed (weak + GT masks for
+    train.gt_fraction of the training images, learned enhancer for the rest)."""
+    gt_fraction: float = 0.0
+    """mixed only: share of training images whose GT mask is used, chosen by hash of (train.seed, key)."""
+    enhancer_weight: float = 1.0
+    """mixed only: weight of the enhancer loss (BCE + Dice on GT images) added to the head loss."""
     epochs: int = 4
     steps_per_epoch: int = 50
     """Fixed on every rank, so no rank waits at an epoch end."""
@@ -74,11 +83,33 @@ class TrainConfig:
     loss_ignore_boundary: bool = False
     """False = boundary pixels (255) count as background in the loss, as in the reference."""
     precision: str = "fp32"
-    """fp32 or bf16 (autocast)."""
+    """fp32 or bf16 (autocast with ddp; DeepSpeed's bf16 mode with deepspeed). Never fp16."""
     engine: str = "ddp"
+    """ddp (torch DistributedDataParallel) or deepspeed; either wraps the head only (backbone frozen outside)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1 or 2 (engine=deepspeed only)."""
+    grad_accum: int = 1
+    """Micro-batches of data.batch_size per optimizer step (the engine owns the accumulation); one optimizer
+    step = one train step, so an epoch reads steps_per_epoch * grad_accum batches per rank."""
+    schedule: str = "constant"
+    """Learning-rate schedule over all optimizer steps: constant or cosine (to 0), after warmup_steps."""
+    warmup_steps: int = 0
+    """Linear warm-up optimizer steps (0 = none)."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK when CUDA is visible, else cpu), cpu, or cuda (error when no GPU is visible)."""
     seed: int = 0
     log_every: int = 10
-    """Steps between TensorBoard scalar writes."""
+    """Steps between TensorBoard scalar writes and train_log.jsonl lines."""
+    save_every: int = 0
+    """Also checkpoint every N optimizer steps (0 = only at epoch ends and on SIGUSR1/SIGTERM/SIGUSR2)."""
+    keep_checkpoints: int = 2
+    """Resumable checkpoints kept under RUN/state (the newest ones; at least 1)."""
+    stop_after_steps: int = 0
+    """Checkpoint and stop once this many optimizer steps are done in total (0 = run all epochs); a later
+    run resumes from there (time-boxed jobs, resume tests)."""
+    val_episodes: int = 0
+    """Model selection: select-role episodes (training classes' held-out images, never the test fold)
+    evaluated after every epoch; the best epoch is kept as best.pt (0 = off)."""
 
 
 @dataclass
@@ -142,6 +173,9 @@ def _validate(cfg: RunConfig) -> None:
         ("train.precision", cfg.train.precision, PRECISIONS),
         ("train.engine", cfg.train.engine, ENGINES),
         ("train.optimizer", cfg.train.optimizer, OPTIMIZERS),
+        ("train.device", cfg.train.device, DEVICES),
+        ("train.schedule", cfg.train.schedule, SCHEDULES),
+        ("train.zero_stage", str(cfg.train.zero_stage), ("0", "1", "2")),
         ("bench.role", cfg.bench.role, ("test", "select")),
     ]
     for key, value, allowed in checks:
@@ -151,6 +185,27 @@ def _validate(cfg: RunConfig) -> None:
         parse_setting(s)
     if cfg.data.way < 1 or cfg.data.shot < 1:
         raise FSCSError("config keys 'data.way' and 'data.shot' must be >= 1")
+    t = cfg.train
+    for key, value in (("grad_accum", t.grad_accum), ("steps_per_epoch", t.steps_per_epoch),
+                       ("keep_checkpoints", t.keep_checkpoints), ("log_every", t.log_every)):
+        if value < 1:
+            raise FSCSError(f"config key 'train.{key}' is {value}; it must be >= 1")
+    for key, value in (("save_every", t.save_every), ("stop_after_steps", t.stop_after_steps),
+                       ("val_episodes", t.val_episodes), ("warmup_steps", t.warmup_steps)):
+        if value < 0:
+            raise FSCSError(f"config key 'train.{key}' is {value}; it must be >= 0 (0 = off)")
+    if t.zero_stage and t.engine != "deepspeed":
+        raise FSCSError(f"config key 'train.zero_stage' is {t.zero_stage} but train.engine is '{t.engine}'; "
+                        "set train.engine=deepspeed or train.zero_stage=0")
+    if cfg.train.regime == "mixed" and not 0.0 < cfg.train.gt_fraction <= 1.0:
+        raise FSCSError(f"config key 'train.gt_fraction' is {cfg.train.gt_fraction}; train.regime=mixed "
+                        "needs 0 < gt_fraction <= 1 (e.g. train.gt_fraction=0.05)")
+    if cfg.train.regime != "mixed" and cfg.train.gt_fraction != 0.0:
+        raise FSCSError(f"config key 'train.gt_fraction' is {cfg.train.gt_fraction} but train.regime is "
+                        f"'{cfg.train.regime}'; set train.regime=mixed or drop train.gt_fraction")
+    if cfg.model.enhancer_channels < 1 or cfg.train.enhancer_weight < 0:
+        raise FSCSError("config keys 'model.enhancer_channels' (>= 1) and 'train.enhancer_weight' (>= 0) "
+                        "are invalid")
 
 
 def parse_setting(setting: str) -> tuple[int, int]:

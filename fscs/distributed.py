@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Mapping, NoReturn
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -87,8 +87,25 @@ def init(env: DistEnv, backend: str | None = None) -> None:
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+    store = _restart_store(env)
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, store=store)
     logger.info("process group up: rank %d/%d (%s, %s)", env.rank, env.world_size, backend, env.source)
+
+
+def _restart_store(env: DistEnv) -> "dist.Store | None":
+    """Under torchrun restarts (--max-restarts), a store whose keys are private to this attempt.
+
+    torchrun --standalone keeps one agent store at the same MASTER_PORT across restarts, so a restarted
+    group would read the dead workers' gloo addresses; the attempt prefix keeps each attempt apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                           is_master=False, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"fscs/attempt_{attempt}", client)
 
 
 def barrier() -> None:
@@ -112,19 +129,28 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
-def finish(code: int = 0) -> NoReturn:
+IN_PROCESS_ENV = "FSCS_IN_PROCESS"
+"""Set to 1 by launchers that call an entry point inside their own process (submitit tasks): finish() then
+returns instead of ending the process, so the launcher can hand back a result."""
+
+
+def finish(code: int = 0, hard_exit: bool | None = None) -> None:
     """End a distributed entry point: barrier, destroy the group, flush, hard exit.
 
     gloo can abort during interpreter teardown after the work is done; leaving with os._exit
-    after an explicit barrier avoids that without losing output.
+    after an explicit barrier avoids that without losing output. hard_exit=False (default: unless
+    $FSCS_IN_PROCESS is 1) stops after destroying the group and returns to the caller instead.
     """
+    if hard_exit is None:
+        hard_exit = os.environ.get(IN_PROCESS_ENV) != "1"
     try:
         if dist.is_available() and dist.is_initialized():
             if code == 0:
                 dist.barrier()
             dist.destroy_process_group()
     finally:
-        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(code)
+        if hard_exit:
+            logging.shutdown()
+            os._exit(code)

@@ -1,4 +1,4 @@
-"""Trainer: build the model, stream episodes, train the head, log, checkpoint atomically and resume."""
+"""Trainer: stream episodes, train the head, checkpoint atomically, select the best epoch, resume exactly."""
 from __future__ import annotations
 
 import json
@@ -16,14 +16,24 @@ from fscs.config import RunConfig, config_to_dict, save_config
 from fscs.data.episodes import TrainEpisodeStream, make_train_loader
 from fscs.data.shards import read_index
 from fscs.distributed import DistEnv
-from fscs.engine.ddp import DDPEngine
+from fscs.engine import build_engine
+from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, capture_rng, check_resume,
+                                    load_state, restore_rng, rng_file, write_atomic)
 from fscs.errors import FSCSError
 from fscs.losses import fscs_loss
 from fscs.model.fscs_model import FSCSModel
+from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+"""The head of the newest save (what `fscs bench` loads when the run has no best.pt)."""
+BEST = "best.pt"
+"""The head of the epoch with the best model-selection score (train.val_episodes > 0)."""
+SUMMARY = "train_summary.json"
+TRAIN_LOG = "train_log.jsonl"
+EXPORT_FORMAT = "fscs-checkpoint/1"
+STATE_FORMAT = "fscs-train-state/1"
 
 
 def seed_all(seed: int) -> None:
@@ -32,33 +42,57 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    """train.device -> a torch device; asking for a GPU on a machine without one is a one-line error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FSCSError("config key 'train.device' is 'cuda' but this machine has no usable CUDA GPU "
+                        "(torch.cuda.is_available() is False); set train.device=cpu (or auto), or run on a "
+                        "GPU node")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if env.local_rank >= torch.cuda.device_count():
+        raise FSCSError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                        "start at most one process per GPU (torchrun --nproc_per_node, --gpus-per-node)")
+    return torch.device(f"cuda:{env.local_rank}")
+
+
 def build_model(cfg: RunConfig) -> FSCSModel:
     """The model a config describes (backbone weights from cfg.model.weights; fresh head)."""
+    extra: dict[str, Any] = {}
+    if cfg.train.regime == "mixed":  # the mixed regime's enhancer lives in the head (trained + saved with it)
+        extra = {"enhancer": True, "enhancer_channels": cfg.model.enhancer_channels}
     return FSCSModel.build(
         backbone=cfg.model.backbone,
         weights=cfg.model.weights,
         image_size=cfg.model.image_size,
         mask_rule=cfg.model.mask_rule,
         mask_threshold=cfg.model.mask_threshold,
+        **extra,
     )
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write a checkpoint atomically: a killed save leaves the previous file intact."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(Path(path), state)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by save_checkpoint (tensors and plain data only: weights_only)."""
+    """A checkpoint written by save_checkpoint (tensors and plain data only: weights_only, no code runs)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise FSCSError(f"checkpoint '{path}' is unreadable ({type(exc).__name__}); delete it or pick another run") from None
+        raise FSCSError(f"checkpoint '{path}' is unreadable or unsafe ({type(exc).__name__}); delete it or "
+                        "pick another run") from None
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The head file `fscs bench` uses: `checkpoint` (a path, or a name inside run_dir) when given, else the
+    model-selection winner best.pt when training wrote one, else the newest checkpoint.pt."""
+    run = Path(run_dir)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        return path if path.is_file() or path.is_absolute() else run / path
+    return run / BEST if (run / BEST).is_file() else run / CHECKPOINT
 
 
 def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
@@ -73,78 +107,201 @@ def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
 
 
 class Trainer:
-    """Trains the CST head of one run directory; resumes from its checkpoint when one exists."""
+    """Trains the CST head of one run directory; resumes exactly from its newest checkpoint when one exists.
+
+    One train step = one optimizer step = train.grad_accum micro-batches of data.batch_size episodes per rank.
+    Data position: the stream of epoch e is a deterministic function of (seed, e, rank, worker), so a
+    checkpoint stores (epoch, steps done in it) and a resumed run replays that epoch's loader and skips the
+    batches already trained on (no model compute), then restores every rank's RNG states: the continuation is
+    bitwise the uninterrupted run on CPU (same world size, workers and config).
+    """
 
     def __init__(self, cfg: RunConfig, env: DistEnv):
         self.cfg = cfg
         self.env = env
         self.run_dir = cfg.run_dir
-        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(cfg.train.device, env)
         seed_all(cfg.train.seed)
         self.index = read_index(cfg.data.shards)
         self.model = build_model(cfg).to(self.device)
-        self.engine = DDPEngine(self.model.head, cfg.train, env, self.device)
+        self.engine = build_engine(self.model.head, cfg, env, self.device)
         self.use_masks = cfg.train.regime == "full"
+        self.store = CheckpointStore(self.run_dir, env, cfg.train.keep_checkpoints)
         self.epoch = 0
         self.step = 0
+        self.step_in_epoch = 0
+        self.sums: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.selection: dict[str, Any] | None = None
+        self.resumed_from: int | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._saved_step = -1
         self.writer = None
 
     def _loader(self):
-        """Fixed steps per epoch on every rank; episode randomness from (seed, epoch, rank, worker)."""
+        """Fixed batches per epoch and rank; episode randomness from (seed, epoch, rank, worker)."""
         d = self.cfg.data
+        extra = {"gt_fraction": self.cfg.train.gt_fraction} if self.cfg.train.regime == "mixed" else {}
         stream = TrainEpisodeStream(
             d.shards, fold=d.fold, way=d.way, shot=d.shot, image_size=self.cfg.model.image_size,
             seed=self.cfg.train.seed, use_masks=self.use_masks,
-            rank=self.env.rank, world_size=self.env.world_size, buffer_per_class=d.buffer_per_class,
+            rank=self.env.rank, world_size=self.env.world_size, buffer_per_class=d.buffer_per_class, **extra,
         )
-        return make_train_loader(stream, d.batch_size, d.num_workers, self.cfg.train.steps_per_epoch)
+        batches = self.cfg.train.steps_per_epoch * self.engine.grad_accum
+        loader = make_train_loader(stream, d.batch_size, d.num_workers, batches)
+        for part in getattr(loader, "pipeline", []):  # the torch DataLoader inside the WebLoader
+            if isinstance(part, torch.utils.data.DataLoader) and part.num_workers and not part.worker_init_fn:
+                part.worker_init_fn = ignore_in_worker
+        return loader
 
+    # ------------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
-        path = self.run_dir / CHECKPOINT
-        if not path.exists():
+        """Every rank: load the published checkpoint (engine state, counters, data position, RNG states)."""
+        path = self.store.latest()
+        if path is None:
+            if (self.run_dir / CHECKPOINT).is_file():
+                logger.warning("%s has %s but no resumable state/ folder: training from scratch",
+                               self.run_dir, CHECKPOINT)
             return
-        state = load_checkpoint(path)
+        state = load_state(path / TRAINER_FILE)
         check_backbone_identity(state["backbone"], self.model, path)
-        self.engine.load_state_dict(state["engine"])
-        self.epoch, self.step = state["epoch"], state["step"]
-        logger.info("resumed %s at epoch %d, step %d", path, self.epoch, self.step)
+        for warning in check_resume(state, config_to_dict(self.cfg), dataset=self.index.dataset,
+                                    world_size=self.env.world_size, where=path):
+            logger.warning("resuming %s: %s; the result will differ from an uninterrupted run", path, warning)
+        self.engine.load(path / ENGINE_DIR)
+        rng = path / rng_file(self.env.rank)
+        self._pending_rng = load_state(rng) if rng.is_file() else None
+        self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
+        self.sums, self.history = dict(state["sums"]), list(state["history"])
+        self.selection = state["selection"]
+        self.resumed_from = self._saved_step = self.step
+        if self.env.is_main:
+            self._truncate_log()
+            logger.info("resumed %s at epoch %d, step %d (%d of the epoch done)", path, self.epoch, self.step,
+                        self.step_in_epoch)
+
+    def _apply_pending_rng(self) -> None:
+        if self._pending_rng is not None:
+            restore_rng(self._pending_rng)
+            self._pending_rng = None
+
+    def _export(self, head: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The head file bench/predict load (checkpoint.pt, best.pt): no optimizer, no backbone weights."""
+        return {"format": EXPORT_FORMAT, "engine": {"head": head}, "epoch": self.epoch, "step": self.step,
+                "config": config_to_dict(self.cfg), "backbone": self.model.backbone.identity,
+                "dataset": self.index.dataset, "selection": self.selection}
 
     def _save(self) -> None:
-        if not self.env.is_main:
+        """Every rank: write a resumable checkpoint of this step boundary and publish it atomically."""
+        if self._saved_step == self.step:
             return
-        state = {
-            "engine": self.engine.state_dict(),
-            "epoch": self.epoch,
-            "step": self.step,
-            "config": config_to_dict(self.cfg),
-            "backbone": self.model.backbone.identity,
-            "format": "fscs-checkpoint/1",
-        }
-        save_checkpoint(self.run_dir / CHECKPOINT, state)
+        path = self.store.begin(self.step)
+        self.engine.save(path / ENGINE_DIR)
+        write_atomic(path / rng_file(self.env.rank), capture_rng())
+        head = self.engine.head_state_dict()
+        if self.env.is_main:
+            write_atomic(path / TRAINER_FILE, {
+                "format": STATE_FORMAT, "epoch": self.epoch, "step": self.step,
+                "step_in_epoch": self.step_in_epoch, "sums": self.sums, "history": self.history,
+                "selection": self.selection,
+                "config": config_to_dict(self.cfg), "backbone": self.model.backbone.identity,
+                "dataset": self.index.dataset, "world_size": self.env.world_size, "engine": self.engine.name})
+        self.store.publish(path)
+        if self.env.is_main:
+            save_checkpoint(self.run_dir / CHECKPOINT, self._export(head))
+        self._saved_step = self.step
+        logger.debug("checkpoint %s published", path)
 
+    # ------------------------------------------------------------------ logging and model selection
+    def _truncate_log(self) -> None:
+        """Drop train_log.jsonl lines of steps after the resumed checkpoint (they will be trained again)."""
+        log = self.run_dir / TRAIN_LOG
+        if log.is_file():
+            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
+            log.write_text("".join(ln + "\n" for ln in keep))
+
+    def _log(self, parts: dict[str, float]) -> None:
+        if not self.env.is_main or self.step % self.cfg.train.log_every:
+            return
+        if self.writer:
+            for k, v in parts.items():
+                self.writer.add_scalar(f"train/{k}", v, self.step)
+        with open(self.run_dir / TRAIN_LOG, "a") as fh:
+            record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(), **parts}
+            fh.write(json.dumps(record) + "\n")
+
+    def _select(self) -> None:
+        """Model selection after an epoch: select-role episodes of the training classes (never the test
+        fold), on every rank; the best epoch's head becomes best.pt."""
+        n = self.cfg.train.val_episodes
+        if not n:
+            return
+        from fscs.bench.runner import evaluate
+
+        d, b = self.cfg.data, self.cfg.bench
+        self.engine.train(False)
+        try:
+            with self.engine.autocast():
+                res = evaluate(self.model, self.index, fold=d.fold, way=d.way, shot=d.shot,
+                               regime=self.cfg.train.regime, episodes=n, seed=self.cfg.train.seed,
+                               role="select", ignore_boundary=b.ignore_boundary, batch_size=b.batch_size,
+                               bootstrap=0, env=self.env)
+        finally:
+            self.engine.train(True)
+        m = res["metrics"]
+        sel = self.selection or {"criterion": "select mIoU", "role": "select",
+                                 "setting": f"{d.way}w{d.shot}s", "episodes": n,
+                                 "manifest_hash": res["manifest_hash"], "checkpoint": BEST,
+                                 "value": None, "epoch": None, "step": None, "history": []}
+        sel["history"].append({"epoch": self.epoch, "step": self.step, "miou": m["miou"], "er": m["er"],
+                               "fbiou": m["fbiou"]})
+        improved = sel["value"] is None or m["miou"] > sel["value"]
+        if improved:
+            sel.update(value=m["miou"], epoch=self.epoch, step=self.step)
+        self.selection = sel
+        logger.info("model selection after epoch %d: select mIoU %.2f (best %.2f at epoch %d)", self.epoch,
+                    m["miou"], sel["value"], sel["epoch"])
+        if improved:
+            head = self.engine.head_state_dict()  # every rank (collective for DeepSpeed)
+            if self.env.is_main:
+                save_checkpoint(self.run_dir / BEST, self._export(head))
+
+    # ------------------------------------------------------------------ the loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step on a batch of episodes; returns the loss terms."""
+        from fscs.model.enhancer import mixed_step_loss
+
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         presence = batch["presence"]
+        regime = self.cfg.train.regime
+        pixel_keys = sorted({"support_mask", "query_target", "support_has_gt", "query_has_gt"} & batch.keys())
+        if regime == "weak" and pixel_keys:
+            raise FSCSError(f"train.regime=weak got pixel labels {pixel_keys} in its batch; the weak regime "
+                            "uses image-level labels only (build the stream with use_masks=False, gt_fraction=0)")
         with self.engine.autocast():
-            out = self.model.forward_episode(
-                batch["query_img"], batch["support_img"],
-                support_masks=batch.get("support_mask") if self.use_masks else None,
-                regime=self.cfg.train.regime, query_presence=presence, head=self.engine.module,
-            )
-            if self.use_masks:
-                target = batch["query_target"]
-                if not self.cfg.train.loss_ignore_boundary:
-                    target = torch.where(target == 255, torch.zeros_like(target), target)
+            if regime == "mixed":
+                loss, parts = mixed_step_loss(self.model, batch, self.cfg.train, head=self.engine.module)
             else:
-                target = out.pseudo_query.long()  # type: ignore[union-attr]
-            loss, parts = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
-                                    cls_weight=self.cfg.train.cls_weight)
+                out = self.model.forward_episode(
+                    batch["query_img"], batch["support_img"],
+                    support_masks=batch.get("support_mask") if self.use_masks else None,
+                    regime=regime, query_presence=presence, head=self.engine.module,
+                )
+                if self.use_masks:
+                    target = batch["query_target"]
+                    if not self.cfg.train.loss_ignore_boundary:
+                        target = torch.where(target == 255, torch.zeros_like(target), target)
+                else:
+                    target = out.pseudo_query.long()  # type: ignore[union-attr]
+                loss, parts = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
+                                        cls_weight=self.cfg.train.cls_weight)
         self.engine.step(loss)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 
     def fit(self) -> dict[str, Any]:
-        """Train for cfg.train.epochs epochs of cfg.train.steps_per_epoch steps on every rank."""
+        """Train for cfg.train.epochs epochs of cfg.train.steps_per_epoch steps on every rank (or until a
+        stop request / train.stop_after_steps); returns the summary (also written as train_summary.json)."""
         from tqdm import tqdm
 
         if self.env.is_main:
@@ -154,37 +311,110 @@ class Trainer:
 
             self.writer = SummaryWriter(str(self.run_dir / "tb"))
         self._resume()
-        t0, history = time.time(), []
+        t0 = time.time()
         total = self.cfg.train.epochs * self.cfg.train.steps_per_epoch
-        loader = self._loader()
-        bar = tqdm(total=total, initial=self.step, disable=not self.env.is_main, desc=f"train {self.cfg.name}")
-        while self.epoch < self.cfg.train.epochs:
+        with CheckpointRequests() as requests:  # installed before the loader forks its workers
+            loader = self._loader()
+            bar = tqdm(total=total, initial=self.step, disable=not self.env.is_main,
+                       desc=f"train {self.cfg.name}")
+            try:
+                status, decision = self._run(loader, requests, bar)
+            except Exception as exc:  # noqa: BLE001
+                if not requests.stop_signum:
+                    raise
+                decision = Decision(stop=True, signum=requests.stop_signum)
+                logger.warning("%s arrived and the step in progress failed (%s: %s); stopping without a new "
+                               "checkpoint: the run resumes from its last one", decision.signal_name,
+                               type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                status = "interrupted"
+            finally:
+                bar.close()
+        return self._finish(status, decision, time.time() - t0)
+
+    def _epoch_batches(self, loader) -> Any:
+        """This epoch's batch iterator, fast-forwarded past the batches a resumed checkpoint trained on."""
+        loader.set_epoch(self.epoch)
+        skip = self.step_in_epoch * self.engine.grad_accum
+        if skip == 0:
+            self._apply_pending_rng()  # the uninterrupted run drew the loader's seed after this state, too
+        it = iter(loader)
+        for done in range(skip):
+            if next(it, None) is None:
+                raise FSCSError(f"the data stream of epoch {self.epoch} ended after {done} of the {skip} "
+                                "batches the checkpoint trained on; resume with the same data.* settings")
+        if skip:
+            logger.info("data position restored: epoch %d, skipped %d batches", self.epoch, skip)
+        self._apply_pending_rng()
+        return it
+
+    def _run(self, loader, requests: CheckpointRequests, bar) -> tuple[str, Decision]:
+        t = self.cfg.train
+        decision = Decision()
+        while self.epoch < t.epochs:
+            if t.stop_after_steps and self.step >= t.stop_after_steps:
+                return "stopped", decision
             self.engine.train(True)
-            sums: dict[str, float] = {}
-            n = 0
-            loader.set_epoch(self.epoch)
-            for n, batch in enumerate(loader, start=1):
-                parts = self.train_step(batch)
+            micro: dict[str, float] = {}
+            count = 0
+            for batch in self._epoch_batches(loader):
+                for k, v in self.train_step(batch).items():
+                    micro[k] = micro.get(k, 0.0) + v
+                count += 1
+                if not self.engine.stepped:
+                    continue
+                parts = {k: v / count for k, v in micro.items()}
+                micro, count = {}, 0
                 self.step += 1
+                self.step_in_epoch += 1
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    self.sums[k] = self.sums.get(k, 0.0) + v
+                self._log(parts)
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", epoch=self.epoch)
-                if self.writer and self.step % self.cfg.train.log_every == 0:
-                    for k, v in parts.items():
-                        self.writer.add_scalar(f"train/{k}", v, self.step)
-            self.epoch += 1
-            means = {k: v / max(n, 1) for k, v in sums.items()}
-            history.append({"epoch": self.epoch, "step": self.step, **means})
-            if self.env.is_main:
-                logger.info("epoch %d done: %s", self.epoch, ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
-            self._save()
-        bar.close()
-        summary = {"run_dir": str(self.run_dir), "steps": self.step, "epochs": self.epoch,
-                   "seconds": round(time.time() - t0, 1), "history": history,
-                   "world_size": self.env.world_size}
+                decision = requests.poll(self.device)  # collective: every rank acts on any rank's request
+                if decision.signum:
+                    logger.warning("%s received: checkpoint at step %d, then stop", decision.signal_name,
+                                   self.step)
+                elif decision.save:
+                    logger.info("checkpoint requested (SIGUSR1): saving at step %d", self.step)
+                if self.step_in_epoch >= t.steps_per_epoch:
+                    break
+                stop = decision.stop or bool(t.stop_after_steps and self.step >= t.stop_after_steps)
+                if decision.save or stop or (t.save_every and self.step % t.save_every == 0):
+                    self._save()
+                if stop:
+                    return ("interrupted" if decision.stop else "stopped"), decision
+            self._end_epoch()
+            if decision.stop:
+                return "interrupted", decision
+        return "completed", decision
+
+    def _end_epoch(self) -> None:
+        n = self.step_in_epoch
+        if n < self.cfg.train.steps_per_epoch:
+            logger.warning("epoch %d ended after %d of %d steps (the loader ran dry)", self.epoch, n,
+                           self.cfg.train.steps_per_epoch)
+        self.epoch += 1
+        self.step_in_epoch = 0
+        means = {k: v / max(n, 1) for k, v in self.sums.items()}
+        self.sums = {}
+        self.history.append({"epoch": self.epoch, "step": self.step, **means})
         if self.env.is_main:
-            (self.run_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+            logger.info("epoch %d done: %s", self.epoch, ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
+        self._select()
+        self._save()
+
+    def _finish(self, status: str, decision: Decision, seconds: float) -> dict[str, Any]:
+        summary = {"run_dir": str(self.run_dir), "status": status, "steps": self.step, "epochs": self.epoch,
+                   "seconds": round(seconds, 1), "history": self.history, "world_size": self.env.world_size,
+                   "engine": self.engine.name, "resumed_from": self.resumed_from, "selection": self.selection,
+                   "checkpoint": str(resolve_checkpoint(self.run_dir)), "signal": decision.signal_name,
+                   "exit_code": 128 + decision.signum if status == "interrupted" else 0}
+        if self.env.is_main:
+            tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / SUMMARY)
             if self.writer:
                 self.writer.close()
+        logger.info("training %s at step %d (%s)", status, self.step, self.run_dir)
         return summary

@@ -7,7 +7,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
 
 from fscs.data.shards import CorruptShardLog, ShardIndex, ShardReadError, decode_sample, read_index
 from fscs.data.transforms import resize_mask, to_tensor_image
@@ -68,10 +69,23 @@ def _images_per_class(entries: Sequence[tuple[str, int]], classes: Sequence[int]
     return {c: sorted(keys) for c, keys in images.items()}
 
 
-class EpisodeSampler:
-    """Evaluation episodes per protocol.md: episode i depends only on (seed, i) and the role's lists."""
+QUERY_MODES = ("entry", "class")
 
-    def __init__(self, index: ShardIndex, role: str, fold: int, way: int, shot: int, seed: int) -> None:
+
+class EpisodeSampler:
+    """Evaluation episodes per protocol.md: episode i depends only on (seed, i) and the role's lists.
+
+    `query_mode` (default: index.json params["query_mode"], else "entry"): "entry" = the query of episode i is
+    entry i mod len (PASCAL-5i); "class" = a class uniformly from the role's classes, then an image uniformly
+    among that class's images (COCO-20i).
+    """
+
+    def __init__(self, index: ShardIndex, role: str, fold: int, way: int, shot: int, seed: int,
+                 query_mode: str | None = None) -> None:
+        self.query_mode = str(query_mode or index.params.get("query_mode", "entry"))
+        if self.query_mode not in QUERY_MODES:
+            raise FSCSError(f"{index.root}/index.json: query_mode {self.query_mode!r} is not one of "
+                            f"{QUERY_MODES}; rebuild the shards with this version of fscs")
         if role not in ("test", "select"):
             raise FSCSError(f"episode role {role!r}: use 'test' (test fold) or 'select' (model selection)")
         self.index, self.role, self.fold, self.way, self.shot, self.seed = index, role, fold, way, shot, seed
@@ -85,9 +99,15 @@ class EpisodeSampler:
         self.images_of = _images_per_class(self.entries, self.classes, shot, where)
 
     def episode(self, i: int) -> EpisodeSpec:
-        """Episode `i`: query = entry i mod len; N classes by the 0.5 rule; K supports each, not the query."""
+        """Episode `i`: query (by entry or by class, see `query_mode`); N classes by the 0.5 rule; K supports
+        each, never the query."""
         rng = np.random.default_rng([self.seed, i])
-        query, query_class = self.entries[i % len(self.entries)]
+        if self.query_mode == "class":
+            query_class = self.classes[int(rng.integers(len(self.classes)))]
+            pool = self.images_of[query_class]
+            query = pool[int(rng.integers(len(pool)))]
+        else:
+            query, query_class = self.entries[i % len(self.entries)]
         picks = rng.choice(len(self.classes), size=self.way, replace=False,
                            p=support_class_probs(self.classes, query_class))
         classes = tuple(int(self.classes[j]) for j in picks)
@@ -101,7 +121,7 @@ class EpisodeSampler:
 def build_manifest(sampler: EpisodeSampler, count: int) -> dict[str, Any]:
     """Frozen manifest of episodes 0..count-1 with the settings that produced them."""
     return {"dataset": sampler.index.dataset, "role": sampler.role, "fold": sampler.fold, "way": sampler.way,
-            "shot": sampler.shot, "seed": sampler.seed, "count": count,
+            "shot": sampler.shot, "seed": sampler.seed, "count": count, "query_mode": sampler.query_mode,
             "episodes": [sampler.episode(i).to_dict() for i in range(count)]}
 
 
@@ -197,18 +217,64 @@ def _without_masks(fname: str) -> bool:
     return not fname.endswith(".mask.png")
 
 
+def gt_subset_member(key: str, seed: int, fraction: float) -> bool:
+    """Whether training image `key` has its ground-truth mask in the mixed regime.
+
+    u = first 8 bytes of sha256("fscs-gt/<seed>/<key>") / 2**64 is uniform in [0, 1); the image is in the
+    subset iff u < fraction. Depends only on (seed, key): the same on every rank, worker and epoch, and
+    nested across fractions (the 5 % subset lies inside the 20 % subset of the same seed).
+    """
+    digest = hashlib.sha256(f"fscs-gt/{int(seed)}/{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+def gt_subset(keys: Iterable[str], seed: int, fraction: float) -> set[str]:
+    """The keys of `keys` whose ground-truth masks the mixed regime may use (see gt_subset_member)."""
+    return {k for k in keys if gt_subset_member(k, seed, fraction)}
+
+
+class _SubsetMasks:
+    """tar member filter: every file except the mask.png of images outside the GT subset (never read)."""
+
+    def __init__(self, subset: set[str]) -> None:
+        self.subset = subset
+
+    def __call__(self, fname: str) -> bool:
+        if not fname.endswith(".mask.png"):
+            return True
+        key, _ = base_plus_ext(fname)
+        return key in self.subset
+
+
+def _partial_support_masks(rows: Sequence[Sequence[Sample]], classes: Sequence[int], size: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K, size, size] way-class masks (zeros where a support has no mask) and bool has_gt [N, K]."""
+    masks = torch.zeros(len(rows), len(rows[0]), size, size)
+    has_gt = torch.zeros(len(rows), len(rows[0]), dtype=torch.bool)
+    for i, (c, row) in enumerate(zip(classes, rows)):
+        for j, s in enumerate(row):
+            if s.mask is not None:
+                masks[i, j] = (resize_mask(s.mask, size) == c).float()
+                has_gt[i, j] = True
+    return masks, has_gt
+
+
 class TrainEpisodeStream(IterableDataset):
     """Infinite training episodes from the trn shards of `shard_dir` for test fold `fold` (webdataset).
 
     Yields dicts: query_img [3,S,S], support_img [N,K,3,S,S], presence [N] float, classes [N] int64, and only
     if use_masks: support_mask [N,K,S,S] float {0,1}, query_target [N,S,S] int64 (1 = way class, 0, 255 band).
+    Mixed regime (use_masks=False, 0 < gt_fraction <= 1): only the mask.png files of the GT subset
+    (gt_subset_member(key, gt_seed, gt_fraction)) are read and decoded; episodes also carry support_mask
+    (zeros for supports without GT), support_has_gt [N,K] bool, query_target (all 255 when the query has no
+    GT) and query_has_gt (0-dim bool). Weak (use_masks=False, gt_fraction=0): no mask file is ever read.
     Each rank/worker reads its own slice of one seeded resampled shard sequence, keeps per-class buffers of
     recent training images and turns every incoming training image into a query (once buffers are warm).
     """
 
     def __init__(self, shard_dir: str | Path, fold: int, way: int, shot: int, image_size: int, seed: int,
                  use_masks: bool, rank: int = 0, world_size: int = 1, buffer_per_class: int = 64,
-                 shuffle_buffer: int = 256) -> None:
+                 shuffle_buffer: int = 256, gt_fraction: float = 0.0, gt_seed: int | None = None) -> None:
         super().__init__()
         index = read_index(shard_dir)
         where = f"{index.root}/index.json lists[train] fold {fold}"
@@ -221,6 +287,9 @@ class TrainEpisodeStream(IterableDataset):
             raise FSCSError(f"train stream: rank {rank} / world {world_size}, buffer_per_class "
                             f"{buffer_per_class} (needs > shot) invalid")
         _images_per_class(entries, self.train_classes, shot, where)
+        if not 0.0 <= gt_fraction <= 1.0 or (use_masks and gt_fraction > 0):
+            raise FSCSError(f"train stream: gt_fraction={gt_fraction} invalid; use 0 < train.gt_fraction "
+                            "<= 1 with train.regime=mixed only")
         allowed: dict[str, set[int]] = {}
         for key, c in entries:
             allowed.setdefault(key, set()).add(c)
@@ -230,7 +299,19 @@ class TrainEpisodeStream(IterableDataset):
         self.way, self.shot, self.image_size, self.seed = way, shot, image_size, seed
         self.use_masks, self.rank, self.world_size = use_masks, rank, world_size
         self.buffer_per_class, self.shuffle_buffer = buffer_per_class, shuffle_buffer
+        self.gt_fraction, self.gt_seed = float(gt_fraction), int(seed if gt_seed is None else gt_seed)
+        self.gt_keys: set[str] = set()
+        self._no_mask = 0  # full regime: training images without a mask, skipped
+        if gt_fraction:
+            self.gt_keys = gt_subset(self.allowed, self.gt_seed, self.gt_fraction)
+            logger.info("mixed regime: ground-truth masks for %d of %d training images (fraction %.3f, seed %d)",
+                        len(self.gt_keys), len(self.allowed), self.gt_fraction, self.gt_seed)
         self.epoch = 0
+
+    @property
+    def mixed(self) -> bool:
+        """True when the stream delivers the GT subset's masks only (mixed regime)."""
+        return not self.use_masks and self.gt_fraction > 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch: the shard sequence and episode RNG derive from (seed, epoch, rank, worker)."""
@@ -247,7 +328,7 @@ class TrainEpisodeStream(IterableDataset):
             functools.partial(_split_by_rank, rank=self.rank, world_size=self.world_size),
             wds.split_by_worker,
             guard.drop_bad,
-            wds.tarfile_to_samples(handler=guard, select_files=None if self.use_masks else _without_masks),
+            wds.tarfile_to_samples(handler=guard, select_files=self._file_filter()),
             wds.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),
                         rng=random.Random(int(rng.integers(2**31)))),
         )
@@ -258,9 +339,16 @@ class TrainEpisodeStream(IterableDataset):
                 continue  # not a training image of this fold
             try:
                 files = {k: v for k, v in raw.items() if not k.startswith("__")}
-                sample = decode_sample(raw["__key__"], files, decode_masks=self.use_masks)
+                wants_mask = self.use_masks or raw["__key__"] in self.gt_keys
+                sample = decode_sample(raw["__key__"], files, decode_masks=wants_mask)
                 if self.use_masks and sample.mask is None:
-                    raise ShardReadError(f"sample {sample.key!r} has no mask.png")
+                    # full regime: an image without a mask cannot be a training sample; the shard is fine
+                    self._no_mask += 1
+                    if self._no_mask == 1 or self._no_mask % 1000 == 0:
+                        logger.warning("%s: %d training image(s) without mask.png skipped in the full regime "
+                                       "(e.g. %r)", guard.where, self._no_mask, sample.key)
+                    continue
+                # mixed: a GT-subset image without a mask on disk is simply pseudo-labelled (has_gt False)
             except Exception as exn:  # noqa: BLE001 - a bad sample is reported and skipped
                 guard(ShardReadError(f"{raw.get('__url__')}: {exn}"))
                 continue
@@ -273,6 +361,12 @@ class TrainEpisodeStream(IterableDataset):
                     buffers[c].popitem(last=False)
             if episode is not None:
                 yield episode
+
+    def _file_filter(self):
+        """Which tar members are read: everything (full), no mask (weak), the subset's masks (mixed)."""
+        if self.use_masks:
+            return None
+        return _SubsetMasks(self.gt_keys) if self.mixed else _without_masks
 
     def _episode(self, query: Sample, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, Sample]],
                  rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
@@ -296,6 +390,13 @@ class TrainEpisodeStream(IterableDataset):
         if self.use_masks:
             out["support_mask"] = _support_masks(support, way_classes, size)
             out["query_target"] = _way_targets(query.mask, way_classes, size)
+        elif self.mixed:
+            out["support_mask"], out["support_has_gt"] = _partial_support_masks(support, way_classes, size)
+            if query.mask is not None:
+                out["query_target"] = _way_targets(query.mask, way_classes, size)
+            else:
+                out["query_target"] = torch.full((len(way_classes), size, size), IGNORE, dtype=torch.long)
+            out["query_has_gt"] = torch.tensor(query.mask is not None)
         return out
 
 

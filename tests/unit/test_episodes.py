@@ -196,3 +196,18 @@ def test_stream_all_corrupt_raises(shard_dir, tmp_path):
         open(p, "wb").write(b"garbage" * 100)
     with pytest.raises(FSCSError, match="unreadable"):
         next(iter(_stream(bad)))
+
+
+def test_full_stream_skips_images_without_masks_not_the_shard(tmp_path, caplog):
+    """Own data with masks for some images only: the full regime trains on the masked ones, shard intact."""
+    from dataclasses import replace
+
+    samples = [(replace(smp, mask=None) if i % 3 == 0 else smp, split)
+               for i, (smp, split) in enumerate(generate_synthetic(seed=0, num_images=300, size=96, workers=1))]
+    out = write_shards(samples, tmp_path / "partial", dataset=DATASET_NAME, class_names=SYNTH_CLASS_NAMES,
+                       folds=dict(enumerate(SYNTH_FOLDS)), samples_per_shard=400, params={"partial": 1})
+    with caplog.at_level(logging.WARNING):
+        eps = [e for _, e in zip(range(8), _stream(out))]
+    assert len(eps) == 8 and all("query_target" in e for e in eps)
+    assert "without mask.png skipped" in caplog.text
+    assert "unreadable" not in caplog.text and "bad" not in caplog.text.lower()

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Run any `fscs` command (train, pretrain, bench) as a SLURM job through submitit, with checkpoint + requeue.
+
+    python launchers/slurm.py --preset example --nodes 2 --gpus-per-node 4 -- train name=weak
+    python launchers/slurm.py --partition gpu --time 240 --gpus-per-node 8 -- bench --run-dir runs/weak
+
+One generic task (`FscsTask`) per SLURM task: it exports the torch.distributed variables from submitit's
+`TorchDistributedEnvironment` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR = first node,
+MASTER_PORT) and calls `fscs.cli.main(argv)` in-process: the entry point is never duplicated and the training
+code never imports submitit. Preemption / timeout: SLURM sends SIGUSR2 (`--signal=USR2@<delay>`) to every
+task; the trainer checkpoints at the next step boundary on every rank and returns 140; rank 0 then runs
+submitit's own handler, which calls `FscsTask.checkpoint()` (a DelayedSubmission of the same task, requeue
+count + 1, refused beyond --max-requeues) and `scontrol requeue`s the job; the requeued job resumes from the
+run's last checkpoint. A SIGTERM alone (`scontrol requeue`, scancel, SLURM's own preemption) also checkpoints
+at the next step boundary and then waits for SLURM to end or requeue the job; when SIGUSR2 follows a SIGTERM
+(submitit's preemption sequence) the later signal decides.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+logger = logging.getLogger("fscs.launchers.slurm")
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+PRESET_KEYS = {"partition", "account", "qos", "constraint", "nodes", "gpus_per_node", "tasks_per_node",
+               "cpus_per_task", "mem_gb", "time_min", "max_requeues", "signal_delay_s", "setup", "additional",
+               "srun_args"}
+DEFAULTS: dict[str, Any] = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": None, "cpus_per_task": 4,
+                            "time_min": 60, "max_requeues": 3, "signal_delay_s": 120}
+PREEMPTED = 128 + int(signal.SIGUSR2)   # `fscs train` checkpointed after submitit's preemption/timeout signal
+TERMINATED = 128 + int(signal.SIGTERM)  # ... after a SIGTERM (scancel, scontrol requeue, SLURM preemption)
+
+
+def _fail(message: str) -> None:
+    from fscs.errors import FSCSError
+
+    raise FSCSError(message)
+
+
+def load_preset(name: str | os.PathLike) -> dict[str, Any]:
+    """A cluster preset: launchers/presets/<name>.yaml or a YAML path; unknown keys are errors."""
+    import yaml
+
+    path = Path(name)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        _fail(f"cluster preset '{name}' not found; use one of: {known}, or a YAML file path")
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - PRESET_KEYS)
+    if unknown:
+        _fail(f"preset '{path}' has unknown key(s) {', '.join(unknown)}; "
+              f"valid: {', '.join(sorted(PRESET_KEYS))}")
+    return data
+
+
+def merge_settings(preset: dict[str, Any] | None, cli: dict[str, Any]) -> dict[str, Any]:
+    """Defaults <- preset <- command line (None on the command line = not given)."""
+    settings = {**DEFAULTS, **(preset or {})}
+    settings.update({k: v for k, v in cli.items() if v is not None})
+    if settings.get("tasks_per_node") is None:  # one process per GPU, or one CPU process
+        settings["tasks_per_node"] = max(1, int(settings.get("gpus_per_node") or 0))
+    return settings
+
+
+def executor_parameters(settings: dict[str, Any], name: str = "fscs") -> dict[str, Any]:
+    """submitit AutoExecutor.update_parameters(...) keyword arguments of merged settings."""
+    params: dict[str, Any] = {"name": name, "nodes": int(settings["nodes"]),
+                              "tasks_per_node": int(settings["tasks_per_node"]),
+                              "cpus_per_task": int(settings["cpus_per_task"]),
+                              "timeout_min": int(settings["time_min"]),
+                              "slurm_signal_delay_s": int(settings["signal_delay_s"])}
+    if settings.get("gpus_per_node"):
+        params["gpus_per_node"] = int(settings["gpus_per_node"])
+    if settings.get("mem_gb"):
+        params["mem_gb"] = int(settings["mem_gb"])
+    for key in ("partition", "account", "qos", "constraint", "setup", "srun_args"):
+        if settings.get(key):
+            params[f"slurm_{key}"] = settings[key]
+    if settings.get("additional"):
+        params["slurm_additional_parameters"] = dict(settings["additional"])
+    return params
+
+
+def node_address(host: str, lookup: Callable[[str], str | None] | None = None) -> str:
+    """An address for `host` (a SLURM node name): DNS when it resolves, else the node's NodeAddr."""
+    import socket
+
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        pass
+    addr = (lookup or _scontrol_node_addr)(host)
+    return addr or host
+
+
+def _scontrol_node_addr(host: str) -> str | None:
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    return match.group(1) if match else None
+
+
+def distributed_env(lookup: Callable[[str], str | None] | None = None) -> dict[str, str]:
+    """Export and return torch.distributed's variables for this SLURM task (TorchDistributedEnvironment:
+    ranks from the SLURM task variables, MASTER_ADDR = first node of the job, MASTER_PORT from the job id)."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    tde = TorchDistributedEnvironment()
+    tde.master_addr = node_address(tde.master_addr, lookup)
+    tde.export(set_cuda_visible_devices=False, overwrite=True)  # fscs maps LOCAL_RANK to cuda:LOCAL_RANK
+    return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                       "MASTER_PORT")}
+
+
+class FscsTask:
+    """One SLURM task of an `fscs` command line; checkpointable (submitit requeues it on preemption)."""
+
+    def __init__(self, argv: Sequence[str], max_requeues: int = 3, result_file: str | None = None,
+                 requeues: int = 0) -> None:
+        self.argv = [str(a) for a in argv]
+        self.max_requeues = int(max_requeues)
+        self.result_file = result_file
+        self.requeues = int(requeues)
+
+    def restarts(self) -> int:
+        """Times this job was requeued so far (ours or anyone's: SLURM_RESTART_COUNT counts every requeue)."""
+        return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+
+    def __call__(self) -> dict[str, Any]:
+        import submitit
+
+        from fscs.cli import main as fscs_main
+        from fscs.distributed import IN_PROCESS_ENV
+
+        job = submitit.JobEnvironment()
+        dist_env = distributed_env()
+        level = logging.INFO if job.global_rank == 0 else logging.WARNING
+        logging.basicConfig(level=level, datefmt="%H:%M:%S",
+                            format=f"%(asctime)s [r{job.global_rank}] %(name)s: %(message)s")
+        os.environ[IN_PROCESS_ENV] = "1"  # fscs' finish() returns instead of ending this process
+        logger.info("job %s task %s/%s start %d (requeues so far %d, at most %d): fscs %s; master %s:%s",
+                    job.job_id, dist_env["RANK"], dist_env["WORLD_SIZE"], self.restarts() + 1,
+                    self.restarts(), self.max_requeues, " ".join(self.argv), dist_env["MASTER_ADDR"],
+                    dist_env["MASTER_PORT"])
+        code = fscs_main(list(self.argv))
+        code = 0 if code is None else int(code)
+        if code == PREEMPTED:
+            self._requeue(job.global_rank)
+        if code == TERMINATED:
+            self._wait_for_slurm("SIGTERM: checkpoint written; waiting for SLURM to end or requeue the job")
+        if code != 0:
+            raise RuntimeError(f"fscs {' '.join(self.argv)} exited with code {code} (see this task's stderr)")
+        result: dict[str, Any] = {"rank": int(dist_env["RANK"]), "world_size": int(dist_env["WORLD_SIZE"]),
+                                  "job_id": job.job_id, "returncode": code, "restarts": self.restarts(),
+                                  "argv": self.argv, "result": None}
+        if self.result_file and Path(self.result_file).is_file():
+            import json
+
+            result["result"] = json.loads(Path(self.result_file).read_text())
+        return result
+
+    def _requeue(self, rank: int) -> None:
+        """After the collective checkpoint: rank 0 runs submitit's handler (checkpoint() + scontrol requeue +
+        exit); the other ranks wait for the requeue to stop them."""
+        handler = signal.getsignal(signal.SIGUSR2)
+        if rank == 0 and callable(handler):
+            logger.warning("preempted or timed out: checkpoint written, requeueing through submitit")
+            handler(signal.SIGUSR2, None)
+        self._wait_for_slurm("preempted: checkpoint written; waiting for rank 0's requeue")
+
+    @staticmethod
+    def _wait_for_slurm(reason: str, seconds: float = 120.0) -> None:
+        logger.warning(reason)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        raise SystemExit(1)  # never a result pickle: the job is ending or being requeued
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same task (it resumes from the checkpoint), or None past the limit."""
+        from submitit.helpers import DelayedSubmission
+
+        done = self.restarts()
+        if done >= self.max_requeues:
+            logger.error("not requeueing: %d requeue(s) done, limit --max-requeues %d", done,
+                         self.max_requeues)
+            return None
+        logger.warning("requeue %d of at most %d: the job resumes from its last checkpoint", done + 1,
+                       self.max_requeues)
+        return DelayedSubmission(FscsTask(self.argv, self.max_requeues, self.result_file, requeues=done + 1))
+
+
+def default_result_file(argv: Sequence[str]) -> str | None:
+    """For `train`: the run's train_summary.json (absolute), so the job's result carries the summary."""
+    if not argv or argv[0] != "train":
+        return None
+    from fscs.config import load_config
+
+    rest, config = list(argv[1:]), None
+    if "--config" in rest:
+        i = rest.index("--config")
+        config, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+    cfg = load_config(config, [a for a in rest if "=" in a and not a.startswith("-")])
+    return str((cfg.run_dir / "train_summary.json").resolve())
+
+
+def submit(argv: Sequence[str], settings: dict[str, Any], folder: str | os.PathLike, name: str = "fscs",
+           cluster: str | None = None, python: str | None = None) -> Any:
+    """Submit one job of `fscs <argv>` (settings as merge_settings returns them); returns the submitit Job."""
+    import shlex
+
+    import submitit
+
+    try:  # the task class travels by value: the job needs fscs + submitit, not this file
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[FscsTask.__module__])
+    except (ImportError, ValueError, KeyError):
+        pass
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
+                                     slurm_python=python or shlex.quote(sys.executable))
+    executor.update_parameters(**executor_parameters(settings, name))
+    task = FscsTask(argv, settings["max_requeues"], default_result_file(argv))
+    return executor.submit(task)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help=f"cluster preset: a name in {PRESET_DIR} or a YAML file")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--tasks-per-node", type=int, help="processes per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem-gb", type=int)
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--time", dest="time_min", type=int, help="wall-clock limit in minutes")
+    p.add_argument("--max-requeues", type=int, help="requeues after preemption/timeout (default 3)")
+    p.add_argument("--signal-delay-s", type=int, help="seconds between SIGUSR2 and the kill (default 120)")
+    p.add_argument("--folder", default="runs/slurm/%j", help="submitit logs and pickles")
+    p.add_argument("--name", default="fscs", help="job name")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- then an fscs command line (train ..., bench ...)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command or command[0] not in ("train", "pretrain", "bench"):
+        print("launchers/slurm.py: error: give an fscs command after --, e.g. -- train name=weak",
+              file=sys.stderr)
+        return 2
+    keys = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "partition", "account",
+            "qos", "constraint", "time_min", "max_requeues", "signal_delay_s")
+    cli = {k: getattr(args, k) for k in keys}
+    from fscs.errors import FSCSError
+
+    try:
+        settings = merge_settings(load_preset(args.preset) if args.preset else None, cli)
+        job = submit(command, settings, args.folder, name=args.name)
+    except FSCSError as exc:
+        print(f"launchers/slurm.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job.job_id}: {settings['nodes']} node(s) x {settings['tasks_per_node']} task(s); "
+          f"logs in {job.paths.folder}")
+    if args.wait:
+        print(job.results()[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

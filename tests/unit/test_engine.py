@@ -1,0 +1,153 @@
+"""Engine interface (DDP, one process), schedules, signal requests, checkpoint store, resume checks, keys."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from fscs.config import load_config
+from fscs.distributed import DistEnv
+from fscs.engine import build_engine
+from fscs.engine.base import WarmupSchedule
+from fscs.engine.checkpoint import (LATEST, TRAINER_FILE, CheckpointStore, capture_rng, check_resume,
+                                    load_state, restore_rng, write_atomic)
+from fscs.engine.ddp import DDPEngine
+from fscs.errors import FSCSError
+from fscs.signals import CheckpointRequests
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["train.epochs=2", "train.steps_per_epoch=5", *overrides])
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupSchedule("cosine", warmup=2, total=10)
+    assert [round(s(i), 4) for i in (0, 1, 2, 6, 10, 50)] == [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]
+    assert WarmupSchedule("constant", 0, 10)(7) == 1.0
+
+
+def test_ddp_engine_accumulates_then_steps_like_one_big_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    head_a, head_b = nn.Linear(4, 1), nn.Linear(4, 1)
+    head_b.load_state_dict(head_a.state_dict())
+    cpu = torch.device("cpu")
+    acc = build_engine(head_a, _cfg("train.grad_accum=2", "train.schedule=cosine"), DistEnv(), cpu)
+    one = DDPEngine(head_b, _cfg("train.schedule=cosine").train, DistEnv(), cpu, total_steps=10)
+    assert isinstance(acc, DDPEngine) and acc.grad_accum == 2
+    flags = [acc.step(nn.functional.mse_loss(head_a(x[:4]), y[:4])),
+             acc.step(nn.functional.mse_loss(head_a(x[4:]), y[4:]))]
+    assert flags == [False, True] and acc.stepped
+    assert one.step(nn.functional.mse_loss(head_b(x), y))
+    for a, b in zip(head_a.parameters(), head_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert acc.lr() == pytest.approx(one.lr()) and acc.lr() < 1e-3  # cosine decayed after one optimizer step
+
+
+def test_ddp_engine_save_load_round_trip(tmp_path):
+    head = nn.Linear(4, 2)
+    eng = DDPEngine(head, _cfg().train, DistEnv(), torch.device("cpu"))
+    eng.step(head(torch.randn(3, 4)).pow(2).mean())
+    eng.save(tmp_path / "engine")
+    fresh = DDPEngine(nn.Linear(4, 2), _cfg().train, DistEnv(), torch.device("cpu"))
+    fresh.load(tmp_path / "engine")
+    assert all(torch.equal(a, b) for a, b in zip(head.parameters(), fresh.head.parameters()))
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
+    assert fresh.scheduler.state_dict()["last_epoch"] == 1
+
+
+def test_rng_capture_restore_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    write_atomic(tmp_path / "rng.pt", capture_rng())
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng(load_state(tmp_path / "rng.pt"))  # weights_only load: plain data and tensors only
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def test_signals_set_flags_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGUSR1)
+    with CheckpointRequests() as req:
+        assert not req.poll().save
+        os.kill(os.getpid(), signal.SIGUSR1)
+        d = req.poll()
+        assert d.save and not d.stop
+        assert not req.poll().save  # a save request is consumed
+        os.kill(os.getpid(), signal.SIGTERM)
+        d = req.poll()
+        assert d.save and d.stop and d.signal_name == "SIGTERM" and d.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit's preemption: SIGTERM then SIGUSR2; the last decides
+        assert req.poll().signal_name == "SIGUSR2"
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_store_publishes_atomically_and_prunes(tmp_path):
+    store = CheckpointStore(tmp_path, DistEnv(), keep=2)
+    assert store.latest() is None
+    for step in (3, 6, 9):
+        d = store.begin(step)
+        write_atomic(d / TRAINER_FILE, {"step": step})
+        store.publish(d)
+    assert store.latest().name == "step-00000009"
+    assert sorted(p.name for p in store.root.glob("step-*")) == ["step-00000006", "step-00000009"]
+    partial = store.begin(12)  # a save killed before publish: latest still names step 9
+    (partial / "half.pt").write_bytes(b"\x80")
+    assert store.latest().name == "step-00000009"
+    (store.root / LATEST).write_text("step-00000012\n")  # pointer to an incomplete save
+    with pytest.raises(FSCSError, match="delete .*state"):
+        store.latest()
+
+
+def test_resume_refuses_other_backbone_or_engine_and_warns_on_soft_changes(tmp_path):
+    from fscs.config import config_to_dict
+
+    saved = {"step": 4, "dataset": "synthetic-5i", "world_size": 2,
+             "config": config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1"))}
+    same = config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1", "train.epochs=9"))
+    assert check_resume(saved, same, dataset="synthetic-5i", world_size=2, where=tmp_path) == []
+    with pytest.raises(FSCSError) as err:
+        check_resume(saved, config_to_dict(_cfg()), dataset="synthetic-5i", world_size=2, where=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "train.engine='deepspeed'" in msg and "set train.engine=deepspeed" in msg
+    with pytest.raises(FSCSError, match="model.backbone"):
+        check_resume(saved, config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1",
+                                                "model.backbone=vit_small_patch16_224.dino")),
+                     dataset="synthetic-5i", world_size=2, where=tmp_path)
+    with pytest.raises(FSCSError, match="dataset"):
+        check_resume(saved, same, dataset="pascal-5i", world_size=2, where=tmp_path)
+    with pytest.raises(FSCSError, match="resume with 2 processes"):
+        check_resume(saved, same, dataset="synthetic-5i", world_size=4, where=tmp_path)
+    soft = config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1", "train.lr=0.5"))
+    assert check_resume(saved, soft, dataset="synthetic-5i", world_size=2, where=tmp_path) == [
+        "train.lr changed from 0.001 to 0.5"]
+
+
+def test_new_config_keys_validate():
+    cfg = _cfg("train.engine=deepspeed", "train.zero_stage=2", "train.grad_accum=4", "train.save_every=10")
+    assert (cfg.train.zero_stage, cfg.train.grad_accum, cfg.train.save_every) == (2, 4, 10)
+    for bad, needle in ((["train.zero_stage=1"], "train.engine=deepspeed"),
+                        (["train.engine=deepspeed", "train.zero_stage=3"], "0, 1, 2"),
+                        (["train.grad_accum=0"], "train.grad_accum"), (["train.device=tpu"], "cpu, cuda"),
+                        (["train.engine=horovod"], "ddp, deepspeed")):
+        with pytest.raises(FSCSError, match=needle):
+            _cfg(*bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_config_on_cpu_machine_is_one_line_error():
+    from fscs.train import resolve_device
+
+    with pytest.raises(FSCSError) as err:
+        resolve_device("cuda", DistEnv())
+    assert "\n" not in str(err.value) and "train.device=cpu" in str(err.value)
+    assert resolve_device("auto", DistEnv()).type == "cpu"

@@ -1,0 +1,114 @@
+"""launchers/slurm.py without a cluster: multi-node rendezvous from SLURM variables, presets, requeues."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from fscs.distributed import resolve_env
+from fscs.errors import FSCSError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def slurm_launcher():
+    spec = importlib.util.spec_from_file_location("fscs_slurm_launcher", ROOT / "launchers" / "slurm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def restore_environ():
+    """distributed_env() exports RANK, WORLD_SIZE, ... into os.environ (as in a job): undo it afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _slurm_task_env(monkeypatch, procid: int, nodes: int = 2, per_node: int = 4) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CUDA_VISIBLE_DEVICES", "SLURM_RESTART_COUNT"):
+        os.environ.pop(key, None)  # restore_environ puts everything back
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": str(nodes * per_node),
+           "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NODEID": str(procid // per_node),
+           "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % per_node),
+           "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_STEP_NODELIST": "gpu[003-004]",
+           "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_two_nodes_by_four_tasks_rendezvous(slurm_launcher, monkeypatch, restore_environ):
+    lookups = []
+
+    def node_addr(host: str) -> str:  # stands in for `scontrol show node` (gpu003 is not in DNS here)
+        lookups.append(host)
+        return {"gpu003": "10.1.0.3", "gpu004": "10.1.0.4"}[host]
+
+    seen = []
+    for procid in range(8):
+        _slurm_task_env(monkeypatch, procid)
+        raw = resolve_env(dict(os.environ))  # fscs' own reading of the SLURM variables
+        exported = slurm_launcher.distributed_env(lookup=node_addr)
+        env = resolve_env(exported)
+        assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (procid, 8, procid % 4, 4)
+        assert (raw.rank, raw.world_size, raw.local_rank, raw.local_world_size) == (procid, 8, procid % 4, 4)
+        assert raw.master_addr == "gpu003" and env.master_addr == "10.1.0.3"
+        assert "CUDA_VISIBLE_DEVICES" not in os.environ  # each process sees all GPUs of its node
+        seen.append((exported["MASTER_ADDR"], exported["MASTER_PORT"], exported["WORLD_SIZE"]))
+    assert len(set(seen)) == 1 and 20000 <= int(seen[0][1]) <= 60000  # one rendezvous point for all 8 tasks
+    assert set(lookups) == {"gpu003"}
+
+
+def test_environment_is_restored_after_the_rendezvous_test():
+    assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] != "8"
+
+
+def test_preset_then_command_line(slurm_launcher, tmp_path):
+    preset = slurm_launcher.load_preset("example")
+    settings = slurm_launcher.merge_settings(preset, {"nodes": 4, "partition": "big", "time_min": None,
+                                                      "gpus_per_node": None})
+    params = slurm_launcher.executor_parameters(settings, name="weak")
+    assert params["nodes"] == 4 and params["slurm_partition"] == "big"  # command line wins
+    assert params["gpus_per_node"] == 8 and params["tasks_per_node"] == 8 and params["timeout_min"] == 1440
+    assert params["slurm_signal_delay_s"] == 180 and "slurm_account" not in params  # null = not passed
+    cpu = slurm_launcher.executor_parameters(slurm_launcher.merge_settings(None, {"gpus_per_node": 0}))
+    assert "gpus_per_node" not in cpu and cpu["tasks_per_node"] == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("partitoin: gpu\n")
+    with pytest.raises(FSCSError, match="unknown key.*partitoin"):
+        slurm_launcher.load_preset(bad)
+    with pytest.raises(FSCSError, match="not found; use one of: .*example"):
+        slurm_launcher.load_preset("nosuchcluster")
+
+
+def test_requeue_is_bounded_and_logged(slurm_launcher, monkeypatch, caplog):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    task = slurm_launcher.FscsTask(["train", "name=x"], max_requeues=2)
+    with caplog.at_level(logging.WARNING, logger="fscs.launchers.slurm"):
+        first = task.checkpoint()
+        assert first.function.requeues == 1 and first.function.argv == ["train", "name=x"]
+        second = first.function.checkpoint()
+        assert second.function.requeues == 2
+        assert second.function.checkpoint() is None  # the limit: submitit then ends the job with an error
+    assert "requeue 1 of at most 2" in caplog.text and "requeue 2 of at most 2" in caplog.text
+    assert "not requeueing: 2 requeue(s) done" in caplog.text
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeues by SLURM itself count too
+    assert slurm_launcher.FscsTask(["bench"], max_requeues=2).checkpoint() is None
+
+
+def test_train_result_file_and_bad_command(slurm_launcher, tmp_path, capsys):
+    path = slurm_launcher.default_result_file(["train", f"out_dir={tmp_path}", "name=r1"])
+    assert path == str(tmp_path / "r1" / "train_summary.json")
+    assert slurm_launcher.default_result_file(["bench", "--run-dir", "x"]) is None
+    assert slurm_launcher.main(["--nodes", "1", "--", "shards", "synth"]) == 2
+    assert "give an fscs command" in capsys.readouterr().err
