@@ -98,6 +98,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda:LOCAL_RANK when CUDA is visible, else cpu), cpu, or cuda (error when no GPU is visible)."""
     seed: int = 0
+    image_every: int = 200
+    """Steps between TensorBoard episode panels (query, GT, pseudo-mask, prediction); 0 = none."""
     log_every: int = 10
     """Steps between TensorBoard scalar writes and train_log.jsonl lines."""
     save_every: int = 0

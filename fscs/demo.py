@@ -87,6 +87,10 @@ def run_demo(out: Path, shards: Path, nproc: int = 2, quick: bool = False) -> Pa
               f"Wall time {time.time() - t0:.0f} s. Results JSON: `{out}/*/results/`.\n")
     path = out / "RESULTS.md"
     path.write_text(report)
+    from fscs.bench.report import write_report
+
+    page = write_report([out / r / "results" for r in REGIMES], out / "report", title="fscs demo: synthetic-5i")
     print("\n" + table + note)
-    print(f"[demo] report: {path}  ({time.time() - t0:.0f} s)")
+    print(f"[demo] table: {path}")
+    print(f"[demo] report: {page} (+ {page.parent / 'LEADERBOARD.md'})  ({time.time() - t0:.0f} s)")
     return path

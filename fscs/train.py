@@ -221,7 +221,14 @@ class Trainer:
             keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
             log.write_text("".join(ln + "\n" for ln in keep))
 
-    def _log(self, parts: dict[str, float]) -> None:
+    def _log(self, parts: dict[str, float], batch: dict[str, torch.Tensor]) -> None:
+        every = self.cfg.train.image_every
+        if self.env.is_main and self.writer and every and self.step % every == 0:
+            from fscs.bench.plots import training_panels  # query | GT (if any) | pseudo-mask | prediction
+
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            for i, img in enumerate(training_panels(self.model, batch, self.cfg.train.regime)):
+                self.writer.add_image(f"episodes/{i}", img, self.step, dataformats="HWC")
         if not self.env.is_main or self.step % self.cfg.train.log_every:
             return
         if self.writer:
@@ -256,6 +263,11 @@ class Trainer:
                                  "value": None, "epoch": None, "step": None, "history": []}
         sel["history"].append({"epoch": self.epoch, "step": self.step, "miou": m["miou"], "er": m["er"],
                                "fbiou": m["fbiou"]})
+        if self.history:
+            self.history[-1].update({f"val/{k}": m[k] for k in ("er", "miou", "fbiou")})
+        if self.writer:
+            for k in ("er", "miou", "fbiou"):
+                self.writer.add_scalar(f"val/{k}", m[k], self.step)
         improved = sel["value"] is None or m["miou"] > sel["value"]
         if improved:
             sel.update(value=m["miou"], epoch=self.epoch, step=self.step)
@@ -368,7 +380,7 @@ class Trainer:
                 self.step_in_epoch += 1
                 for k, v in parts.items():
                     self.sums[k] = self.sums.get(k, 0.0) + v
-                self._log(parts)
+                self._log(parts, batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", epoch=self.epoch)
                 decision = requests.poll(self.device)  # collective: every rank acts on any rank's request
@@ -402,6 +414,10 @@ class Trainer:
         if self.env.is_main:
             logger.info("epoch %d done: %s", self.epoch, ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
         self._select()
+        if self.env.is_main:
+            from fscs.bench.plots import epoch_table
+
+            print(epoch_table(self.history, title=f"{self.cfg.name}: epoch summary"), flush=True)
         self._save()
 
     def _finish(self, status: str, decision: Decision, seconds: float) -> dict[str, Any]:

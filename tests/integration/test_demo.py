@@ -25,3 +25,5 @@ def test_demo_quick_writes_table_and_results(tmp_path):
             res = json.loads((out / regime / "results" / f"{regime}_{regime}_fold0_{setting}.json").read_text())
             assert res["world_size"] == 2 and res["regime"] == regime and len(res["manifest_hash"]) == 64
     assert "| weak | 1w1s |" in proc.stdout
+    assert (out / "report" / "index.html").is_file() and (out / "report" / "LEADERBOARD.md").is_file()
+    assert "report/index.html" in proc.stdout

@@ -40,7 +40,9 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def weak_run(shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    _fscs(["train", f"out_dir={out}", "name=weak", f"data.shards={shards}", "train.regime=weak", *COMMON], nproc=2)
+    proc = _fscs(["train", f"out_dir={out}", "name=weak", f"data.shards={shards}", "train.regime=weak", *COMMON,
+                  "train.image_every=3", "train.val_episodes=6", "train.log_every=2"], nproc=2)
+    assert "epoch summary" in proc.stdout and "val/miou" in proc.stdout  # the per-epoch table
     return out / "weak"
 
 
@@ -49,7 +51,12 @@ def test_training_writes_checkpoint_config_and_tensorboard(weak_run):
     assert "regime: weak" in (weak_run / "config.yaml").read_text()
     summary = json.loads((weak_run / "train_summary.json").read_text())
     assert summary["steps"] == 6 and summary["world_size"] == 2
-    assert any((weak_run / "tb").iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(weak_run / "tb"))
+    events.Reload()
+    assert "episodes/0" in events.Tags()["images"]
+    assert {"train/loss", "val/miou", "val/er"} <= set(events.Tags()["scalars"])
 
 
 def test_rerun_resumes_instead_of_retraining(weak_run, shards):
