@@ -17,6 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from fscs.assets import resolve_weights
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -255,6 +256,7 @@ class FrozenBackbone(nn.Module):
             torch.manual_seed(init_seed)
             self.model = build_timm_model(self.spec, self.image_size)
         sha = f"random-init-seed{init_seed}"
+        weights = resolve_weights(None if weights is None else str(weights))  # 'asset:NAME' = a shipped file
         if weights is not None:
             state = fit_state_dict(read_state_dict(weights), self.model, self.spec, str(weights))
             self.model.load_state_dict(state, strict=True)

@@ -76,10 +76,76 @@ def _rule_otsu(inputs: RuleInputs, size: tuple[int, int], threshold: float) -> t
     return (upsample_map(inputs.cos, size) > cut[:, None, None]).float()
 
 
+def border_majority(grid_masks: torch.Tensor) -> torch.Tensor:
+    """[B, gh, gw] {0,1} token masks -> [B] bool: True where more than half of the border tokens are foreground.
+
+    Objects rarely fill most of the image border, backgrounds nearly always do: a mask that holds most of the
+    border has the wrong polarity.
+    """
+    border = torch.ones_like(grid_masks[0], dtype=torch.bool)
+    border[1:-1, 1:-1] = False
+    return grid_masks[:, border].float().mean(dim=1) > 0.5
+
+
+def _rule_otsu_border(inputs: RuleInputs, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Per-image Otsu split of the head-mean map; the side holding most of the image border is background.
+
+    Polarity-aware: works whether the CLS query is aligned with the object keys (DINO) or with the
+    background keys (the failure mode of small self-distilled ViTs). `threshold` unused.
+    """
+    cos = inputs.cos
+    cut = otsu_threshold(cos.flatten(1))[:, None, None]
+    flip = border_majority((cos > cut).float())
+    up = upsample_map(cos, size)
+    high = up > cut
+    return torch.where(flip[:, None, None], ~high, high).float()
+
+
+def key_two_means(keys: torch.Tensor, cos: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Per-image 2-means (cosine) of the image keys, seeded by the CLS map: keys [B, h, T, dh], cos [B, gh, gw]
+    -> [B, gh, gw] {0,1}, 1 = the cluster with the higher mean CLS cosine.
+
+    Seeds: the keys of the tokens with the highest and the lowest cosine; heads are L2-normalised and
+    concatenated, so every head counts equally.
+    """
+    b, h, t, d = keys.shape
+    x = F.normalize(F.normalize(keys.float(), dim=-1).permute(0, 2, 1, 3).reshape(b, t, h * d), dim=-1)
+    flat = cos.reshape(b, t)
+    centres = torch.stack([x[torch.arange(b), flat.argmax(1)], x[torch.arange(b), flat.argmin(1)]], dim=1)
+    for _ in range(iters):
+        assign = (x @ centres.transpose(1, 2)).argmax(dim=-1)  # [B, T] 0 = CLS-like cluster
+        onehot = F.one_hot(assign, 2).float()  # [B, T, 2]
+        sums = onehot.transpose(1, 2) @ x  # [B, 2, D]
+        empty = onehot.sum(1)[..., None] == 0
+        centres = torch.where(empty, centres, F.normalize(sums, dim=-1))
+    first = (assign == 0).float()
+    n_first = first.sum(1).clamp_min(1)
+    n_second = (1 - first).sum(1).clamp_min(1)
+    first_is_higher = (flat * first).sum(1) / n_first >= (flat * (1 - first)).sum(1) / n_second
+    return torch.where(first_is_higher[:, None], first, 1 - first).reshape(cos.shape)
+
+
+def _rule_keys_border(inputs: RuleInputs, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Key clustering: 2-means of the image keys (CLS-seeded), border-majority cluster = background.
+
+    Adaptive per image and independent of the CLS map's calibration; the token mask is upsampled
+    bilinearly (align_corners=True) and cut at 0.5. Needs the keys (PseudoMaskDistiller passes them).
+    """
+    if inputs.k is None:
+        raise FSCSError("pseudo-mask rule 'keys_border' needs the image keys; call it through "
+                        "PseudoMaskDistiller or pass k= to pseudo_mask")
+    grid = tuple(inputs.cos.shape[-2:])
+    fg = key_two_means(_image_keys(inputs.k, grid), inputs.cos)
+    fg = torch.where(border_majority(fg)[:, None, None], 1 - fg, fg)
+    return (upsample_map(fg, size) > 0.5).float()
+
+
 # Pseudo-mask rules by name; add a rule by adding a RuleFn here.
 MASK_RULES: dict[str, RuleFn] = {
     "reference": _rule_reference,
     "otsu": _rule_otsu,
+    "otsu_border": _rule_otsu_border,
+    "keys_border": _rule_keys_border,
 }
 
 

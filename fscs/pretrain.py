@@ -1,0 +1,583 @@
+"""`fscs pretrain`: DINO self-distillation of a timm ViT (+ optional image-level label objective), exported for FrozenBackbone.
+
+Student and EMA teacher ViT, multi-crop, projection head, teacher centring and sharpening, cosine schedules
+(lr, weight decay, teacher momentum); DDP through torchrun, bf16 option, atomic checkpoints, exact resume
+(every random draw of step s is seeded by (seed, s, rank)), TensorBoard, tqdm. The images are read once into
+memory from the shards (uint8), so the data order is a pure function of the step.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch.nn.parallel import DistributedDataParallel
+
+from fscs.data.shards import iter_shard_samples, read_index
+from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fscs.distributed import DistEnv
+from fscs.errors import FSCSError
+from fscs.model.backbone import get_spec
+from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
+from fscs.model.distill import cls_key_cosine
+from fscs.train import load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "fscs-pretrain-checkpoint/1"
+
+
+@dataclass
+class PretrainData:
+    shards: str = "data/synthetic-5i"
+    """Shard directory (any `fscs shards` output); its images are read into memory."""
+    split: str = "trn"
+    exclude_folds: list[int] = field(default_factory=list)
+    """Drop every image holding a class of these folds (their classes stay novel to the backbone)."""
+    max_images: int = 0
+    """Use at most this many images (0 = all)."""
+
+
+@dataclass
+class PretrainModel:
+    backbone: str = "fscs_vit_tiny_patch8"
+    """Registry name in fscs.model.backbone.BACKBONES (no register tokens)."""
+    image_size: int = 96
+    """Global-crop (and label-view) size; FrozenBackbone resamples pos_embed for other sizes."""
+    drop_path: float = 0.0
+
+
+@dataclass
+class PretrainDino:
+    weight: float = 1.0
+    """Weight of the DINO loss (0 = no self-distillation: no crops, no projection head)."""
+    out_dim: int = 1024
+    hidden_dim: int = 512
+    bottleneck_dim: int = 128
+    global_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
+    """Area range of the second global crop (the first global view is the whole image)."""
+    local_crops: int = 4
+    local_size: int = 48
+    local_scale: list[float] = field(default_factory=lambda: [0.08, 0.35])
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 300
+    center_momentum: float = 0.9
+    momentum: float = 0.996
+    """Teacher EMA momentum at step 0; cosine schedule to 1.0."""
+    freeze_prototypes_steps: int = 0
+
+
+@dataclass
+class PretrainLabels:
+    fold: int | None = None
+    """Add the label objective on the training classes of this fold (null = labels unused)."""
+    weight: float = 1.0
+    """Weight of the per-token mask term (CLS-key cosine vs the local class evidence)."""
+    mil_weight: float = 1.0
+    mask_offset: float = -0.2
+    """Cosine where the soft mask is 0.5 (-0.2 = the reference rule's threshold 0.4 on (cos + 1) / 2)."""
+    mask_temperature: float = 0.1
+    topk: float = 0.1
+    """Fraction of tokens the multiple-instance pooling of the evidence net averages."""
+    normalize_target: str = "none"
+    """none | max | minmax: per-image normalisation of each present class's evidence map (evidence_target)."""
+    evidence_width: int = 64
+
+
+@dataclass
+class PretrainAugment:
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.5
+    """Max hue rotation as a fraction of the colour circle."""
+    hue_prob: float = 0.8
+    grayscale_prob: float = 0.1
+
+
+@dataclass
+class PretrainOptim:
+    steps: int = 2000
+    batch_size: int = 32
+    """Images per step per rank."""
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    clip_grad: float = 3.0
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast)."""
+    seed: int = 0
+
+
+@dataclass
+class PretrainConfig:
+    name: str = "pretrain"
+    out_dir: str = "runs"
+    export: str | None = None
+    """Where the teacher backbone goes (.safetensors; default RUN_DIR/backbone.safetensors)."""
+    log_every: int = 10
+    image_every: int = 200
+    """Steps between attention-map images in TensorBoard (0 = never)."""
+    ckpt_every: int = 200
+    stop_at: int = 0
+    """Stop (with a checkpoint, no export) once this global step is done, as if interrupted (0 = never)."""
+    data: PretrainData = field(default_factory=PretrainData)
+    model: PretrainModel = field(default_factory=PretrainModel)
+    dino: PretrainDino = field(default_factory=PretrainDino)
+    labels: PretrainLabels = field(default_factory=PretrainLabels)
+    augment: PretrainAugment = field(default_factory=PretrainAugment)
+    optim: PretrainOptim = field(default_factory=PretrainOptim)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def export_path(self) -> Path:
+        return Path(self.export) if self.export else self.run_dir / "backbone.safetensors"
+
+
+def _keys(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        sub = f.default_factory if isinstance(f.default_factory, type) else None  # type: ignore[misc]
+        out += _keys(sub, f"{prefix}{f.name}.") if sub is not None and is_dataclass(sub) else [prefix + f.name]
+    return out
+
+
+def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None
+                         ) -> PretrainConfig:
+    """Defaults <- YAML <- `key=value` overrides; unknown keys and bad values raise a one-line FSCSError."""
+    cfg = OmegaConf.structured(PretrainConfig)
+    source = str(path)
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise FSCSError(f"pretrain config '{path}' not found; pass an existing YAML (configs/pretrain.yaml)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            source = f"override '{item}'"
+            if "=" not in item:
+                raise FSCSError(f"override '{item}' is not key=value (example: optim.steps=500)")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        near = difflib.get_close_matches(str(key), _keys(PretrainConfig), n=3, cutoff=0.5)
+        hint = f"; did you mean: {', '.join(near)}" if near else ""
+        raise FSCSError(f"bad pretrain config key '{key}' in {source}: {str(exc).splitlines()[0]}{hint}") from None
+    out: PretrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if out.optim.precision not in ("fp32", "bf16"):
+        raise FSCSError(f"pretrain config key 'optim.precision' is '{out.optim.precision}'; use fp32 or bf16")
+    if out.dino.weight <= 0 and out.labels.fold is None:
+        raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
+                        "set dino.weight > 0 or labels.fold")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Images uint8 [N, 3, H, W] of the configured split, multi-hot labels [N, C] over the label classes, classes.
+
+    Images holding a class of an excluded fold (or of labels.fold) are dropped; all images must share one size.
+    """
+    index = read_index(cfg.data.shards)
+    excluded = set(cfg.data.exclude_folds) | ({cfg.labels.fold} if cfg.labels.fold is not None else set())
+    for fold in excluded:
+        if fold not in index.folds:
+            raise FSCSError(f"{cfg.data.shards}/index.json has no fold {fold} (folds {sorted(index.folds)}); "
+                            "fix data.exclude_folds / labels.fold")
+    novel = {c for f in excluded for c in index.folds[f]}
+    classes = [c for c in range(1, index.num_classes + 1) if c not in novel]
+    column = {c: i for i, c in enumerate(classes)}
+    paths = index.shard_paths(cfg.data.split)
+    if not paths:
+        raise FSCSError(f"{cfg.data.shards} has no '{cfg.data.split}' shards; fix data.split")
+    images, labels = [], []
+    for sample in iter_shard_samples(paths, decode_masks=False):
+        if novel & set(sample.labels):
+            continue
+        if images and sample.image.shape != images[0].shape:
+            raise FSCSError(f"{cfg.data.shards}: image {sample.key} is {sample.image.shape[:2]}, others "
+                            f"{images[0].shape[:2]}; pretraining needs one image size")
+        images.append(sample.image)
+        row = np.zeros(len(classes), dtype=np.float32)
+        row[[column[c] for c in sample.labels]] = 1.0
+        labels.append(row)
+        if cfg.data.max_images and len(images) >= cfg.data.max_images:
+            break
+    if not images:
+        raise FSCSError(f"{cfg.data.shards}: no '{cfg.data.split}' images left after excluding folds "
+                        f"{sorted(excluded)}")
+    data = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return data, torch.from_numpy(np.stack(labels)), classes
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of every random draw of `step` on `rank` (a pure function: resumes are exact)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def batch_indices(num: int, step: int, batch: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """This rank's image indices for `step`: consecutive slices of per-epoch permutations (seeded by epoch)."""
+    pos, end = (step * world + rank) * batch, (step * world + rank + 1) * batch
+    out = []
+    while pos < end:
+        epoch, offset = divmod(pos, num)
+        perm = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(end - pos, num - offset)
+        out.append(perm[offset:offset + take])
+        pos += take
+    return torch.cat(out)
+
+
+class MultiCropAugment:
+    """Batched views of uint8 images [B, 3, H, W], ImageNet-normalised, drawn from a torch.Generator.
+
+    full: the whole image resized to `size` (antialiased, as at evaluation), flipped and colour-jittered;
+    crops: `n_global - 1` random resized crops at `size`; locals: `n_local` crops at `local_size`.
+    """
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def _crop(self, x: torch.Tensor, size: int, scale: list[float], gen: torch.Generator) -> torch.Tensor:
+        b = x.shape[0]
+        area = torch.empty(b).uniform_(scale[0], scale[1], generator=gen)
+        ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen))
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - w)
+        cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - h)
+        flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+        grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    def _colour(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        a, b = self.cfg.augment, x.shape[0]
+
+        def factor(strength: float) -> torch.Tensor:
+            return (1 + (torch.rand(b, generator=gen) * 2 - 1) * strength).view(b, 1, 1, 1)
+
+        gray_w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        x = x * factor(a.brightness)
+        mean = (x * gray_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = (x - mean) * factor(a.contrast) + mean
+        gray = (x * gray_w).sum(1, keepdim=True)
+        x = (x - gray) * factor(a.saturation) + gray
+        # hue: rotate the chroma plane of YIQ
+        angle = (torch.rand(b, generator=gen) * 2 - 1) * a.hue * 2 * math.pi
+        angle = torch.where(torch.rand(b, generator=gen) < a.hue_prob, angle, torch.zeros_like(angle))
+        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        rot = torch.zeros(b, 3, 3)
+        rot[:, 0, 0], rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = 1, cos, -sin, sin, cos
+        mat = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # [B, 3, 3]
+        x = torch.einsum("bij,bjhw->bihw", mat, x)
+        gray = (x * gray_w).sum(1, keepdim=True).expand_as(x)
+        x = torch.where((torch.rand(b, generator=gen) < a.grayscale_prob).view(b, 1, 1, 1), gray, x)
+        return (x.clamp(0, 1) - self.mean) / self.std
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        size, dino = self.cfg.model.image_size, self.cfg.dino
+        x = images.float() / 255.0
+        full = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        full = torch.where(flip.view(-1, 1, 1, 1), full.flip(-1), full)
+        views = {"full": self._colour(full, gen)}
+        if dino.weight > 0:
+            views["crop"] = self._colour(self._crop(x, size, dino.global_scale, gen), gen)
+            if dino.local_crops:
+                local = [self._colour(self._crop(x, dino.local_size, dino.local_scale, gen), gen)
+                         for _ in range(dino.local_crops)]
+                views["locals"] = torch.cat(local)
+        return views
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_student_vit(name: str, image_size: int, drop_path: float = 0.0) -> nn.Module:
+    """A random-init timm ViT of registry backbone `name` accepting any multiple of the patch size."""
+    spec = get_spec(name)
+    if spec.num_reg_tokens:
+        raise FSCSError(f"pretraining backbone '{name}' has register tokens; pick one without")
+    return timm.create_model(spec.timm_name, pretrained=False, img_size=image_size, num_classes=0,
+                             dynamic_img_size=True, drop_path_rate=drop_path, **spec.timm_kwargs)
+
+
+class Student(nn.Module):
+    """ViT + (DINO head) + (evidence net): one forward over every view (what DDP wraps).
+
+    forward(views) -> {"dino": [V x [B, K]] (full, crop, locals...), "cos": [B, gh, gw] of the full view,
+    "evidence": [B, C, gh, gw]}.
+    """
+
+    def __init__(self, vit: nn.Module, head: DINOHead | None, evidence: EvidenceNet | None, local_crops: int):
+        super().__init__()
+        self.vit, self.head, self.evidence, self.local_crops = vit, head, evidence, local_crops
+
+    def forward(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
+        full = views["full"]
+        b = full.shape[0]
+        globs = torch.cat([full, views["crop"]]) if "crop" in views else full
+        cls, q_cls, keys = vit_forward(self.vit, globs)
+        grid = (full.shape[-2] // self.vit.patch_embed.patch_size[0], full.shape[-1] // self.vit.patch_embed.patch_size[1])
+        out: dict[str, Any] = {"cos": cls_key_cosine(q_cls[:b], keys[:b], grid)}
+        if self.head is not None:
+            dino = list(self.head(cls).chunk(globs.shape[0] // b))
+            if "locals" in views:
+                local_cls = vit_forward(self.vit, views["locals"])[0]
+                dino += list(self.head(local_cls).chunk(self.local_crops))
+            out["dino"] = dino
+        if self.evidence is not None:
+            out["evidence"] = self.evidence(full)
+        return out
+
+
+def cosine_schedule(start: float, end: float, step: int, total: int, warmup: int = 0, warmup_from: float = 0.0
+                    ) -> float:
+    """Linear warm-up from `warmup_from` to `start` over `warmup` steps, then cosine from `start` to `end`."""
+    if step < warmup:
+        return warmup_from + (start - warmup_from) * step / max(warmup, 1)
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module) -> list[dict[str, Any]]:
+    """Weight-decayed matrices vs undecayed biases, norms, tokens and position embeddings."""
+    decay, plain = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (plain if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    return [{"params": decay, "decay": True}, {"params": plain, "decay": False, "weight_decay": 0.0}]
+
+
+def export_backbone(vit: nn.Module, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """Write the ViT's state dict (timm keys, fp32) as safetensors atomically; FrozenBackbone loads it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().clone() for k, v in vit.state_dict().items()}
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+# -------------------------------------------------------------------------------------------- trainer
+
+
+class Pretrainer:
+    """Runs one pretraining job in cfg.run_dir; resumes from its checkpoint when there is one."""
+
+    def __init__(self, cfg: PretrainConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.images, self.labels, self.classes = load_images(cfg)
+        torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
+        spec = get_spec(cfg.model.backbone)
+        vit = build_student_vit(cfg.model.backbone, cfg.model.image_size, cfg.model.drop_path)
+        head = (DINOHead(spec.embed_dim, cfg.dino.out_dim, cfg.dino.hidden_dim, cfg.dino.bottleneck_dim)
+                if cfg.dino.weight > 0 else None)
+        evidence = (EvidenceNet(len(self.classes), spec.patch_size, cfg.labels.evidence_width)
+                    if cfg.labels.fold is not None else None)
+        self.student = Student(vit, head, evidence, cfg.dino.local_crops).to(self.device)
+        self.teacher_vit = copy.deepcopy(vit).to(self.device).requires_grad_(False).eval()
+        self.teacher_head = (copy.deepcopy(head).to(self.device).requires_grad_(False).eval()
+                             if head is not None else None)
+        self.dino_loss = DINOLoss(cfg.dino.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum).to(self.device)
+        self.module: nn.Module = (DistributedDataParallel(self.student) if env.distributed else self.student)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.lr)
+        self.augment = MultiCropAugment(cfg)
+        self.step = 0
+        self.writer = None
+        self.fixed = self.images[:8]
+        logger.info("pretraining %s at %d px on %d images (%s), label classes %s, world %d",
+                    cfg.model.backbone, cfg.model.image_size, len(self.images), cfg.data.shards,
+                    self.classes if evidence is not None else "unused", env.world_size)
+
+    # -- state
+    def state_dict(self) -> dict[str, Any]:
+        state = {"student": self.student.state_dict(), "teacher_vit": self.teacher_vit.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "dino_center": self.dino_loss.center.clone(),
+                 "step": self.step, "config": asdict(self.cfg), "format": FORMAT}
+        if self.teacher_head is not None:
+            state["teacher_head"] = self.teacher_head.state_dict()
+        return state
+
+    def _resume(self) -> None:
+        path = self.cfg.run_dir / CHECKPOINT
+        if not path.exists():
+            return
+        state = load_checkpoint(path)
+        if state.get("format") != FORMAT:
+            raise FSCSError(f"{path} is not a pretraining checkpoint; pick another run name or delete it")
+        self.student.load_state_dict(state["student"])
+        self.teacher_vit.load_state_dict(state["teacher_vit"])
+        if self.teacher_head is not None:
+            self.teacher_head.load_state_dict(state["teacher_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dino_loss.center.copy_(state["dino_center"])
+        self.step = int(state["step"])
+        logger.info("resumed %s at step %d", path, self.step)
+
+    def _save(self) -> None:
+        if self.env.is_main:
+            save_checkpoint(self.cfg.run_dir / CHECKPOINT, self.state_dict())
+
+    # -- one step
+    def _schedules(self, step: int) -> dict[str, float]:
+        o, d = self.cfg.optim, self.cfg.dino
+        return {"lr": cosine_schedule(o.lr, o.min_lr, step, o.steps, o.warmup_steps),
+                "wd": cosine_schedule(o.weight_decay, o.weight_decay_end, step, o.steps),
+                "momentum": cosine_schedule(d.momentum, 1.0, step, o.steps),
+                "teacher_temp": (d.warmup_teacher_temp + (d.teacher_temp - d.warmup_teacher_temp)
+                                 * min(1.0, step / max(d.warmup_teacher_temp_steps, 1)))}
+
+    def train_step(self) -> dict[str, float]:
+        cfg, step = self.cfg, self.step
+        seed = step_seed(cfg.optim.seed, step, self.env.rank)
+        torch.manual_seed(seed)  # drop-path and any other global draws
+        gen = torch.Generator().manual_seed(seed)
+        idx = batch_indices(len(self.images), step, cfg.optim.batch_size, self.env.rank, self.env.world_size,
+                            cfg.optim.seed)
+        views = {k: v.to(self.device) for k, v in self.augment(self.images[idx], gen).items()}
+        labels = self.labels[idx].to(self.device)
+        sched = self._schedules(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = sched["lr"]
+            if group["decay"]:
+                group["weight_decay"] = sched["wd"]
+        self.student.train()
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.optim.precision == "bf16")
+        with autocast:
+            out = self.module(views)
+            terms: dict[str, torch.Tensor] = {}
+            teacher_out: list[torch.Tensor] = []
+            if self.teacher_head is not None:
+                with torch.no_grad():
+                    globs = torch.cat([views["full"], views["crop"]])
+                    teacher_out = list(self.teacher_head(vit_forward(self.teacher_vit, globs)[0]).chunk(2))
+                terms["dino"] = cfg.dino.weight * self.dino_loss(out["dino"], teacher_out, sched["teacher_temp"])
+            if "evidence" in out:
+                lab = label_losses(out["evidence"], out["cos"], labels, cfg.labels.mask_offset,
+                                   cfg.labels.mask_temperature, cfg.labels.topk, cfg.labels.normalize_target)
+                terms["mil"] = cfg.labels.mil_weight * lab["mil"]
+                terms["mask"] = cfg.labels.weight * lab["mask"]
+            loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.student.head is not None and step < cfg.dino.freeze_prototypes_steps:
+            self.student.head.prototypes.grad = None
+        if cfg.optim.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optim.clip_grad)
+        self.optimizer.step()
+        with torch.no_grad():
+            m = sched["momentum"]
+            pairs = [(self.student.vit, self.teacher_vit)]
+            if self.teacher_head is not None:
+                pairs.append((self.student.head, self.teacher_head))
+            for src, dst in pairs:
+                for ps, pt in zip(src.parameters(), dst.parameters()):
+                    pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            if teacher_out:
+                self.dino_loss.update_center(teacher_out)
+        self.step += 1
+        area = (out["cos"].detach().float() > cfg.labels.mask_offset).float().mean()
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
+                "mask_area": float(area), **sched}
+
+    # -- logging
+    @torch.no_grad()
+    def attention_images(self) -> torch.Tensor:
+        """[8, 3, S, 2S]: the fixed images beside the teacher's CLS-key cosine map ((cos + 1) / 2, grey)."""
+        size = self.cfg.model.image_size
+        x = F.interpolate(self.fixed.float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        norm = (x - self.augment.mean) / self.augment.std
+        _, q, k = vit_forward(self.teacher_vit, norm.to(self.device))
+        patch = self.teacher_vit.patch_embed.patch_size[0]
+        cos = cls_key_cosine(q, k, (size // patch, size // patch)).cpu()
+        heat = F.interpolate(((cos + 1) / 2)[:, None], size=(size, size), mode="nearest").expand(-1, 3, -1, -1)
+        return torch.cat([x, heat.clamp(0, 1)], dim=-1)
+
+    def export(self) -> Path:
+        meta = {"format": "fscs-backbone/1", "backbone": self.cfg.model.backbone,
+                "image_size": str(self.cfg.model.image_size), "step": str(self.step),
+                "config": json.dumps(asdict(self.cfg))}
+        path = export_backbone(self.teacher_vit, self.cfg.export_path, meta)
+        logger.info("exported the teacher backbone to %s", path)
+        return path
+
+    def fit(self) -> dict[str, Any]:
+        """Train to optim.steps (or stop_at); export the teacher at the end. Returns a summary."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.env.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            (cfg.run_dir / "pretrain_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
+        self._resume()
+        end = min(cfg.optim.steps, cfg.stop_at) if cfg.stop_at else cfg.optim.steps
+        t0, start, last = time.time(), self.step, {}
+        bar = tqdm(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main, desc=f"pretrain {cfg.name}")
+        while self.step < end:
+            last = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", area=f"{last['mask_area']:.2f}")
+            if self.writer is not None:
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    for key, value in last.items():
+                        self.writer.add_scalar(f"pretrain/{key}", value, self.step)
+                if cfg.image_every and (self.step % cfg.image_every == 0 or self.step == end):
+                    self.writer.add_images("attention/teacher_cls_key_cosine", self.attention_images(), self.step)
+            if self.step % cfg.ckpt_every == 0 or self.step == end:
+                self._save()
+        bar.close()
+        seconds = time.time() - t0
+        summary = {"steps": self.step, "steps_this_run": self.step - start, "seconds": round(seconds, 1),
+                   "images_per_second": round((self.step - start) * cfg.optim.batch_size * self.env.world_size
+                                              / max(seconds, 1e-9), 1),
+                   "world_size": self.env.world_size, "last": last}
+        if self.step >= cfg.optim.steps and self.env.is_main:
+            summary["export"] = str(self.export())
+        if self.env.is_main:
+            (cfg.run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+            if self.writer is not None:
+                self.writer.close()
+        return summary
+
+
+def run_pretrain(cfg: PretrainConfig, env: DistEnv) -> dict[str, Any]:
+    """Pretrain (resuming when cfg.run_dir holds a checkpoint) and export; see Pretrainer."""
+    return Pretrainer(cfg, env).fit()

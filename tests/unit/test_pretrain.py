@@ -1,0 +1,184 @@
+"""Pretraining pieces: pseudo-mask rules, label objective, DINO loss, schedules, data order, views, export."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fscs.errors import FSCSError
+from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, evidence_target, label_losses, topk_mean
+from fscs.model.distill import MASK_RULES, PseudoMaskDistiller, border_majority, key_two_means, pseudo_mask
+from fscs.pretrain import (MultiCropAugment, PretrainConfig, batch_indices, build_student_vit, cosine_schedule,
+                           export_backbone, load_pretrain_config, step_seed)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _object(grid: int = 8) -> torch.Tensor:
+    """[1, grid, grid] {0,1}: a 3x3 object inside the grid, away from the border."""
+    obj = torch.zeros(1, grid, grid)
+    obj[0, 2:5, 3:6] = 1
+    return obj
+
+
+def test_otsu_border_fixes_inverted_polarity_reference_does_not() -> None:
+    obj = _object()
+    cos = 0.6 - 1.2 * obj + 0.02 * torch.randn(1, 8, 8)  # CLS query aligned with the background
+    mask = pseudo_mask(cos, 8, "otsu_border")
+    assert torch.equal(mask, obj)
+    assert pseudo_mask(cos, 8, "reference").sum() == 64 - 9  # the reference rule marks the background
+    assert torch.equal(pseudo_mask(-cos, 8, "otsu_border"), obj)  # right polarity stays right
+
+
+def test_border_majority() -> None:
+    assert not border_majority(_object()).item()
+    assert border_majority(1 - _object()).item()
+
+
+def _keys(obj: torch.Tensor, heads: int = 2, dh: int = 8, seed: int = 0) -> torch.Tensor:
+    """[1, heads, T, dh] keys: object tokens near one direction, background tokens near another, + noise."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(heads, 1, dh, generator=gen), torch.randn(heads, 1, dh, generator=gen)
+    flat = obj.flatten()[None, :, None]  # [1, T, 1]
+    keys = flat * a + (1 - flat) * b + 0.1 * torch.randn(heads, flat.shape[1], dh, generator=gen)
+    return keys[None]
+
+
+def test_key_clustering_rule_finds_the_object_whatever_the_cls_query() -> None:
+    obj = _object()
+    keys = _keys(obj)
+    for sign in (1.0, -1.0):  # CLS query similar to the object or to the background
+        q_cls = sign * keys[:, :, 30]  # token (3, 6)... any token: rule must not depend on it
+        distiller = PseudoMaskDistiller(rule="keys_border")
+        mask = distiller.support_masks(q_cls, keys, (8, 8), 8)
+        assert torch.equal(mask, obj)
+    cos = torch.randn(1, 8, 8)
+    clusters = key_two_means(keys, cos)
+    assert torch.equal(clusters, obj) or torch.equal(clusters, 1 - obj)  # the two groups, seeded by the map
+    inside, outside = cos[clusters == 1].mean(), cos[clusters == 0].mean()
+    assert inside >= outside  # 1 = the cluster more similar to the CLS query
+    with pytest.raises(FSCSError, match="keys"):
+        pseudo_mask(torch.zeros(1, 8, 8), 8, "keys_border")
+
+
+def test_rules_registered_and_upsample_to_size() -> None:
+    assert {"reference", "otsu", "otsu_border", "keys_border"} <= set(MASK_RULES)
+    obj = _object()
+    keys = _keys(obj)
+    cos = torch.einsum("bhd,bhtd->bht", F.normalize(keys[:, :, 20], dim=-1), F.normalize(keys, dim=-1))
+    cos = cos.mean(1).reshape(1, 8, 8)
+    for rule in ("otsu", "otsu_border", "keys_border"):
+        mask = pseudo_mask(cos, (32, 32), rule, q_cls=keys[:, :, 20], k=keys)
+        assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+        small = F.adaptive_avg_pool2d(mask[:, None], 8)[:, 0] > 0.5
+        assert (small.float() == obj).float().mean() > 0.9, rule
+
+
+def test_evidence_target_and_label_losses() -> None:
+    evidence = torch.full((1, 3, 4, 4), -4.0)
+    evidence[0, 1, 1:3, 1:3] = 1.0  # class 1 (present) evidence on 4 tokens
+    evidence[0, 2, 0, 0] = 5.0  # class 2 is absent: ignored by the target
+    labels = torch.tensor([[0.0, 1.0, 0.0]])
+    target = evidence_target(evidence, labels, "max")
+    assert target[0, 1, 1] == 1.0 and target[0, 0, 0] < 0.05  # max-normalised, absent classes ignored
+    minmax = evidence_target(evidence, labels, "minmax")
+    assert minmax[0, 1, 1] == 1.0 and minmax[0, 0, 0] == 0.0
+    assert evidence_target(evidence, labels)[0, 1, 1] == pytest.approx(torch.sigmoid(torch.tensor(1.0)))
+    assert topk_mean(evidence, 0.25)[0, 1] == 1.0
+    cos = torch.zeros(1, 4, 4, requires_grad=True)
+    terms = label_losses(evidence, cos, labels, offset=-0.2, temperature=0.1, normalize="max")
+    terms["mask"].backward()
+    assert cos.grad[0, 1, 1] < 0 and cos.grad[0, 0, 0] > 0  # raise cos on evidence, lower it elsewhere
+
+
+def test_evidence_net_grid_and_bound() -> None:
+    net = EvidenceNet(num_classes=5, patch_size=8, width=16, bound=6.0)
+    out = net(100 * torch.randn(2, 3, 32, 48))
+    assert out.shape == (2, 5, 4, 6) and out.abs().max() <= 6.0
+    with pytest.raises(ValueError):
+        EvidenceNet(5, patch_size=14)
+
+
+def test_dino_loss_and_centering() -> None:
+    loss = DINOLoss(out_dim=6, student_temp=0.1, center_momentum=0.5)
+    teacher = [torch.randn(4, 6), torch.randn(4, 6)]
+    student = [teacher[1].clone(), teacher[0].clone(), torch.randn(4, 6)]
+    value = loss(student, teacher, teacher_temp=0.1)
+    # student crop i is never compared with teacher crop i: 2 teachers x 2 other crops = 4 pairs
+    manual = 0.0
+    for ti, t in enumerate(teacher):
+        for si, s in enumerate(student):
+            if si != ti:
+                manual += -(F.softmax(t / 0.1, -1) * F.log_softmax(s / 0.1, -1)).sum(-1).mean()
+    assert value.item() == pytest.approx(manual.item() / 4, rel=1e-5)
+    loss.update_center(teacher)
+    torch.testing.assert_close(loss.center, 0.5 * torch.cat(teacher).mean(0, keepdim=True))
+    head = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8)
+    out = head(torch.randn(3, 16))
+    assert out.shape == (3, 32) and out.abs().max() <= 1.0 + 1e-5  # cosine logits
+
+
+def test_cosine_schedule_endpoints() -> None:
+    assert cosine_schedule(1.0, 0.1, 0, 100, warmup=10) == 0.0
+    assert cosine_schedule(1.0, 0.1, 10, 100, warmup=10) == pytest.approx(1.0)
+    assert cosine_schedule(1.0, 0.1, 100, 100, warmup=10) == pytest.approx(0.1)
+    assert cosine_schedule(0.996, 1.0, 50, 100) == pytest.approx(0.998)
+
+
+def test_batch_indices_partition_each_epoch_across_ranks() -> None:
+    num, batch, world = 12, 3, 2
+    seen = [batch_indices(num, s, batch, r, world, seed=5) for s in range(2) for r in range(world)]
+    assert sorted(torch.cat(seen).tolist()) == list(range(num))  # 2 steps x 2 ranks x 3 = one epoch
+    assert torch.equal(batch_indices(num, 1, batch, 1, world, 5), seen[3])  # a pure function of the step
+    assert len(batch_indices(5, 3, 4, 0, 1, 0)) == 4  # crosses an epoch boundary
+    assert step_seed(0, 3, 1) == step_seed(0, 3, 1) != step_seed(0, 3, 0)
+
+
+def test_multicrop_views_shapes_and_determinism() -> None:
+    cfg = load_pretrain_config(None, ["model.image_size=32", "dino.local_size=16", "dino.local_crops=2"])
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    aug = MultiCropAugment(cfg)
+    views = aug(images, torch.Generator().manual_seed(1))
+    assert views["full"].shape == (3, 3, 32, 32) and views["crop"].shape == (3, 3, 32, 32)
+    assert views["locals"].shape == (6, 3, 16, 16)
+    again = aug(images, torch.Generator().manual_seed(1))
+    assert all(torch.equal(views[k], again[k]) for k in views)
+    other = aug(images, torch.Generator().manual_seed(2))
+    assert not torch.equal(views["crop"], other["crop"])
+    no_dino = MultiCropAugment(load_pretrain_config(None, ["dino.weight=0", "labels.fold=0"]))
+    assert set(no_dino(images, torch.Generator().manual_seed(0))) == {"full"}
+
+
+def test_pretrain_config_errors_are_one_line(tmp_path) -> None:
+    with pytest.raises(FSCSError, match="optim.stepz|did you mean"):
+        load_pretrain_config(None, ["optim.stepz=3"])
+    with pytest.raises(FSCSError, match="nothing is learned"):
+        load_pretrain_config(None, ["dino.weight=0"])
+    with pytest.raises(FSCSError, match="not found"):
+        load_pretrain_config(tmp_path / "missing.yaml")
+    cfg = load_pretrain_config(None, ["optim.steps=7", "labels.fold=0"])
+    assert isinstance(cfg, PretrainConfig) and cfg.optim.steps == 7 and cfg.labels.fold == 0
+
+
+def test_export_loads_through_fscs_model_build(tmp_path) -> None:
+    from fscs.model.fscs_model import FSCSModel
+
+    torch.manual_seed(3)
+    vit = build_student_vit("fscs_vit_mini_patch8", 32)
+    path = export_backbone(vit, tmp_path / "bb.safetensors", {"format": "fscs-backbone/1"})
+    model = FSCSModel.build(backbone="fscs_vit_mini_patch8", weights=path, image_size=32)
+    loaded = model.backbone.model.state_dict()
+    for key, value in vit.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    assert model.backbone.identity["weights_sha256"] != "random-init-seed0"
+    resized = FSCSModel.build(backbone="fscs_vit_mini_patch8", weights=path, image_size=48)  # pos_embed resampled
+    assert resized.backbone.grid == (6, 6)
+    x = torch.randn(2, 3, 32, 32)
+    out = model.backbone(x)
+    assert out.q.shape == (2, 4, 17, 32) and math.isfinite(float(out.tokens.sum()))
