@@ -47,14 +47,16 @@ class DataConfig:
 class ModelConfig:
     """The frozen backbone, the pseudo-mask rule and the input size."""
 
-    backbone: str = "fscs_vit_tiny_patch8"
+    backbone: str = "fscs_vit_mini_patch8"
     """Registry name in fscs.model.backbone.BACKBONES."""
-    weights: str | None = None
-    """Local weights file (DINO .pth, timm .pth/.safetensors); null = random init."""
+    weights: str | None = "asset:fscs_vit_mini_patch8.safetensors"
+    """Local weights file (DINO .pth, timm .pth/.safetensors), `asset:NAME` for a file shipped in fscs/assets
+    (the default: the self-supervised offline backbone, pretrained without fold 0's classes); null = random init."""
     image_size: int = 128
     """Square input size of the backbone (the reference uses 400 for ViT-S/8)."""
-    mask_rule: str = "reference"
-    """Pseudo-mask rule of fscs.model.distill (reference = the CST rule)."""
+    mask_rule: str = "otsu_border"
+    """Pseudo-mask rule of fscs.model.distill: reference = the CST rule (use it with DINO weights);
+    otsu_border = per-image Otsu cut with border polarity (the shipped backbone's rule)."""
     mask_threshold: float = 0.4
     """Threshold of the reference rule on (cos + 1) / 2."""
     enhancer_channels: int = 128

@@ -77,9 +77,10 @@ def run_demo(out: Path, shards: Path, nproc: int = 2, quick: bool = False) -> Pa
         print(f"[demo] evaluated {regime} ({time.time() - t0:.0f} s)", flush=True)
     table = results_table(results)
     weights = ModelConfig().weights
-    note = ("" if weights else
-            "\n> Backbone: the offline default ViT is **randomly initialised** (no self-supervised weights ship "
-            "yet), so its attention pseudo-masks are noise and weak-regime numbers mean little.\n")
+    note = ("\n> Backbone: the offline default ViT is **randomly initialised**, so its attention pseudo-masks are "
+            "noise and weak-regime numbers mean little.\n" if not weights else
+            "\n> Backbone: the shipped self-supervised ViT (`fscs/assets/README.md`), pretrained on training-split "
+            "images without fold 0's classes; pseudo-mask rule `otsu_border`. Valid for fold 0 only.\n")
     r0 = results[0]
     report = (f"# fscs demo — synthetic-5i, fold 0\n\nBackbone `{r0['backbone']['name']}` "
               f"({r0['backbone'].get('weights_sha256', 'random-init')[:12]}), {r0['episodes']} episodes per "

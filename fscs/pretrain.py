@@ -387,6 +387,7 @@ def export_backbone(vit: nn.Module, path: str | os.PathLike, metadata: dict[str,
     state = {k: v.detach().float().contiguous().clone() for k, v in vit.state_dict().items()}
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     save_file(state, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
@@ -517,7 +518,7 @@ class Pretrainer:
     # -- logging
     @torch.no_grad()
     def attention_images(self) -> torch.Tensor:
-        """[8, 3, S, 2S]: the fixed images beside the teacher's CLS-key cosine map ((cos + 1) / 2, grey)."""
+        """[8, 3, S, 2S]: the fixed images beside the teacher's CLS-key cosine map (grey, min-max per image)."""
         size = self.cfg.model.image_size
         x = F.interpolate(self.fixed.float() / 255.0, size=(size, size), mode="bilinear", antialias=True,
                           align_corners=False)
@@ -525,7 +526,10 @@ class Pretrainer:
         _, q, k = vit_forward(self.teacher_vit, norm.to(self.device))
         patch = self.teacher_vit.patch_embed.patch_size[0]
         cos = cls_key_cosine(q, k, (size // patch, size // patch)).cpu()
-        heat = F.interpolate(((cos + 1) / 2)[:, None], size=(size, size), mode="nearest").expand(-1, 3, -1, -1)
+        low = cos.flatten(1).amin(1)[:, None, None]
+        high = cos.flatten(1).amax(1)[:, None, None]
+        heat = (cos - low) / (high - low).clamp_min(1e-6)
+        heat = F.interpolate(heat[:, None], size=(size, size), mode="nearest").expand(-1, 3, -1, -1)
         return torch.cat([x, heat.clamp(0, 1)], dim=-1)
 
     def export(self) -> Path:

@@ -140,11 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
+    from fscs import assets
     from fscs.config import ModelConfig
 
     defaults = ModelConfig()
+    if defaults.weights is None:  # the config does not name weights yet: measure the shipped default
+        defaults = ModelConfig(backbone=assets.DEFAULT_BACKBONE, weights=str(assets.DEFAULT_BACKBONE_WEIGHTS),
+                               image_size=assets.DEFAULT_IMAGE_SIZE, mask_rule=assets.DEFAULT_MASK_RULE)
     name = args.backbone or defaults.backbone
-    weights = args.weights if args.weights is not None else defaults.weights
+    weights = assets.resolve_weights(args.weights if args.weights is not None else defaults.weights)
     size = args.image_size or defaults.image_size
     default_rule = args.default_rule or defaults.mask_rule
     rules = [r for r in args.rules.split(",") if r]
