@@ -105,6 +105,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="run directory holding checkpoint.pt (under torchrun write --run-dir: torchrun "
                          "mistakes a bare --run for its own --run-path); or use --suite with --runs")
     be.add_argument("--out", type=Path, default=None, help="results directory (default RUN/results)")
+    be.add_argument("--reference-checkpoint", type=Path, default=None, metavar="CKPT",
+                    help="evaluate the authors' released CST checkpoint (Lightning .ckpt) instead of a run; "
+                         "loaded without unpickling code")
+    be.add_argument("--backbone-weights", type=Path, default=None, metavar="PTH",
+                    help="with --reference-checkpoint: the DINO weights file (dino_deitsmall8_300ep_pretrain.pth)")
     be.add_argument("--save-predictions", type=Path, default=None, metavar="DIR",
                     help="write every episode's manifest entry, presence per way and predicted mask (index PNG "
                          "at the original query size) under DIR/<setting>/")
@@ -193,18 +198,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite is not None or args.runs:
         return _cmd_bench_suite(args)
-    if args.run is None:
-        raise FSCSError("bench needs --run-dir RUN (one run) or --suite FILE --runs RUN... (a suite)")
+    if args.run is None and args.reference_checkpoint is None:
+        raise FSCSError("bench needs --run-dir RUN (one run), --reference-checkpoint CKPT (the authors' head) "
+                        "or --suite FILE --runs RUN... (a suite)")
     from fscs import distributed
-    from fscs.bench.runner import bench_run, load_run
+    from fscs.bench.runner import bench_run, load_reference_run, load_run
     from fscs.config import load_config
 
     env = distributed.resolve_env()
     distributed.init(env)
-    loaded = load_run(args.run)
-    cfg = load_config(None, args.overrides, base_cfg=loaded.cfg)
-    bench_run(loaded, cfg, env, args.out or Path(args.run) / "results", regime=args.regime,
-              save_predictions=args.save_predictions)
+    if args.reference_checkpoint is not None:
+        loaded = load_reference_run(args.reference_checkpoint, args.backbone_weights, args.overrides)
+        cfg, out = loaded.cfg, args.out or Path(args.reference_checkpoint).with_suffix("").with_name(
+            Path(args.reference_checkpoint).stem + "_results")
+    else:
+        loaded = load_run(args.run)
+        cfg, out = load_config(None, args.overrides, base_cfg=loaded.cfg), args.out or Path(args.run) / "results"
+    bench_run(loaded, cfg, env, out, regime=args.regime, save_predictions=args.save_predictions)
     distributed.finish(0)
 
 

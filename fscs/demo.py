@@ -20,7 +20,7 @@ SETTINGS = ("1w1s", "2w1s")
 def _budget(quick: bool) -> dict[str, int]:
     if quick:
         return {"images": 600, "epochs": 1, "steps": 4, "batch": 4, "episodes": 40}
-    return {"images": 6000, "epochs": 3, "steps": 25, "batch": 8, "episodes": 300}
+    return {"images": 6000, "epochs": 4, "steps": 100, "batch": 8, "episodes": 1000}
 
 
 def _torchrun(nproc: int, args: list[str], log: Path) -> None:

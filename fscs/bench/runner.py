@@ -74,6 +74,26 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     return LoadedRun(cfg, model.eval(), path, file_sha256(path))
 
 
+def load_reference_run(checkpoint: str | os.PathLike, backbone_weights: str | os.PathLike | None,
+                       overrides: Sequence[str] = ()) -> LoadedRun:
+    """The authors' released CST checkpoint (Lightning .ckpt, head keys 'learner.*') as a run of this harness.
+
+    The backbone defaults to the paper's setting (DINO ViT-S/8, 400 px, the reference pseudo-mask rule,
+    weak regime); `overrides` (key=value) set the data, the fold and the bench keys, or change the backbone.
+    """
+    from fscs.config import load_config
+    from fscs.train import build_model
+
+    base = ["name=reference", "model.backbone=vit_small_patch8_224.dino", "model.image_size=400",
+            "model.mask_rule=reference", "model.mask_threshold=0.4", "train.regime=weak",
+            f"model.weights={backbone_weights}" if backbone_weights else "model.weights=null"]
+    cfg = load_config(None, [*base, *overrides])
+    model = build_model(cfg)
+    model.load_reference_checkpoint(checkpoint)
+    path = Path(checkpoint)
+    return LoadedRun(cfg, model.eval(), path, file_sha256(path))
+
+
 def regime_label(cfg: RunConfig) -> str:
     """A run's training regime as a leaderboard label: 'weak', 'full' or 'mixed@<gt_fraction>'."""
     regime = str(cfg.train.regime)

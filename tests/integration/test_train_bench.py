@@ -136,3 +136,30 @@ def test_saved_predictions_recompute_the_metrics(weak_run, shards, tmp_path):
         metric.update(pred, episodic_target(gt, ep["classes"]), ep["classes"], np.array(e["presence"]),
                       np.array(true, dtype=bool), episode_index=ep["index"])
     assert json.loads(json.dumps(metric.compute())) == result["metrics"]
+
+
+def test_bench_reference_checkpoint(shards, tmp_path):
+    """The authors' released head format (Lightning .ckpt, 'learner.*' keys + pickled hparams) benchmarks
+    in this harness with DINO-format backbone weights (generated here: ViT-S/16 at 64 px, same 72 channels)."""
+    import argparse as ap
+
+    import torch
+
+    from fscs.model.backbone import FrozenBackbone
+    from fscs.model.cst import CSTHead, _reference_module_map
+
+    reverse = {ours: ref for ref, ours in _reference_module_map().items()}
+    head_sd = CSTHead(in_channels=72).state_dict()
+    ref = {f"learner.{reverse[k.rpartition('.')[0]]}.{k.rpartition('.')[2]}": v for k, v in head_sd.items()}
+    ckpt = tmp_path / "fold0.ckpt"
+    torch.save({"state_dict": ref, "hyper_parameters": ap.Namespace(lr=1e-3)}, ckpt)
+    dino = tmp_path / "dino_vits16.pth"
+    torch.save(FrozenBackbone("vit_small_patch16_224.dino", None, 224).model.state_dict(), dino)
+    out = tmp_path / "res"
+    _fscs(["bench", "--reference-checkpoint", str(ckpt), "--backbone-weights", str(dino), "--out", str(out),
+           f"data.shards={shards}", "model.backbone=vit_small_patch16_224.dino", "model.image_size=64",
+           "bench.settings=[1w1s]", "bench.episodes=6", "bench.bootstrap=0"])
+    res = json.loads(next(out.glob("*.json")).read_text())
+    assert res["regime"] == "weak" and res["metrics"]["episodes"] == 6
+    assert res["checkpoint"].endswith("fold0.ckpt") and len(res["checkpoint_sha256"]) == 64
+    assert res["backbone"]["name"] == "vit_small_patch16_224.dino"
