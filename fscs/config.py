@@ -149,11 +149,12 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
 
-def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+def dataclass_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every leaf key of a nested config dataclass, dotted ('train.lr', ...), for 'did you mean' hints."""
     keys = []
     for f in fields(cls):
         if is_dataclass(f.type) or (isinstance(f.default_factory, type) and is_dataclass(f.default_factory)):
-            keys += _valid_keys(f.default_factory, prefix + f.name + ".")  # type: ignore[arg-type]
+            keys += dataclass_keys(f.default_factory, prefix + f.name + ".")  # type: ignore[arg-type]
         else:
             keys.append(prefix + f.name)
     return keys
@@ -163,7 +164,7 @@ def _one_line(exc: OmegaConfBaseException, source: str) -> FSCSError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
     if isinstance(exc, ConfigKeyError) or "not in struct" in msg or "' not in '" in msg:
-        valid = _valid_keys(RunConfig)
+        valid = dataclass_keys(RunConfig)
         near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5) or [
             k for k in valid if k.startswith(key.split(".")[0] + ".")
         ][:8] or sorted({k.split(".")[0] for k in valid})

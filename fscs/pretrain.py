@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
+from fscs.config import dataclass_keys
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fscs.distributed import DistEnv
@@ -156,14 +157,6 @@ class PretrainConfig:
         return Path(self.export) if self.export else self.run_dir / "backbone.safetensors"
 
 
-def _keys(cls: type, prefix: str = "") -> list[str]:
-    out = []
-    for f in fields(cls):
-        sub = f.default_factory if isinstance(f.default_factory, type) else None  # type: ignore[misc]
-        out += _keys(sub, f"{prefix}{f.name}.") if sub is not None and is_dataclass(sub) else [prefix + f.name]
-    return out
-
-
 def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None
                          ) -> PretrainConfig:
     """Defaults <- YAML <- `key=value` overrides; unknown keys and bad values raise a one-line FSCSError."""
@@ -181,7 +174,7 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        near = difflib.get_close_matches(str(key), _keys(PretrainConfig), n=3, cutoff=0.5)
+        near = difflib.get_close_matches(str(key), dataclass_keys(PretrainConfig), n=3, cutoff=0.5)
         hint = f"; did you mean: {', '.join(near)}" if near else ""
         raise FSCSError(f"bad pretrain config key '{key}' in {source}: {str(exc).splitlines()[0]}{hint}") from None
     out: PretrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
