@@ -20,8 +20,8 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["model.image_size=64", "data.batch_size=2", "data.num_workers=1", "data.buffer_per_class=16",
-         "train.steps_per_epoch=8", "train.epochs=3", "train.log_every=1"]
-STEPS = 24
+         "train.steps_per_epoch=32", "train.epochs=3", "train.log_every=1"]
+STEPS = 96  # ~10 steps/s here: the second signal must land with many steps still to go
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +101,14 @@ def requeued(launcher, cluster, shards, tmp_path_factory):
     try:
         _wait(job, cluster, "a first checkpoint", lambda: _latest(run) >= 1)
         cluster.run(["scontrol", "requeue", job.job_id])  # SIGTERM now, the job runs again after the hold
-        first = _latest(run)
         reference = _torchrun_reference(shards, out)
-        _wait(job, cluster, "progress after the requeue",
-              lambda: cluster.job_info(job.job_id).get("Restarts") == "1" and _latest(run) > first + 1)
-        job._interrupt(timeout=True)  # scancel --signal USR2, as submitit's `--signal=USR2@delay`
+        # the first start's SIGTERM checkpoint is final once the second start has logged itself
+        _wait(job, cluster, "the second start", lambda: "task 0/2 start 2 " in (job.stderr() or ""))
+        first = _latest(run)
+        _wait(job, cluster, "progress after the requeue", lambda: _latest(run) > first)
         second = _latest(run)
+        assert second < STEPS - 20, f"the job ran to step {second} of {STEPS} before the signal could be sent"
+        job._interrupt(timeout=True)  # scancel --signal USR2, as submitit's `--signal=USR2@delay`
         _wait(job, cluster, "completion", timeout=180)
         log, _ = reference.communicate(timeout=180)
         assert reference.returncode == 0, log[-3000:]
