@@ -160,16 +160,47 @@ def dataclass_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _one_line(exc: OmegaConfBaseException, source: str) -> FSCSError:
+def _one_line(exc: OmegaConfBaseException, source: str, schema: type, what: str = "config") -> FSCSError:
+    """An OmegaConf error -> one line naming the key, where it came from, and the fix."""
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0]
+    if "issing mandatory value" in msg:
+        return FSCSError(f"{what} key '{key}' is required in {source}; add `{key}: ...`")
     if isinstance(exc, ConfigKeyError) or "not in struct" in msg or "' not in '" in msg:
-        valid = dataclass_keys(RunConfig)
+        valid = dataclass_keys(schema)
         near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5) or [
             k for k in valid if k.startswith(key.split(".")[0] + ".")
         ][:8] or sorted({k.split(".")[0] for k in valid})
-        return FSCSError(f"unknown config key '{key}' in {source}; did you mean: {', '.join(near)}")
-    return FSCSError(f"bad value for config key '{key}' in {source}: {msg}")
+        return FSCSError(f"unknown {what} key '{key}' in {source}; did you mean: {', '.join(near)}")
+    return FSCSError(f"bad value for {what} key '{key}' in {source}: {msg}")
+
+
+def load_structured(schema: Any, path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+                    what: str = "config", example: str = "train.lr=5e-4",
+                    not_found: str = "pass an existing YAML (see configs/)") -> Any:
+    """Structured defaults (a config dataclass or an instance of one) <- YAML file <- `key=value` overrides.
+
+    Returns the dataclass object. An unknown, missing or mistyped key, a missing file or an override without
+    '=' is a one-line FSCSError naming `what`, the key, its source (file or override) and the fix. Used by
+    every YAML-configured entry point (train/bench config, pretrain config, benchmark suites).
+    """
+    schema_type = schema if isinstance(schema, type) else type(schema)
+    cfg = OmegaConf.structured(schema)
+    source = "the defaults"
+    try:
+        if path is not None:
+            source = str(path)
+            if not Path(path).is_file():
+                raise FSCSError(f"{what} file '{path}' not found; {not_found}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides or []:
+            source = f"override '{item}'"
+            if "=" not in item:
+                raise FSCSError(f"override '{item}' is not key=value (example: {example})")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, source, schema_type, what) from None
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -227,23 +258,7 @@ def load_config(
     path: str | os.PathLike | None = None, overrides: list[str] | None = None, base_cfg: RunConfig | None = None
 ) -> RunConfig:
     """Defaults (or base_cfg) <- YAML file <- `key=value` overrides; returns a validated RunConfig."""
-    base = OmegaConf.structured(base_cfg if base_cfg is not None else RunConfig)
-    try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise FSCSError(f"config file '{p}' not found; pass an existing YAML (see configs/)")
-            base = OmegaConf.merge(base, OmegaConf.load(p))
-    except OmegaConfBaseException as exc:
-        raise _one_line(exc, str(path)) from None
-    for item in overrides or []:
-        if "=" not in item:
-            raise FSCSError(f"override '{item}' is not key=value (example: train.lr=5e-4)")
-        try:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as exc:
-            raise _one_line(exc, f"override '{item}'") from None
-    cfg: RunConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    cfg: RunConfig = load_structured(base_cfg if base_cfg is not None else RunConfig, path, overrides)
     _validate(cfg)
     return cfg
 
@@ -257,7 +272,7 @@ def config_from_dict(data: dict) -> RunConfig:
     try:
         cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
     except OmegaConfBaseException as exc:
-        raise _one_line(exc, "stored config") from None
+        raise _one_line(exc, "stored config", RunConfig) from None
     return cfg  # type: ignore[return-value]
 
 

@@ -8,7 +8,6 @@ memory from the shards (uint8), so the data order is a pure function of the step
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging
 import math
@@ -24,10 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch.nn.parallel import DistributedDataParallel
 
-from fscs.config import dataclass_keys
+from fscs.config import load_structured
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fscs.distributed import DistEnv
@@ -160,24 +158,8 @@ class PretrainConfig:
 def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None
                          ) -> PretrainConfig:
     """Defaults <- YAML <- `key=value` overrides; unknown keys and bad values raise a one-line FSCSError."""
-    cfg = OmegaConf.structured(PretrainConfig)
-    source = str(path)
-    try:
-        if path is not None:
-            if not Path(path).is_file():
-                raise FSCSError(f"pretrain config '{path}' not found; pass an existing YAML (configs/pretrain.yaml)")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        for item in overrides or []:
-            source = f"override '{item}'"
-            if "=" not in item:
-                raise FSCSError(f"override '{item}' is not key=value (example: optim.steps=500)")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        near = difflib.get_close_matches(str(key), dataclass_keys(PretrainConfig), n=3, cutoff=0.5)
-        hint = f"; did you mean: {', '.join(near)}" if near else ""
-        raise FSCSError(f"bad pretrain config key '{key}' in {source}: {str(exc).splitlines()[0]}{hint}") from None
-    out: PretrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    out: PretrainConfig = load_structured(PretrainConfig, path, overrides, what="pretrain config",
+                                          example="optim.steps=500", not_found="pass configs/pretrain.yaml")
     if out.optim.precision not in ("fp32", "bf16"):
         raise FSCSError(f"pretrain config key 'optim.precision' is '{out.optim.precision}'; use fp32 or bf16")
     if out.dino.weight <= 0 and out.labels.fold is None:

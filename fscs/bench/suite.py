@@ -6,21 +6,20 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from fscs.bench.metrics import FSCSMetric
+from fscs.bench.metrics import FSCSMetric, format_metrics
 from fscs.bench.runner import (
     EvalJob, LoadedRun, _device, evaluate_jobs, label_gt_fraction, load_run, regime_label, run_metadata,
     write_json_atomic, write_result,
 )
-from fscs.config import parse_setting
+from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
 from fscs.data.shards import read_index
 from fscs.data.types import Sample
@@ -103,28 +102,9 @@ def _check(suite: SuiteConfig, source: str) -> None:
 
 def load_suite(path: str | os.PathLike, overrides: list[str] | None = None) -> SuiteConfig:
     """Suite YAML (+ `key=value` overrides) -> validated SuiteConfig; bad/unknown keys are one-line errors."""
-    p = Path(path)
-    if not p.is_file():
-        raise FSCSError(f"suite file '{p}' not found; pass one of benchmarks/suites/*.yaml")
-    base = OmegaConf.structured(SuiteConfig)
-    valid = ", ".join(f.name for f in fields(SuiteConfig))
-    source = str(p)
-    try:
-        base = OmegaConf.merge(base, OmegaConf.load(p))
-        for item in overrides or []:
-            source = f"{p} (override '{item}')"
-            if "=" not in item:
-                raise FSCSError(f"suite override '{item}' is not key=value (example: episodes=200)")
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
-        suite: SuiteConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
-        msg = str(exc).splitlines()[0]
-        if "issing mandatory value" in msg:
-            raise FSCSError(f"suite {source}: key '{key}' is required; add `{key}: ...`") from None
-        if "not in struct" in msg or "' not in '" in msg or type(exc).__name__ == "ConfigKeyError":
-            raise FSCSError(f"suite {source}: unknown key '{key}'; valid keys: {valid}") from None
-        raise FSCSError(f"suite {source}: bad value for key '{key}': {msg}") from None
+    suite: SuiteConfig = load_structured(SuiteConfig, path, overrides, what="suite", example="episodes=200",
+                                         not_found="pass one of benchmarks/suites/*.yaml")
+    source = f"{path}" + (f" (overrides {' '.join(overrides)})" if overrides else "")
     _check(suite, source)
     return suite
 
@@ -278,9 +258,8 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
             for k, res in zip(todo, evals):
                 run, reg = jobs[k]
                 res.update(run_metadata(run), suite=suite.name)
-                m = res["metrics"]
-                logger.info("%s [%s, test %s] fold %d %s: ER %.1f mIoU %.1f FB-IoU %.1f", run.cfg.name,
-                            regime_label(run.cfg), reg, fold, setting, m["er"], m["miou"], m["fbiou"])
+                logger.info("%s [%s, test %s] fold %d %s: %s", run.cfg.name, regime_label(run.cfg), reg, fold,
+                            setting, format_metrics(res["metrics"], res["segmentation_episodes"]))
                 if env.is_main:
                     write_result(res, paths[k], manifest_dir=out / "manifests")
     if env.is_main:

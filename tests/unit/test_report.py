@@ -34,7 +34,7 @@ def test_shipped_suites_load(name, episodes):
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("name: a\ndataset: d\nepisode: 3\n", "unknown key 'episode'"),
+    ("name: a\ndataset: d\nepisode: 3\n", "unknown suite key 'episode'"),
     ("dataset: d\n", "key 'name' is required"),
     ("name: a\ndataset: d\nregimes: [weak, mixed@1.5]\n", "mixed@1.5"),
     ("name: a\ndataset: d\nsettings: [1way1shot]\n", "1way1shot"),
