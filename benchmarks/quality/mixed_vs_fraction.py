@@ -27,7 +27,6 @@ from fscs.config import RunConfig, load_config
 from fscs.data.shards import load_samples, read_index
 from fscs.data.transforms import resize_mask, to_tensor_image
 from fscs.distributed import DistEnv
-from fscs.model.enhancer import per_head_cosine
 from fscs.model.fscs_model import FSCSModel
 from fscs.train import Trainer
 
@@ -88,11 +87,10 @@ def mask_iou(models: dict[str, FSCSModel], args: argparse.Namespace) -> dict[str
         feats = any_model.features(images)
         preds = {"attention rule": any_model.distiller.support_masks(feats.q, feats.k, grid, size).bool(),
                  "all foreground": torch.ones_like(gt)}
-        maps = per_head_cosine(feats.q, feats.k, grid)
         for label, model in models.items():
             enh = model.enhancer
             assert enh is not None
-            preds[f"enhancer of {label}"] = enh.probs(enh(maps), (size, size)) > 0.5
+            preds[f"enhancer of {label}"] = enh.probs(model.enhancer_logits(feats.q, feats.k), (size, size)) > 0.5
         for method, pred in preds.items():
             for p, g, kp in zip(pred, gt, keep):
                 stats.setdefault(method, []).append((int((p & g & kp).sum()), int(((p | g) & kp).sum())))

@@ -37,38 +37,40 @@ def per_head_cosine(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> 
 
 
 class PseudoMaskEnhancer(nn.Module):
-    """Refines attention pseudo-masks from the h per-head CLS-key cosine maps of the last block.
+    """Refines rule pseudo-masks from the h per-head CLS-key cosine maps of the last block.
 
-    Body (cst.md's sketch): conv h->C 3x3, ReLU, conv C->C 3x3, ReLU, conv C->1 3x3 (padding 1, C = 128).
-    Added to the body's logit: a rule prior `prior_scale * (mean_h(cos) - prior_center)` with learnable
-    scale/center initialised so that sigmoid(logit) > 0.5 <=> (mean cos + 1) / 2 > threshold, i.e. the CST
-    reference rule; the last conv is zero-initialised, so an untrained enhancer reproduces the reference
-    pseudo-mask and training only has to learn corrections.
+    Input: the h per-head cosine maps and the configured rule's mask on the token grid (`model.mask_rule`,
+    as {0, 1}; fed as a +-1 channel). Body (cst.md's sketch, one extra input channel for the rule): conv
+    (h+1)->C 3x3, ReLU, conv C->C 3x3, ReLU, conv C->1 3x3 (padding 1, C = 128). Added to the body's logit:
+    a rule prior `prior_scale * (rule - 1/2)` with a learnable scale initialised to 8 (logit +-4). The last
+    conv is zero-initialised, so an untrained enhancer reproduces the configured rule on the token grid,
+    whichever rule that is, and training only has to learn corrections.
     """
 
-    def __init__(self, num_heads: int, channels: int = 128, threshold: float = 0.4,
-                 prior_scale: float = DEFAULT_PRIOR_SCALE):
+    def __init__(self, num_heads: int, channels: int = 128, prior_scale: float = DEFAULT_PRIOR_SCALE):
         super().__init__()
-        if num_heads < 1 or channels < 1 or not 0.0 < threshold < 1.0:
-            raise FSCSError(f"enhancer: num_heads={num_heads}, channels={channels}, threshold={threshold} "
-                            "invalid; set model.enhancer_channels >= 1 and model.mask_threshold in (0, 1)")
+        if num_heads < 1 or channels < 1:
+            raise FSCSError(f"enhancer: num_heads={num_heads}, channels={channels} invalid; set "
+                            "model.enhancer_channels >= 1")
         self.num_heads, self.channels = int(num_heads), int(channels)
         self.body = nn.Sequential(
-            nn.Conv2d(num_heads, channels, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(num_heads + 1, channels, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(channels, 1, 3, padding=1),
         )
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
         self.prior_scale = nn.Parameter(torch.tensor(float(prior_scale)))
-        self.prior_center = nn.Parameter(torch.tensor(2.0 * threshold - 1.0))
 
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        """maps [M, h, gh, gw] per-head cosines -> foreground logits [M, gh, gw] on the token grid."""
+    def forward(self, maps: torch.Tensor, rule: torch.Tensor) -> torch.Tensor:
+        """maps [M, h, gh, gw] per-head cosines, rule [M, gh, gw] {0, 1} -> fg logits [M, gh, gw] (grid)."""
         if maps.ndim != 4 or maps.shape[1] != self.num_heads:
             raise ValueError(f"enhancer expects maps [M, {self.num_heads}, gh, gw], got {tuple(maps.shape)}")
-        prior = self.prior_scale * (maps.mean(dim=1) - self.prior_center)
-        return self.body(maps)[:, 0] + prior
+        if tuple(rule.shape) != (maps.shape[0], *maps.shape[2:]):
+            raise ValueError(f"enhancer rule masks {tuple(rule.shape)} do not match maps {tuple(maps.shape)}")
+        rule = rule.to(maps.dtype)
+        x = torch.cat([maps, (2.0 * rule - 1.0)[:, None]], dim=1)
+        return self.body(x)[:, 0] + self.prior_scale * (rule - 0.5)
 
     @staticmethod
     def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -114,7 +114,7 @@ class FSCSModel(nn.Module):
                                 f"not {channels}")
             return current
         device = next(self.head.parameters()).device
-        enh = PseudoMaskEnhancer(self.backbone.num_heads, channels, threshold=self.distiller.threshold)
+        enh = PseudoMaskEnhancer(self.backbone.num_heads, channels)
         enh = enh.to(device)
         self.head.add_module("enhancer", enh)
         return enh
@@ -161,28 +161,41 @@ class FSCSModel(nn.Module):
         query = (per_shot.view(b, n, k, *size).mean(dim=2) >= 0.5).to(per_shot.dtype)
         return support, query
 
+    def enhancer_logits(self, q: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:
+        """Enhancer grid logits [M, gh, gw] for CLS queries q [M, h, 1+T', dh] (or [M, h, dh]) against image
+        keys k_img [M, h, 1+T, dh] (or [M, h, T, dh]) on the backbone grid; carries gradients when enabled."""
+        enh = self.enhancer
+        if enh is None:
+            raise FSCSError("the mixed regime needs a pseudo-mask enhancer: build the model with "
+                            "FSCSModel.build(..., enhancer=True) (train.regime=mixed does this)")
+        grid = self.backbone.grid
+        rule = self.distiller.support_masks(q, k_img, grid, grid)  # the configured rule on the token grid
+        return enh(per_head_cosine(q, k_img, grid), rule)
+
     def enhanced_masks(
         self, feats: EpisodeFeatures, query_presence: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Enhanced pseudo-masks and the enhancer's grid logits (the logits carry gradients when enabled).
 
         Returns support masks [B, N, K, S, S] {0,1} (sigmoid > 0.5 of the enhancer on the support's own
-        per-head CLS-key maps), query masks [B, N, S, S] {0,1} (mean over shots of the probabilities on the
+        per-head CLS-key maps; a support image always shows its class, so an empty enhanced mask falls back
+        to the rule's mask), query masks [B, N, S, S] {0,1} (mean over shots of the probabilities on the
         support-CLS-vs-query maps > 0.5, zeroed where query_presence == 0), and support / query logits
         [B, N, K, gh, gw].
         """
-        enh = self.enhancer
-        if enh is None:
-            raise FSCSError("the mixed regime needs a pseudo-mask enhancer: build the model with "
-                            "FSCSModel.build(..., enhancer=True) (train.regime=mixed does this)")
         b, n, k, size, grid = feats.batch, feats.way, feats.shot, feats.size, self.backbone.grid
         k_query = feats.query_k.repeat_interleave(n * k, dim=0)
-        maps = torch.cat([per_head_cosine(feats.support_q, feats.support_k, grid),
-                          per_head_cosine(feats.support_q, k_query, grid)])  # [2*B*N*K, h, gh, gw]
-        logits = enh(maps)
+        logits = self.enhancer_logits(torch.cat([feats.support_q, feats.support_q]),
+                                      torch.cat([feats.support_k, k_query]))
+        enh = self.enhancer
         s_logits, q_logits = logits.view(2, b, n, k, *grid).unbind(0)
-        support = (enh.probs(s_logits.flatten(0, 2), size) > 0.5).float().view(b, n, k, *size)
-        query = (enh.probs(q_logits.flatten(0, 2), size).view(b, n, k, *size).mean(2) > 0.5).float()
+        support = (enh.probs(s_logits.flatten(0, 2), size) > 0.5).float()  # type: ignore[union-attr]
+        empty = support.flatten(1).amax(1) == 0
+        if bool(empty.any()):
+            rule = self.distiller.support_masks(feats.support_q[empty], feats.support_k[empty], grid, size)
+            support[empty] = rule.to(support.dtype)
+        support = support.view(b, n, k, *size)
+        query = (enh.probs(q_logits.flatten(0, 2), size).view(b, n, k, *size).mean(2) > 0.5).float()  # type: ignore[union-attr]
         if query_presence is not None:
             query = query * query_presence.to(query.device).bool()[..., None, None].to(query.dtype)
         return support, query, s_logits, q_logits

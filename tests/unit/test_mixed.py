@@ -151,8 +151,10 @@ def test_mixed_forward_shapes_and_gt_substitution(model, monkeypatch):
     assert mixed.pseudo_support.shape == (2, 2, 3, S, S) and mixed.pseudo_query.shape == (2, 2, S, S)
     assert mixed.enhancer_support_logits.shape == mixed.enhancer_query_logits.shape == (2, 2, 3, 4, 4)
     assert not mixed.pseudo_query[0, 1].any() and not mixed.pseudo_query[1, 0].any()  # absent -> empty
-    # the untrained enhancer (zero last conv + rule prior) starts exactly at the reference rule
-    assert torch.equal(mixed.pseudo_support, weak.pseudo_support)
+    # the untrained enhancer (zero last conv + rule prior) starts at the configured rule on the token grid
+    grid = model.backbone.grid
+    rule_grid = model.distiller.support_masks(feats.support_q, feats.support_k, grid, grid)
+    assert torch.equal(mixed.enhancer_support_logits.flatten(0, 2) > 0, rule_grid.bool())
     # GT support masks replace the enhanced ones exactly where support_has_gt is set
     gt = torch.zeros(2, 2, 3, S, S)
     gt[..., 8:20, 8:20] = 1
@@ -177,30 +179,52 @@ def test_mixed_forward_shapes_and_gt_substitution(model, monkeypatch):
         plain.decode_episode(plain.encode_episode(q, s), regime="mixed")
 
 
+@pytest.mark.parametrize("rule", ["otsu_border", "reference"])
+def test_untrained_enhancer_follows_the_rule_and_empty_supports_fall_back(rule):
+    m = FSCSModel.build(backbone="fscs_vit_mini_patch8", weights="asset:fscs_vit_mini_patch8.safetensors",
+                        image_size=S, mask_rule=rule, enhancer=True).eval()
+    g = torch.Generator().manual_seed(3)
+    q, s = torch.rand(2, 3, S, S, generator=g), torch.rand(2, 1, 2, 3, S, S, generator=g)
+    with torch.no_grad():
+        feats = m.encode_episode(q, s)
+        grid = m.backbone.grid
+        rule_grid = m.distiller.support_masks(feats.support_q, feats.support_k, grid, grid)
+        logits = m.enhancer_logits(feats.support_q, feats.support_k)
+        assert torch.equal(logits > 0, rule_grid.bool())
+        assert rule != "otsu_border" or (rule_grid.any() and not rule_grid.all())
+        weak_support, _ = m.pseudo_masks(feats)
+        m.enhancer.prior_scale.fill_(0.0)
+        m.enhancer.body[-1].bias.fill_(-10.0)  # an enhancer that has collapsed to empty masks
+        support, query, _, _ = m.enhanced_masks(feats)
+    assert torch.equal(support, weak_support)  # a support always shows its class: the rule's mask instead
+    assert not query.any()
+
+
 def test_enhancer_trains_on_a_tiny_set():
     torch.manual_seed(0)
     maps = torch.rand(12, 3, 8, 8) * 2 - 1
     # toy target: where head 0 exceeds head 1 (the mean-cosine prior alone cannot express it)
     target = PseudoMaskEnhancer.upsample(maps[:, 0] - maps[:, 1], (S, S)).gt(0).long()
     target[:, :2] = 255  # an ignored band
+    rule = maps.mean(1).gt(0).float()  # a rule that cannot express the target
     enh = PseudoMaskEnhancer(num_heads=3, channels=32)
     opt = torch.optim.Adam(enh.parameters(), lr=1e-2)
     valid = torch.ones(12, dtype=torch.bool)
     valid[-1] = False
     losses = []
     for _ in range(30):
-        loss, count = enhancer_loss(enh(maps), target, valid)
+        loss, count = enhancer_loss(enh(maps, rule), target, valid)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert int(count) == 11
     assert losses[-1] < 0.6 * losses[0], losses
-    pred = enh.probs(enh(maps), (S, S)) > 0.5
+    pred = enh.probs(enh(maps, rule), (S, S)) > 0.5
     keep = target != 255
     assert (pred == target.bool())[keep].float().mean() > 0.85
     # no valid map: zero loss that still reaches every parameter (DDP needs a gradient for each)
-    zero, _ = enhancer_loss(enh(maps), target, torch.zeros(12, dtype=torch.bool))
+    zero, _ = enhancer_loss(enh(maps, rule), target, torch.zeros(12, dtype=torch.bool))
     enh.zero_grad()
     zero.backward()
     assert zero.item() == 0.0 and all(p.grad is not None for p in enh.parameters())
