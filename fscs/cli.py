@@ -216,6 +216,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cfg, out = load_config(None, args.overrides, base_cfg=loaded.cfg), args.out or Path(args.run) / "results"
     bench_run(loaded, cfg, env, out, regime=args.regime, save_predictions=args.save_predictions)
     distributed.finish(0)
+    return 0
 
 
 def _cmd_shards_folder(args: argparse.Namespace) -> int:

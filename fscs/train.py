@@ -257,23 +257,26 @@ class Trainer:
         finally:
             self.engine.train(True)
         m = res["metrics"]
-        sel = self.selection or {"criterion": "select mIoU", "role": "select",
+        # select mIoU; select ER when no select image has a mask (image-level labels only: mIoU is None)
+        key, name = ("miou", "select mIoU") if m["miou"] is not None else ("er", "select ER")
+        sel = self.selection or {"criterion": name, "role": "select",
                                  "setting": f"{d.way}w{d.shot}s", "episodes": n,
                                  "manifest_hash": res["manifest_hash"], "checkpoint": BEST,
                                  "value": None, "epoch": None, "step": None, "history": []}
         sel["history"].append({"epoch": self.epoch, "step": self.step, "miou": m["miou"], "er": m["er"],
                                "fbiou": m["fbiou"]})
+        measured = [k for k in ("er", "miou", "fbiou") if m[k] is not None]
         if self.history:
-            self.history[-1].update({f"val/{k}": m[k] for k in ("er", "miou", "fbiou")})
+            self.history[-1].update({f"val/{k}": m[k] for k in measured})
         if self.writer:
-            for k in ("er", "miou", "fbiou"):
+            for k in measured:
                 self.writer.add_scalar(f"val/{k}", m[k], self.step)
-        improved = sel["value"] is None or m["miou"] > sel["value"]
+        improved = sel["value"] is None or m[key] > sel["value"]
         if improved:
-            sel.update(value=m["miou"], epoch=self.epoch, step=self.step)
+            sel.update(value=m[key], epoch=self.epoch, step=self.step)
         self.selection = sel
-        logger.info("model selection after epoch %d: select mIoU %.2f (best %.2f at epoch %d)", self.epoch,
-                    m["miou"], sel["value"], sel["epoch"])
+        logger.info("model selection after epoch %d: %s %.2f (best %.2f at epoch %d)", self.epoch, name,
+                    m[key], sel["value"], sel["epoch"])
         if improved:
             head = self.engine.head_state_dict()  # every rank (collective for DeepSpeed)
             if self.env.is_main:

@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = 255
 # Leading columns of a per-episode record; then I of each fold class, then U of each fold class.
+# An episode whose query has no mask is recorded with zeros in every I/U column: it counts for ER only
+# (see has_segmentation).
 RECORD_HEAD = ("episode_index", "er_correct", "bg_i", "bg_u", "fg_i", "fg_u")
 _BOOT_CELLS = 4_000_000  # resample rows x episodes materialised at once in bootstrap_ci
 
@@ -28,6 +30,72 @@ def _as_long_tensor(x: Any, name: str) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x, dtype=np.int64))
     except (TypeError, ValueError) as exc:
         raise FSCSError(f"metrics: {name} must be an array of integers (got {type(x).__name__})") from exc
+
+
+def has_segmentation(records: np.ndarray) -> np.ndarray:
+    """bool [E]: which episodes of records [E, 6 + 2C] were scored for segmentation (bg_u + fg_u > 0).
+
+    Every scored pixel lies in the background or the foreground union, so this is False exactly for
+    episodes without a query mask (and for a query whose mask ignores every pixel).
+    """
+    rec = np.asarray(records)
+    return (rec[:, 3] + rec[:, 5]) > 0
+
+
+def _resampled_sums(values: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Column sums [num_samples, F] of `num_samples` bootstrap resamples (E rows with replacement) of
+    values [E, F] (per-episode count vector x value matrix, chunked to bound memory)."""
+    e = values.shape[0]
+    chunk = max(1, _BOOT_CELLS // e)
+    sums = []
+    for start in range(0, num_samples, chunk):
+        b = min(chunk, num_samples - start)
+        idx = rng.integers(0, e, size=(b, e))
+        counts = np.bincount((idx + np.arange(b)[:, None] * e).ravel(), minlength=b * e).reshape(b, e)
+        sums.append(counts.astype(np.float64) @ values)
+    return np.concatenate(sums, axis=0)
+
+
+def _segmentation_from_sums(s: np.ndarray, c_num: int) -> dict[str, np.ndarray]:
+    """mIoU and FB-IoU (x100) from summed record columns 1.. (er, bg_i, bg_u, fg_i, fg_u, I..., U...)."""
+    bg = s[:, 1] / np.maximum(s[:, 2], 1.0)
+    fg = s[:, 3] / np.maximum(s[:, 4], 1.0)
+    fbiou = (bg + fg) / 2.0 * 100.0
+    miou = (s[:, 5 : 5 + c_num] / np.maximum(s[:, 5 + c_num :], 1.0)).mean(axis=1) * 100.0
+    return {"miou": miou, "fbiou": fbiou}
+
+
+def bootstrap_replicates(records: np.ndarray, num_samples: int, rng: np.random.Generator
+                         ) -> dict[str, np.ndarray | None]:
+    """Bootstrap replicates [num_samples] of ER / mIoU / FB-IoU (x100) from records [E, 6 + 2C], E >= 1.
+
+    ER resamples all E episodes. When every episode has a query mask, one resample serves all three metrics;
+    otherwise mIoU and FB-IoU resample only the episodes scored for segmentation (a second draw from `rng`),
+    and are None when there are none.
+    """
+    rec = np.asarray(records)
+    e, c_num = rec.shape[0], (rec.shape[1] - 6) // 2
+    values = rec[:, 1:].astype(np.float64)  # er, bg_i, bg_u, fg_i, fg_u, I..., U... (exact in float64)
+    seg = has_segmentation(rec)
+    if seg.all():
+        s = _resampled_sums(values, num_samples, rng)
+        return {"er": s[:, 0] / e * 100.0, **_segmentation_from_sums(s, c_num)}
+    er = _resampled_sums(values[:, :1], num_samples, rng)[:, 0] / e * 100.0
+    if not seg.any():
+        return {"er": er, "miou": None, "fbiou": None}
+    return {"er": er, **_segmentation_from_sums(_resampled_sums(values[seg], num_samples, rng), c_num)}
+
+
+def format_metrics(metrics: dict[str, Any], segmentation_episodes: int | None = None) -> str:
+    """One log line: 'ER 74.8 mIoU 42.9 FB-IoU 70.1 (1000 episodes)'; a missing metric prints as n/a, and
+    the count of episodes with query masks is added when it differs from the episode count."""
+    def num(key: str) -> str:
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{v:.1f}"
+
+    e = int(metrics.get("episodes", 0))
+    masked = "" if segmentation_episodes in (None, e) else f", {segmentation_episodes} with query masks"
+    return f"ER {num('er')} mIoU {num('miou')} FB-IoU {num('fbiou')} ({e} episodes{masked})"
 
 
 def episodic_target(query_mask_abs: Any, classes: Any, ignore_boundary: bool = True) -> torch.Tensor:
@@ -108,7 +176,8 @@ class FSCSMetric:
     ) -> None:
         """Add one episode.
 
-        pred [H, W] int in 0..N; target [H, W] int in 0..N or 255 (from ``episodic_target``);
+        pred [H, W] int in 0..N; target [H, W] int in 0..N or 255 (from ``episodic_target``), or None when
+        the query has no mask (the episode then counts for ER only; pred is not used and may be None);
         classes [N] absolute ids (all in fold_classes); pred_presence / true_presence [N] bool.
         episode_index: the episode's global index (defaults to the local episode count; pass it
         explicitly when ranks are merged with ``from_records``).
@@ -126,6 +195,18 @@ class FSCSMetric:
             raise FSCSError(
                 f"metrics.update: classes {cls} must be distinct members of fold_classes {self.fold_classes}"
             )
+        c_num = len(self.fold_classes)
+        rec = np.zeros(6 + 2 * c_num, dtype=np.int64)
+        rec[0] = len(self._records) if episode_index is None else int(episode_index)
+        rec[1] = int(bool(np.all(pp == tp)))
+        if target is not None:  # else no query mask: classification only, zero I/U
+            self._score_pixels(rec, pred, target, cls)
+        self._records.append(rec)
+        self._totals += self._record_to_totals(rec[None, :])
+
+    def _score_pixels(self, rec: np.ndarray, pred: Any, target: Any, cls: list[int]) -> None:
+        """Fill the I/U columns of record `rec` from pred / target [H, W] of an episode with ways `cls`."""
+        n, c_num = len(cls), len(self.fold_classes)
         p = _as_long_tensor(pred, "pred")
         t = _as_long_tensor(target, "target").to(p.device)
         if p.dim() != 2 or p.shape != t.shape:
@@ -141,10 +222,6 @@ class FSCSMetric:
         conf = conf.astype(np.int64)
         inter = np.diag(conf)
         union = conf.sum(axis=1) + conf.sum(axis=0) - inter
-        c_num = len(self.fold_classes)
-        rec = np.zeros(6 + 2 * c_num, dtype=np.int64)
-        rec[0] = len(self._records) if episode_index is None else int(episode_index)
-        rec[1] = int(bool(np.all(pp == tp)))
         rec[2], rec[3] = inter[0], union[0]
         rec[4] = conf[1:, 1:].sum()
         rec[5] = conf.sum() - conf[0, 0]
@@ -152,8 +229,6 @@ class FSCSMetric:
             j = self._col[c]
             rec[6 + j] += inter[k]
             rec[6 + c_num + j] += union[k]
-        self._records.append(rec)
-        self._totals += self._record_to_totals(rec[None, :])
 
     def _record_to_totals(self, records: np.ndarray) -> np.ndarray:
         """Sum records [E, F] into the totals layout of ``state_tensor``."""
@@ -223,16 +298,27 @@ class FSCSMetric:
         """Number of episodes in the totals."""
         return int(self._totals[-1])
 
+    def segmentation_episodes(self) -> int:
+        """Recorded episodes scored for segmentation, i.e. with a query mask (see has_segmentation)."""
+        return int(has_segmentation(self.episode_records()).sum())
+
     def compute(self) -> dict[str, Any]:
-        """{"er", "miou", "fbiou" (all x100), "per_class_iou" {class: iou x100}, "episodes"}."""
+        """{"er", "miou", "fbiou" (all x100), "per_class_iou" {class: iou x100}, "episodes"}.
+
+        ER covers every episode; mIoU, FB-IoU and per-class IoU pool the episodes with a query mask only and
+        are None when no episode has one (never a made-up 0).
+        """
         c_num = len(self.fold_classes)
         t = self._totals
+        er = float(t[2 * c_num + 4] / max(self.episodes, 1) * 100.0)
+        if t[2 * c_num + 1] + t[2 * c_num + 3] == 0:  # no scored pixel: no episode had a query mask
+            return {"er": er, "miou": None, "fbiou": None, "per_class_iou": None, "episodes": self.episodes}
         inter, union = t[:c_num].astype(np.float64), t[c_num : 2 * c_num].astype(np.float64)
         iou = inter / np.maximum(union, 1.0) * 100.0
         bg = t[2 * c_num] / max(int(t[2 * c_num + 1]), 1)
         fg = t[2 * c_num + 2] / max(int(t[2 * c_num + 3]), 1)
         return {
-            "er": float(t[2 * c_num + 4] / max(self.episodes, 1) * 100.0),
+            "er": er,
             "miou": float(iou.mean()),
             "fbiou": float((bg + fg) / 2.0 * 100.0),
             "per_class_iou": {c: float(iou[j]) for j, c in enumerate(self.fold_classes)},
@@ -241,11 +327,12 @@ class FSCSMetric:
 
     def bootstrap_ci(
         self, num_samples: int = 1000, seed: int = 0, alpha: float = 0.05
-    ) -> dict[str, list[float]]:
-        """Percentile bootstrap CI over episodes: {"er"|"miou"|"fbiou": [lo, hi]} (x100).
+    ) -> dict[str, list[float] | None]:
+        """Percentile bootstrap CI over episodes: {"er"|"miou"|"fbiou": [lo, hi] (x100) or None}.
 
         Each resample draws E episodes with replacement; metrics are recomputed from the resampled
-        sums (per-episode count vector x record matrix), so it is vectorised over resamples.
+        sums (per-episode count vector x record matrix), so it is vectorised over resamples. mIoU / FB-IoU
+        resample the episodes with a query mask only (None when there are none; see bootstrap_replicates).
         """
         rec = self.episode_records()
         if rec.shape[0] == 0:
@@ -261,23 +348,7 @@ class FSCSMetric:
             raise FSCSError(
                 f"metrics.bootstrap_ci: need num_samples >= 1 and 0 < alpha < 1, got {num_samples}, {alpha}"
             )
-        e = rec.shape[0]
-        c_num = len(self.fold_classes)
-        values = rec[:, 1:].astype(np.float64)  # er, bg_i, bg_u, fg_i, fg_u, I..., U... (exact in float64)
-        rng = np.random.default_rng(seed)
-        chunk = max(1, _BOOT_CELLS // e)
-        sums = []
-        for start in range(0, num_samples, chunk):
-            b = min(chunk, num_samples - start)
-            idx = rng.integers(0, e, size=(b, e))
-            counts = np.bincount((idx + np.arange(b)[:, None] * e).ravel(), minlength=b * e).reshape(b, e)
-            sums.append(counts.astype(np.float64) @ values)
-        s = np.concatenate(sums, axis=0)  # [num_samples, F - 1]
-        er = s[:, 0] / e * 100.0
-        bg = s[:, 1] / np.maximum(s[:, 2], 1.0)
-        fg = s[:, 3] / np.maximum(s[:, 4], 1.0)
-        fbiou = (bg + fg) / 2.0 * 100.0
-        miou = (s[:, 5 : 5 + c_num] / np.maximum(s[:, 5 + c_num :], 1.0)).mean(axis=1) * 100.0
+        reps = bootstrap_replicates(rec, num_samples, np.random.default_rng(seed))
         q = [100.0 * alpha / 2.0, 100.0 * (1.0 - alpha / 2.0)]
-        return {name: [float(v) for v in np.percentile(arr, q)] for name, arr in
-                (("er", er), ("miou", miou), ("fbiou", fbiou))}
+        return {name: None if arr is None else [float(v) for v in np.percentile(arr, q)]
+                for name, arr in ((k, reps[k]) for k in ("er", "miou", "fbiou"))}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -80,7 +80,8 @@ def episode_panel(query_img: Any, gt: Any, pseudo: Any, pred: Any, tile: int = 1
     """One episode as a row of 4 tiles: query | GT | pseudo-mask | prediction -> uint8 [tile, W, 3] (HWC).
 
     query_img: RGB uint8 [H, W, 3]; gt / pseudo / pred: label maps (0 bg, k = way k, 255 ignore) of any size
-    (resized nearest to the query), or None for a greyed tile (e.g. no pseudo-mask in the full regime).
+    (resized nearest to the query), or None for a greyed tile (e.g. no pseudo-mask in the full regime; a
+    greyed ground-truth tile is labelled "no mask").
     Colours: PALETTE[k - 1] for way k. Suitable for TensorBoard `add_image(..., dataformats="HWC")`.
     """
     img = _as_numpy(query_img).astype(np.uint8)
@@ -88,11 +89,22 @@ def episode_panel(query_img: Any, gt: Any, pseudo: Any, pred: Any, tile: int = 1
         raise ValueError(f"episode_panel: query_img must be [H, W, 3] uint8, got {img.shape}")
     tiles = [img] + [colorize(img, None if m is None else _as_numpy(m)) for m in (gt, pseudo, pred)]
     tiles = [_fit_height(t, tile) for t in tiles]
+    if gt is None:
+        tiles[1] = _label(tiles[1], "no mask")
     sep = np.full((tile, gap, 3), 255, dtype=np.uint8)
     row: list[np.ndarray] = []
     for t in tiles:
         row += [t, sep]
     return np.concatenate(row[:-1], axis=1)
+
+
+def _label(tile: np.ndarray, text: str) -> np.ndarray:
+    """The tile with `text` written in its top-left corner (PIL's built-in font)."""
+    im = Image.fromarray(np.ascontiguousarray(tile))
+    draw = ImageDraw.Draw(im)
+    draw.rectangle((2, 2, 4 + 6 * len(text), 14), fill=(60, 60, 60))
+    draw.text((3, 3), text, fill=(255, 255, 255))
+    return np.asarray(im)
 
 
 def tensor_to_image(img: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,

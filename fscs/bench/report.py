@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fscs.bench import plots
+from fscs.bench.metrics import bootstrap_replicates
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ MEAN_CI_METHOD = ("percentile bootstrap over the per-fold episode sets: each of 
                   "resampled sums and averages over the folds (folds and their classes are held fixed: the "
                   "interval covers episode-sampling noise only); shown only when every fold's per-episode "
                   "records are available")
+NO_MASK = "n/a"
+"""Cell of a segmentation metric that could not be measured (no test query had a mask)."""
 
 
 @dataclass
@@ -168,42 +171,33 @@ def check_comparable(results: Sequence[Result]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-def _replicates(records: np.ndarray, n_classes: int, num: int, rng: np.random.Generator
-                ) -> dict[str, np.ndarray]:
-    """Bootstrap replicates [num] of ER / mIoU / FB-IoU (x100) over the episodes of one fold's records."""
-    e = records.shape[0]
-    values = records[:, 1:].astype(np.float64)  # er, bg_i, bg_u, fg_i, fg_u, I..., U...
-    chunk = max(1, 4_000_000 // max(e, 1))
-    sums = []
-    for start in range(0, num, chunk):
-        b = min(chunk, num - start)
-        idx = rng.integers(0, e, size=(b, e))
-        counts = np.bincount((idx + np.arange(b)[:, None] * e).ravel(), minlength=b * e).reshape(b, e)
-        sums.append(counts.astype(np.float64) @ values)
-    s = np.concatenate(sums, axis=0)
-    c = n_classes
-    return {"er": s[:, 0] / e * 100.0,
-            "fbiou": (s[:, 1] / np.maximum(s[:, 2], 1.0) + s[:, 3] / np.maximum(s[:, 4], 1.0)) / 2.0 * 100.0,
-            "miou": (s[:, 5 : 5 + c] / np.maximum(s[:, 5 + c :], 1.0)).mean(axis=1) * 100.0}
+def segmentation_episodes(result: Result) -> int:
+    """Episodes of a result whose query had a mask (results without the field: every episode)."""
+    d = result.data
+    return int(d.get("segmentation_episodes", d["metrics"]["episodes"]))
 
 
 def fold_mean(results: Sequence[Result], bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Mean over folds of each metric and, when all records exist, its fold-bootstrap 95 % CI.
 
-    results: one model's results of one (dataset, setting), one per fold.
+    results: one model's results of one (dataset, setting), one per fold. A metric missing in any fold
+    (mIoU / FB-IoU without query masks) is None in the mean, and so is its CI.
     """
-    mean = {m: float(np.mean([r.data["metrics"][m] for r in results])) for m in METRICS}
+    mean = {m: None if any(r.data["metrics"].get(m) is None for r in results)
+            else float(np.mean([r.data["metrics"][m] for r in results])) for m in METRICS}
     recs = [r.records() for r in results]
     ci = None
     if bootstrap and all(x is not None and len(x) for x in recs):
-        reps = {m: np.zeros(bootstrap) for m in METRICS}
+        reps: dict[str, np.ndarray | None] = {m: np.zeros(bootstrap) for m in METRICS}
         for r, rec in zip(results, recs):
             rng = np.random.default_rng([seed, int(r.data["fold"])])
-            for m, v in _replicates(rec, len(r.data["metrics"]["per_class_iou"]), bootstrap, rng).items():
-                reps[m] += v / len(results)
-        ci = {m: [float(v) for v in np.percentile(reps[m], [2.5, 97.5])] for m in METRICS}
+            for m, v in bootstrap_replicates(rec, bootstrap, rng).items():
+                reps[m] = None if v is None or reps[m] is None else reps[m] + v / len(results)
+        ci = {m: None if v is None else [float(x) for x in np.percentile(v, [2.5, 97.5])]
+              for m, v in reps.items()}
     return {"metrics": mean, "ci95": ci, "folds": sorted(int(r.data["fold"]) for r in results),
-            "episodes": sum(int(r.data["metrics"]["episodes"]) for r in results)}
+            "episodes": sum(int(r.data["metrics"]["episodes"]) for r in results),
+            "segmentation_episodes": sum(segmentation_episodes(r) for r in results)}
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -225,9 +219,14 @@ class Table:
 def _cell(metrics: dict, ci: dict | None, m: str) -> str:
     v = metrics.get(m)
     if v is None:
-        return "—"
+        return NO_MASK
     lo_hi = (ci or {}).get(m)
     return f"{v:.1f}" + (f" [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "")
+
+
+def _episodes_cell(episodes: int, with_masks: int) -> str:
+    """Episode count, plus how many had a query mask (the mIoU / FB-IoU episodes) when not all did."""
+    return str(episodes) if with_masks == episodes else f"{episodes} ({with_masks} with query masks)"
 
 
 def _settings(results: Iterable[Result]) -> list[str]:
@@ -272,18 +271,24 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                     d = r.data
                     rows.append(Row("fold", {**base, "fold": str(d["fold"]),
                                              **{m: _cell(d["metrics"], d.get("ci95"), m) for m in METRICS},
-                                             "episodes": str(d["metrics"]["episodes"]),
+                                             "episodes": _episodes_cell(int(d["metrics"]["episodes"]),
+                                                                        segmentation_episodes(r)),
                                              "manifest": d["manifest_hash"][:12]}, title=str(r.path)))
                 if len(group) > 1:
                     fm = summaries[(dataset, setting, key)]
                     ci_note = "" if fm["ci95"] else " (no CI: records missing)"
                     rows.append(Row("mean", {**base, "fold": f"mean of {len(group)}{ci_note}",
                                              **{m: _cell(fm["metrics"], fm["ci95"], m) for m in METRICS},
-                                             "episodes": str(fm["episodes"]), "manifest": "—"}))
+                                             "episodes": _episodes_cell(fm["episodes"],
+                                                                        fm["segmentation_episodes"]),
+                                             "manifest": "—"}))
             rows += _published_rows(dataset, setting)
             ib = rs[0].data.get("ignore_boundary", True)
             note = (f"{len(rs)} results; seed {rs[0].data['seed']}; role {rs[0].data.get('role', 'test')}; "
                     f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
+            if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):
+                note += ("; ER over all episodes, mIoU / FB-IoU over the episodes whose query has a mask "
+                         f"({NO_MASK}: none had one)")
             tables.append(Table(dataset, setting, note, rows))
     return tables
 
@@ -349,7 +354,8 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
             for m in ("miou", "er"):
                 for k in keys:
                     fm = summaries.get((dataset, s, k))
-                    vals.append((fm["metrics"][m], (fm["ci95"] or {}).get(m)) if fm else (float("nan"), None))
+                    v = fm["metrics"][m] if fm else None
+                    vals.append((float("nan"), None) if v is None else (v, (fm["ci95"] or {}).get(m)))
             series[s] = vals
         png = plots.grouped_bars(f"{dataset}: mean over folds, 95 % CI", names, series, ("mIoU", "ER"))
         pics = [Picture("plot", f"{_slug(dataset, 'by-regime')}.png", f"{dataset}: mIoU and ER by regime",
@@ -363,7 +369,9 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
                 fm = summaries.get((dataset, s, k))
                 if fm:
                     name = s if len({kk[3] for kk in keys}) == 1 else f"{s} · {k[3].split(' ')[0]}"
-                    lines.setdefault(name, []).append((frac, fm["metrics"]["miou"], fm["metrics"]["er"]))
+                    miou = fm["metrics"]["miou"]
+                    lines.setdefault(name, []).append((frac, float("nan") if miou is None else miou,
+                                                       fm["metrics"]["er"]))
         png = plots.lines_by_fraction(f"{dataset}: by share of GT-masked training images", lines,
                                       ("mIoU", "ER"))
         pics.append(Picture("plot", f"{_slug(dataset, 'by-gt-fraction')}.png",
@@ -376,19 +384,21 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
             for r in rs:
                 class_names.update({int(c): str(n) for c, n in (r.data.get("class_names") or {}).items()})
             for r in rs:
-                for c in r.data["metrics"]["per_class_iou"]:
+                for c in r.data["metrics"]["per_class_iou"] or {}:  # None: no query had a mask
                     class_names.setdefault(int(c), str(c))
             ids = sorted(class_names)
             bars = {}
             for k, nm in zip(keys, names):
                 per = {int(c): v for r in rs if r.model_key == k
-                       for c, v in r.data["metrics"]["per_class_iou"].items()}
+                       for c, v in (r.data["metrics"]["per_class_iou"] or {}).items()}
                 if per:
                     bars[nm] = [per.get(c, float("nan")) for c in ids]
-            png = plots.class_bars(f"{dataset} {s}: per-class IoU", [class_names[c] for c in ids], bars)
-            pics.append(Picture("plot", f"{_slug(dataset, s, 'per-class')}.png",
-                                f"{dataset} {s}: per-class IoU", png,
-                                "each class is a test class of one fold; IoU from that fold's result"))
+            if bars:  # no per-class plot when no result of this setting had a query mask
+                png = plots.class_bars(f"{dataset} {s}: per-class IoU", [class_names[c] for c in ids], bars)
+                pics.append(Picture("plot", f"{_slug(dataset, s, 'per-class')}.png",
+                                    f"{dataset} {s}: per-class IoU", png,
+                                    "each class is a test class of one fold; IoU from that fold's result "
+                                    "(episodes whose query has a mask)"))
             rel = {}
             for k, nm in zip(keys, names):
                 arrs = [r.presence() for r in rs if r.model_key == k]
@@ -427,7 +437,8 @@ def build_panels(results: Sequence[Result]) -> dict[tuple[str, str], list[Pictur
             test = "" if r.data["regime"] == r.label.split("@")[0] else f", test {r.data['regime']}"
             who = r.label if r.model == r.label else f"{r.model} ({r.label})"
             title = f"{who}{test} · fold {r.data['fold']}"
-            caption = (f"episode {p['index']} ({p['kind']}), IoU {p['iou']:.1f}, query {p['query']}; "
+            iou = "no query mask" if p.get("iou") is None else f"IoU {p['iou']:.1f}"
+            caption = (f"episode {p['index']} ({p['kind']}), {iou}, query {p['query']}; "
                        f"ways: {ways}")
             name = _slug(r.data["dataset"], r.setting, r.path.stem, p["file"])
             pics.append(Picture("panel", name, title, f.read_bytes(), caption))

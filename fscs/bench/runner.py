@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fscs.bench.metrics import FSCSMetric, episodic_target
+from fscs.bench.metrics import FSCSMetric, episodic_target, format_metrics
 from fscs.bench.plots import episode_panel, png_bytes, ways_to_labels
 from fscs.config import RunConfig, config_from_dict, config_to_dict, parse_setting
 from fscs.data.episodes import (
@@ -163,16 +163,19 @@ class _Track:
     panels: dict[int, dict[str, Any]] = field(default_factory=dict)
     heap: list[tuple[float, int]] = field(default_factory=list)  # max-heap of the lowest (iou, index)
 
-    def wants(self, index: int, iou: float) -> bool:
-        """Whether episode `index` (foreground IoU `iou`) is a panel candidate (a first one or a worst)."""
+    def wants(self, index: int, iou: float | None) -> bool:
+        """Whether episode `index` (foreground IoU `iou`; None = no query mask) is a panel candidate (a first
+        one or a worst; an episode without a query mask can only be a first one)."""
         if index < self.first:
             return True
+        if iou is None:
+            return False
         keep = self.worst + self.first  # enough to still pick `worst` failures outside the first ones
         return self.worst > 0 and (len(self.heap) < keep or (-iou, -index) > self.heap[0])
 
-    def add_panel(self, index: int, iou: float, panel: dict[str, Any]) -> None:
+    def add_panel(self, index: int, iou: float | None, panel: dict[str, Any]) -> None:
         self.panels[index] = panel
-        if self.worst == 0:
+        if self.worst == 0 or iou is None:
             return
         heapq.heappush(self.heap, (-iou, -index))
         if len(self.heap) > self.worst + self.first:
@@ -196,6 +199,17 @@ def _query_pseudo(model: FSCSModel, feats: EpisodeFeatures, regime: str, presenc
     if regime == "mixed" and getattr(model, "enhancer", None) is not None:
         return model.enhanced_masks(feats, presence)[1]
     return model.pseudo_masks(feats, presence)[1]
+
+
+def _check_support_masks(where: str, specs: Sequence[EpisodeSpec], samples: Mapping[str, Sample]) -> None:
+    """The full regime scores with ground-truth support masks: one-line error naming a support without one."""
+    for spec in specs:
+        for key in (k for shots in spec.support for k in shots):
+            if samples[key].mask is None:
+                raise FSCSError(f"{where}: the full regime uses ground-truth support masks, but support "
+                                f"image {key!r} (episode {spec.index}) has none; add masks for the test "
+                                "classes' images, or test with pseudo-masks (fscs bench --regime weak; "
+                                "suites: eval_regimes: [weak])")
 
 
 def _load(index: ShardIndex, specs: Sequence[EpisodeSpec], samples: dict[str, Sample] | None
@@ -236,11 +250,16 @@ def evaluate_jobs(
     runs the backbone once (`encode_episode`); each job then only runs its head (`decode_episode`).
     Per-episode records are gathered and every rank rebuilds the same metric from them: P = 1 and P = 2
     agree bit for bit.
+    Queries without a mask (image-level labels only): their ways' presence comes from the labels, so ER,
+    its CI and the presence data cover every episode; mIoU / FB-IoU / per-class IoU pool the episodes whose
+    query has a mask (result["segmentation_episodes"] of result["episodes"]) and are None when none has one.
+    The full regime needs a mask on every support image (FSCSError otherwise).
     panels = (first, worst): episode panels (query | GT | pseudo-mask | prediction) of episodes 0..first-1
-    and of the `worst` lowest foreground-IoU others. artifacts=True adds result["artifacts"] = {"records"
-    [E, 6 + 2C] int64, "record_columns", "panels": [{index, kind, iou, ..., "png": bytes}]} (not JSON: save
-    with write_result). `manifest`: a prebuilt build_manifest(...) of these settings; `samples`: a shared
-    {key: Sample} cache that is filled as needed (reused across settings of a fold).
+    and of the `worst` lowest foreground-IoU others among the episodes with a query mask (iou None and a GT
+    tile marked "no mask" for a first episode without one). artifacts=True adds result["artifacts"] =
+    {"records" [E, 6 + 2C] int64, "record_columns", "panels": [{index, kind, iou, ..., "png": bytes}]} (not
+    JSON: save with write_result). `manifest`: a prebuilt build_manifest(...) of these settings; `samples`: a
+    shared {key: Sample} cache that is filled as needed (reused across settings of a fold).
     """
     env = env or DistEnv()
     if not jobs:
@@ -256,6 +275,8 @@ def evaluate_jobs(
     all_specs = [spec_from_dict(d) for d in manifest["episodes"]]
     my_batches = _batches(list(range(episodes)), batch_size)[env.rank :: env.world_size]
     samples = _load(index, [all_specs[i] for b in my_batches for i in b], samples)
+    if any(job.regime == "full" for job in jobs):
+        _check_support_masks(str(index.root), [all_specs[i] for b in my_batches for i in b], samples)
     fold_classes = sorted(index.fold_classes(role, fold))
     n_first, n_worst = (panels if artifacts else (0, 0))
     tracks = [_Track(FSCSMetric(fold_classes), n_first, n_worst) for _ in jobs]
@@ -273,9 +294,6 @@ def evaluate_jobs(
             if size not in items_by_size:
                 items_by_size[size] = [make_episode_tensors(s, samples, size) for s in specs]
             items = items_by_size[size]
-            if any("query_mask_abs" not in it for it in items):
-                raise FSCSError(f"{index.root}: evaluation needs query masks; episode query "
-                                f"{specs[0].query!r} has none (rebuild the shards with masks)")
             query = torch.stack([it["query_img"] for it in items]).to(device)
             support = torch.stack([it["support_img"] for it in items]).to(device)
             feats = encoder.encode_episode(query, support)
@@ -302,6 +320,7 @@ def evaluate_jobs(
             "dataset": index.dataset,
             "fold": fold, "way": way, "shot": shot, "regime": job.regime, "role": role,
             "episodes": episodes, "seed": seed,
+            "segmentation_episodes": metric.segmentation_episodes(),
             "manifest_hash": manifest_hash(manifest),
             "manifest": dict(manifest),
             "ignore_boundary": ignore_boundary,
@@ -331,12 +350,13 @@ def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs:
     pseudo: torch.Tensor | None = None
     for j, spec in enumerate(specs):
         it = items[j]
-        gt = it["query_mask_abs"]
-        logits = upsample_logits(out.mask_logits[j], tuple(gt.shape[-2:]))  # [N, 2, H, W] at original size
+        gt = it.get("query_mask_abs")  # None: image-level labels only (presence from labels, ER only)
+        size = tuple(gt.shape[-2:]) if gt is not None else samples[spec.query].image.shape[:2]
+        logits = upsample_logits(out.mask_logits[j], size)  # [N, 2, H, W] at original size
         fg = logits.softmax(1)[:, 1]
         best, arg = fg.max(0)
         pred = torch.where(best >= 0.5, arg + 1, torch.zeros_like(arg)).cpu()
-        target = episodic_target(gt, spec.classes, ignore_boundary=ignore_boundary)
+        target = None if gt is None else episodic_target(gt, spec.classes, ignore_boundary=ignore_boundary)
         pred_presence = (presence_p[j] > 0.5).cpu()
         track.metric.update(pred, target, list(spec.classes), pred_presence, it["presence"].bool(),
                             episode_index=spec.index)
@@ -344,16 +364,17 @@ def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs:
         track.true[spec.index] = it["presence"].numpy().astype(np.int8)
         if job.predictions_dir is not None:
             save_prediction(job.predictions_dir, spec, presence_p[j], pred_presence, pred)
-        iou = _episode_iou(pred, target)
+        iou = None if target is None else _episode_iou(pred, target)
         if not track.wants(spec.index, iou):
             continue
         if pseudo is None:
             presence = torch.stack([x["presence"] for x in items]).to(feats.corr.device)
             pseudo = _query_pseudo(job.model, feats, job.regime, presence).cpu()
-        image = episode_panel(samples[spec.query].image, target.numpy(), ways_to_labels(pseudo[j]),
-                              pred.numpy())
+        image = episode_panel(samples[spec.query].image, None if target is None else target.numpy(),
+                              ways_to_labels(pseudo[j]), pred.numpy())
         track.add_panel(spec.index, iou, {
-            "index": spec.index, "iou": round(iou, 2), "query": spec.query, "classes": list(spec.classes),
+            "index": spec.index, "iou": None if iou is None else round(iou, 2), "query": spec.query,
+            "classes": list(spec.classes),
             "present": [int(x) for x in it["presence"].tolist()],
             "pred_present": [int(x) for x in pred_presence.tolist()], "png": png_bytes(image)})
 
@@ -382,7 +403,8 @@ def _pick_panels(parts: Sequence[dict[str, Any]], first: int, worst: int) -> lis
     """Panels of episodes 0..first-1 ("first") and the `worst` lowest-IoU other episodes ("worst")."""
     cands = {p["index"]: p for part in parts for p in part["panels"]}
     firsts = [dict(cands[i], kind="first") for i in sorted(cands) if i < first]
-    rest = sorted((p for i, p in cands.items() if i >= first), key=lambda p: (p["iou"], p["index"]))
+    rest = sorted((p for i, p in cands.items() if i >= first and p["iou"] is not None),
+                  key=lambda p: (p["iou"], p["index"]))
     return firsts + [dict(p, kind="worst") for p in rest[:worst]]
 
 
@@ -481,9 +503,8 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
             bootstrap=cfg.bench.bootstrap, env=env, samples=samples,
         )[0]
         res.update(run_metadata(loaded), bench_config=config_to_dict(cfg.bench))
-        m = res["metrics"]
-        logger.info("%s %s fold %d %s: ER %.1f mIoU %.1f FB-IoU %.1f (%d episodes)", loaded.cfg.name, regime,
-                    cfg.data.fold, setting, m["er"], m["miou"], m["fbiou"], m["episodes"])
+        logger.info("%s %s fold %d %s: %s", loaded.cfg.name, regime, cfg.data.fold, setting,
+                    format_metrics(res["metrics"], res["segmentation_episodes"]))
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"{loaded.cfg.name}_{regime}_fold{cfg.data.fold}_{setting}.json"

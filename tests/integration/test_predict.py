@@ -19,45 +19,9 @@ from fscs.distributed import DistEnv
 from fscs.predict import Predictor, read_rgb, run_predict
 from fscs.train import Trainer
 
+from folder_data import SIZE, make_image, write_dataset  # tests/integration helper (on sys.path)
+
 ROOT = Path(__file__).resolve().parents[2]
-SIZE = 64
-CLASSES = {"disk": (220, 40, 40), "square": (40, 180, 60), "triangle": (40, 80, 220), "cross": (230, 200, 30),
-           "ring": (200, 60, 200), "bar": (30, 200, 200)}
-
-
-def _shape(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """bool [size, size] mask of one object of class `name` at a random place and scale."""
-    yy, xx = np.mgrid[:size, :size]
-    r = rng.uniform(0.15, 0.3) * size
-    cy, cx = rng.uniform(r, size - r, 2)
-    dy, dx = yy - cy, xx - cx
-    if name == "disk":
-        return dy**2 + dx**2 < r**2
-    if name == "ring":
-        return (dy**2 + dx**2 < r**2) & (dy**2 + dx**2 > (0.55 * r) ** 2)
-    if name == "square":
-        return (abs(dy) < r * 0.8) & (abs(dx) < r * 0.8)
-    if name == "triangle":
-        return (dy < r * 0.7) & (dy > -r) & (abs(dx) < (dy + r) * 0.6)
-    if name == "cross":
-        return ((abs(dy) < r * 0.3) & (abs(dx) < r)) | ((abs(dx) < r * 0.3) & (abs(dy) < r))
-    return (abs(dy) < r * 0.25) & (abs(dx) < r)  # bar
-
-
-def _image(labels: list[str], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Textured background + one object per label: image uint8 [S, S, 3], index mask (ids in sorted order)."""
-    rng = np.random.default_rng(seed)
-    ids = {n: i for i, n in enumerate(sorted(CLASSES), start=1)}
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    stripes = (np.sin(xx * rng.uniform(0.2, 0.8) + yy * rng.uniform(0.1, 0.5)) > 0)[..., None]
-    img = np.where(stripes, rng.integers(60, 140, 3), rng.integers(60, 140, 3)).astype(np.float32)
-    img += rng.normal(0, 10, img.shape)
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    for name in labels:
-        m = _shape(name, SIZE, rng) & (mask == 0)
-        img[m] = np.array(CLASSES[name]) + rng.normal(0, 8, (int(m.sum()), 3))
-        mask[m] = ids[name]
-    return img.clip(0, 255).astype(np.uint8), mask
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +29,21 @@ def world(tmp_path_factory) -> dict[str, Path]:
     """6 classes x 12 images (some with a second class), labels CSV, masks for the novel classes' images."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("own")
-    images, masks = root / "images", root / "masks"
-    images.mkdir(), masks.mkdir()
-    names, rows, seed = sorted(CLASSES), ["image,labels"], 0
-    for ci, c in enumerate(names):
-        for i in range(12):
-            labels = [c] + ([names[(ci + 1) % 6]] if i % 4 == 3 else [])
-            img, mask = _image(labels, seed)
-            seed += 1
-            Image.fromarray(img).save(images / f"{c}_{i:02d}.jpg", quality=95)
-            if c in ("cross", "ring") or i % 3 == 0:
-                Image.fromarray(mask, "L").save(masks / f"{c}_{i:02d}.png")
-            rows.append(f"{c}_{i:02d}.jpg,{';'.join(labels)}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    shards = build_folder_shards(images, root / "shards", labels=root / "labels.csv", masks=masks,
+    images, labels_csv, masks = write_dataset(root, lambda c, i: c in ("cross", "ring") or i % 3 == 0)
+    shards = build_folder_shards(images, root / "shards", labels=labels_csv, masks=masks,
                                  novel=["cross", "ring"])
     support, queries = root / "support", root / "queries"
     for k, c in enumerate(("cross", "ring", "disk")):
         (support / c).mkdir(parents=True)
         for i in range(2):
-            img, mask = _image([c], 1000 + 10 * k + i)
+            img, mask = make_image([c], 1000 + 10 * k + i)
             Image.fromarray(img).save(support / c / f"s{i}.png")
             if i == 0:
                 Image.fromarray(mask * 255).save(support / c / f"s{i}.mask.png")
     queries.mkdir()
     for i, labels in enumerate([["cross"], ["ring"], ["disk", "ring"], ["bar"], ["square"]]):
-        Image.fromarray(_image(labels, 2000 + i)[0]).save(queries / f"q{i}{' & <x>' if i == 0 else ''}.jpg")
+        name = f"q{i}{' & <x>' if i == 0 else ''}.jpg"
+        Image.fromarray(make_image(labels, 2000 + i)[0]).save(queries / name)
     (queries / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     cfg = load_config(ROOT / "configs" / "pilot.yaml", [
         f"out_dir={root / 'runs'}", "name=pilot", f"data.shards={shards}", "model.image_size=64",

@@ -115,6 +115,18 @@ def test_episode_tensors(index):
     assert abs(float(t["query_img"].mean())) < 3
 
 
+def test_episode_tensors_without_masks_take_presence_from_labels(index):
+    """Image-level labels only: no query/support mask tensors; presence from the labels (= from the mask)."""
+    for i in range(6):
+        ep = EpisodeSampler(index, "test", 1, 2, 1, seed=2).episode(i)
+        keys = {ep.query, *[k for keys in ep.support for k in keys]}
+        masked = make_episode_tensors(ep, load_samples(index, keys), S)
+        plain = make_episode_tensors(ep, load_samples(index, keys, decode_masks=False), S)
+        assert "query_mask_abs" not in plain and "support_mask" not in plain
+        assert torch.equal(plain["presence"], masked["presence"])
+        assert torch.equal(plain["query_img"], masked["query_img"])
+
+
 def _stream(shard_dir, **kw):
     args = dict(fold=0, way=2, shot=1, image_size=S, seed=0, use_masks=True, rank=0, world_size=1,
                 buffer_per_class=8)

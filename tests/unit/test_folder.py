@@ -114,7 +114,7 @@ def test_index_png_masks_and_max_side(tmp_path):
     assert got[3, 3] == 1 and got[8, 10] == 2
 
 
-def test_partly_masked_novel_images_only_masked_ones_are_tested(tmp_path, caplog):
+def test_partly_masked_novel_images_are_all_tested(tmp_path, caplog):
     images, csv = _dataset(tmp_path, _rows(3))
     (tmp_path / "masks" / "d").mkdir(parents=True)
     for name in ("d0", "d1"):
@@ -124,10 +124,26 @@ def test_partly_masked_novel_images_only_masked_ones_are_tested(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
         out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
     index = read_index(out)
-    assert index.fold_entries("test", 0) == [("d_d0", 4), ("d_d1", 4)]
-    assert index.samples["d_d2"]["split"] == "test" and index.samples["mix_ad0"]["split"] == "test"
-    assert "2 of 4 novel test images have no mask" in caplog.text
-    assert "class 'd' has 2 novel test images" in caplog.text
+    # every novel image is a test query (ER from its labels); the masked ones also give mIoU
+    assert index.fold_entries("test", 0) == [("d_d0", 4), ("d_d1", 4), ("d_d2", 4), ("mix_ad0", 4)]
+    samples = load_samples(index, {"d_d0", "d_d2"})
+    assert samples["d_d0"].mask is not None and samples["d_d2"].mask is None
+    assert "2 of 4 novel test images have masks" in caplog.text and "ER over all" in caplog.text
+    assert "novel class" not in caplog.text  # d has masked images
+    assert "class 'd' has 4 novel test images; 5-shot episodes need 6" in caplog.text  # all 4 counted
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        build_folder_shards(images, tmp_path / "s2", labels=csv, masks=tmp_path / "masks", novel=["c", "d"])
+    assert "novel class 'c' has no masked test image" in caplog.text
+
+
+def test_unmasked_novel_images_are_tested_for_er(tmp_path, caplog):
+    images, csv = _dataset(tmp_path, _rows(3))
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        out = build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"])
+    index = read_index(out)
+    assert [k for k, _ in index.fold_entries("test", 0)] == ["d_d0", "d_d1", "d_d2", "mix_ad0"]
+    assert "reports ER (classification) only" in caplog.text
 
 
 def test_per_class_binary_masks_with_overlap(tmp_path):

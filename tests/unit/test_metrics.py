@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from fscs.bench.metrics import FSCSMetric, episodic_target, predict_from_probs
+from fscs.bench.metrics import (
+    FSCSMetric, episodic_target, format_metrics, has_segmentation, predict_from_probs,
+)
 from fscs.errors import FSCSError
 
 FOLD = [1, 2, 3, 4, 5]
@@ -246,3 +248,66 @@ def test_split_halves_by_update_equal_whole():
     assert rebuilt.compute() == whole.compute()
     assert rebuilt.bootstrap_ci(100, seed=0) == whole.bootstrap_ci(100, seed=0)
     assert whole.compute()["er"] == pytest.approx(50.0)
+
+
+# ------------------------------------------------------------------------------------------- no query mask
+def test_fully_masked_results_are_pinned():
+    """Values of the code before episodes without query masks existed: the masked path is bit-identical."""
+    m = _random_metric(40, seed=5)
+    assert m.compute() == {
+        "er": 67.5, "miou": 67.19771591432016, "fbiou": 76.77677677677679,
+        "per_class_iou": {1: 65.92356687898089, 2: 70.22900763358778, 3: 69.08665105386417,
+                          4: 65.63307493540051, 5: 65.11627906976744}, "episodes": 40}
+    assert m.bootstrap_ci(200, seed=4) == {"er": [54.93750000000001, 82.5],
+                                           "miou": [64.85467910969078, 69.34386595313143],
+                                           "fbiou": [75.50454366654905, 77.96130829142577]}
+    assert m.segmentation_episodes() == 40
+
+
+def test_episodes_without_query_mask_count_for_er_only():
+    masked, mixed = FSCSMetric(FOLD), FSCSMetric(FOLD)
+    for m in (masked, mixed):
+        m.update(PRED_A, TGT_A, [2], [True], [True], episode_index=0)
+    mixed.update(None, None, [3], [True], [False], episode_index=1)  # wrong presence, no mask
+    mixed.update(PRED_A, None, [2, 4], [True, False], [True, False], episode_index=2)  # pred ignored
+    r, ref = mixed.compute(), masked.compute()
+    assert r["er"] == pytest.approx(200 / 3) and r["episodes"] == 3
+    assert (r["miou"], r["fbiou"], r["per_class_iou"]) == (ref["miou"], ref["fbiou"], ref["per_class_iou"])
+    rec = mixed.episode_records()
+    assert rec[1:, 2:].sum() == 0 and rec[:, 1].tolist() == [1, 0, 1]
+    assert has_segmentation(rec).tolist() == [True, False, False] and mixed.segmentation_episodes() == 1
+    rebuilt = FSCSMetric.from_records(FOLD, rec[::-1])
+    assert rebuilt.compute() == r and rebuilt.segmentation_episodes() == 1
+
+
+def test_no_query_mask_at_all_gives_er_and_no_segmentation_metrics():
+    m = FSCSMetric(FOLD)
+    for i in range(20):
+        m.update(None, None, [FOLD[i % 5]], [i % 4 != 0], [True], episode_index=i)
+    r = m.compute()
+    assert r == {"er": 75.0, "miou": None, "fbiou": None, "per_class_iou": None, "episodes": 20}
+    ci = m.bootstrap_ci(300, seed=0)
+    assert ci["miou"] is None and ci["fbiou"] is None
+    assert ci["er"][0] < 75.0 < ci["er"][1]
+    assert m.segmentation_episodes() == 0
+    assert format_metrics(r, 0) == "ER 75.0 mIoU n/a FB-IoU n/a (20 episodes, 0 with query masks)"
+
+
+def test_bootstrap_resamples_masked_episodes_for_segmentation():
+    """ER resamples every episode; mIoU only the masked ones (never a replicate without any: no fake 0)."""
+    m = FSCSMetric(FOLD)
+    m.update(PRED_A, TGT_A, [2], [True], [True], episode_index=0)
+    for i in range(1, 60):
+        m.update(None, None, [FOLD[i % 5]], [i % 2 == 0], [True], episode_index=i)
+    point, ci = m.compute(), m.bootstrap_ci(500, seed=1)
+    assert ci["miou"] == pytest.approx([point["miou"]] * 2)
+    assert ci["fbiou"] == pytest.approx([point["fbiou"]] * 2)
+    assert ci["er"][0] < point["er"] < ci["er"][1]
+    masked = _random_metric(30, seed=2)
+    part = FSCSMetric.from_records(FOLD, masked.episode_records())
+    for i in range(30, 45):
+        part.update(None, None, [1], [True], [True], episode_index=i)
+    lo_hi = part.bootstrap_ci(300, seed=0)["miou"]
+    assert lo_hi[0] < part.compute()["miou"] < lo_hi[1]
+    line = format_metrics(part.compute(), part.segmentation_episodes())
+    assert line.endswith("(45 episodes, 30 with query masks)")

@@ -100,9 +100,12 @@ def _records(rng: np.random.Generator, classes: list[int], n: int) -> np.ndarray
 
 def _fake_result(root: Path, name: str, fold: int, *, regime: str = "weak", dataset: str = "pascal-5i",
                  setting: tuple[int, int] = (1, 1), manifest: str | None = None, n: int = 60, seed: int = 0,
-                 class_name: str | None = None) -> Path:
+                 class_name: str | None = None, masked: int | None = None) -> Path:
+    """masked: only the first `masked` episodes had a query mask (the others: ER only); None = all."""
     classes = [5 * fold + c for c in range(1, 6)]
     rec = _records(np.random.default_rng([seed, fold]), classes, n)
+    if masked is not None:
+        rec[masked:, 2:] = 0
     m = FSCSMetric.from_records(classes, rec)
     stem = f"{name}_f{fold}_{setting[0]}w{setting[1]}s"
     np.savez_compressed(root / f"{stem}.records.npz", records=rec, columns=np.array(m.record_columns()))
@@ -117,12 +120,13 @@ def _fake_result(root: Path, name: str, fold: int, *, regime: str = "weak", data
         "format": "fscs-result/1", "dataset": dataset, "fold": fold, "way": setting[0], "shot": setting[1],
         "regime": regime.split("@")[0], "train_regime": regime, "role": "test", "episodes": n, "seed": 0,
         "manifest_hash": manifest or f"{dataset}-{fold}-{setting}".ljust(64, "0"), "ignore_boundary": True,
+        "segmentation_episodes": m.segmentation_episodes(),
         "metrics": m.compute(), "ci95": m.bootstrap_ci(200, 0), "bootstrap": 200, "class_names": names,
         "presence": {"shape": [n, setting[0]], "prob": prob.round(4).tolist(),
                      "true": (prob > 0.4).astype(int).tolist()},
         "records": {"file": f"{stem}.records.npz", "columns": m.record_columns()},
-        "panels": [{"index": 0, "iou": 12.5, "query": "img_1", "classes": [classes[0]], "present": [1],
-                    "pred_present": [0], "kind": "first", "file": f"{stem}.panels/first-000000.png"}],
+        "panels": [{"index": 0, "iou": 12.5 if masked != 0 else None, "query": "img_1", "classes": [classes[0]],
+                    "present": [1], "pred_present": [0], "kind": "first", "file": f"{stem}.panels/first-000000.png"}],
         "backbone": {"name": "vit_small_patch8_224.dino", "weights_sha256": "ab" * 32, "image_size": 400},
         "run": f"{name}_f{fold}", "checkpoint_sha256": f"{name}{fold}".ljust(64, "0"),
     }
@@ -205,3 +209,35 @@ def test_training_panels_for_tensorboard():
         assert len(panels) == 2
         assert all(p.shape == (40, 4 * 40 + 6, 3) and p.dtype == np.uint8 for p in panels)
     assert model.head.training  # restored
+
+
+def test_report_of_results_without_query_masks(tmp_path):
+    """ER-only results (labels, no query masks) render n/a, not 0; a partly masked model keeps its mIoU."""
+    paths = [_fake_result(tmp_path, "labels", f, masked=0) for f in range(2)]
+    page = write_report(paths, tmp_path / "rep", bootstrap=100)
+    md = (page.parent / "LEADERBOARD.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| labels") or ln.startswith("| **labels")]
+    assert len(rows) == 3  # two folds and the mean
+    for row in rows:
+        cells = [c.strip("* ") for c in row.split("|")[1:-1]]
+        assert re.fullmatch(r"\d+\.\d \[\d+\.\d, \d+\.\d\]", cells[5])  # ER with its CI
+        assert cells[6] == cells[7] == "n/a"
+    assert "60 (0 with query masks)" in md and "120 (0 with query masks)" in md
+    assert "no query mask" in md  # panel caption
+    assert ">n/a<" in page.read_text()
+    figures = sorted(p.name for p in (page.parent / "figures").glob("*.png"))
+    assert not any("per-class" in f for f in figures) and any("reliability" in f for f in figures)
+    fm = fold_mean(collect_results(paths), bootstrap=100)
+    assert fm["metrics"]["miou"] is None and fm["ci95"]["miou"] is None and fm["ci95"]["fbiou"] is None
+    assert fm["metrics"]["er"] is not None and fm["ci95"]["er"] is not None
+    assert fm["segmentation_episodes"] == 0 and fm["episodes"] == 120
+
+    part = [_fake_result(tmp_path, "part", f, masked=20, seed=2) for f in range(2)]
+    results = collect_results(part)
+    fm = fold_mean(results, bootstrap=100)
+    assert fm["metrics"]["miou"] == pytest.approx(np.mean([r.data["metrics"]["miou"] for r in results]))
+    assert fm["ci95"]["miou"][0] <= fm["metrics"]["miou"] <= fm["ci95"]["miou"][1]
+    assert fm["segmentation_episodes"] == 40
+    md = (write_report(paths + part, tmp_path / "rep2", bootstrap=100).parent / "LEADERBOARD.md").read_text()
+    assert "60 (20 with query masks)" in md and "mIoU / FB-IoU over the episodes whose query has a mask" in md
+    assert any("per-class" in p.name for p in (tmp_path / "rep2" / "figures").glob("*.png"))

@@ -52,8 +52,6 @@ class FolderPlan:
     items: list[FolderItem]
     split: dict[str, str]
     mask_format: str = "index"
-    test_keys: frozenset[str] | None = None
-    """Test images whose novel entries go into lists.test[0] (None = all test images)."""
 
     @property
     def class_id(self) -> dict[str, int]:
@@ -226,24 +224,15 @@ def plan_folder(images: str | Path, labels: str | Path | None = None, masks: str
     chosen = choose_novel(order, novel, novel_count, seed)
     plan = FolderPlan(order, chosen, items, _assign_splits(items, set(chosen), select_fraction, seed),
                       mask_format)
-    test = [it for it in items if plan.split[it.key] == "test"]
-    masked = frozenset(it.key for it in test if it.mask is not None)
-    if masked and len(masked) < len(test):
-        plan.test_keys = masked
-        logger.warning("%d of %d novel test images have no mask; `fscs bench` needs query masks, so only "
-                       "the %d masked ones are listed for testing (the others are still never trained on)",
-                       len(test) - len(masked), len(test), len(masked))
     _warn_small(plan, shots)
     return plan
 
 
 def _warn_small(plan: FolderPlan, shots: Sequence[int]) -> None:
-    """Warnings: classes with too few images for `shots`, and missing masks."""
+    """Warnings: classes with too few images for `shots`, and missing masks (what `fscs bench` can score)."""
     need = max(shots or (1,)) + 1
     novel = set(plan.novel)
-    listed = [it for it in plan.items if plan.test_keys is None or plan.split[it.key] != "test"
-              or it.key in plan.test_keys]
-    per = {s: Counter(c for it in listed if plan.split[it.key] == s for c in it.labels)
+    per = {s: Counter(c for it in plan.items if plan.split[it.key] == s for c in it.labels)
            for s in ("trn", "test")}
     for c in plan.class_names:
         n = per["test"][c] if c in novel else per["trn"][c]
@@ -258,9 +247,18 @@ def _warn_small(plan: FolderPlan, shots: Sequence[int]) -> None:
     if 0 < with_mask < len(plan.items):
         logger.warning("%d of %d images have masks: train.regime=full needs a mask on every training image "
                        "(train weak, or mixed)", with_mask, len(plan.items))
-    if test and all(it.mask is None for it in test):
-        logger.warning("the %d novel test images have no masks: `fscs bench` needs masks on them (mIoU); "
-                       "mask a few per novel class (masks/<image>.png)", len(test))
+    masked = [it for it in test if it.mask is not None]
+    if test and not masked:
+        logger.warning("the %d novel test images have no masks: `fscs bench` reports ER (classification) "
+                       "only, no mIoU; mask a few per novel class (masks/<image>.png) for mIoU", len(test))
+    elif len(masked) < len(test):
+        logger.warning("%d of %d novel test images have masks: `fscs bench` reports ER over all of them and "
+                       "mIoU / FB-IoU over the episodes whose query is one of the %d masked ones",
+                       len(masked), len(test), len(masked))
+        unmasked = [c for c in plan.novel if not any(c in it.labels for it in masked)]
+        if unmasked:
+            logger.warning("novel class %r has no masked test image: its IoU (part of the mIoU mean) can "
+                           "only be 0; mask a few of its images", unmasked[0])
     if not plan.novel:
         logger.warning("no novel classes: every class is trained on and `fscs bench` has nothing to test")
 
@@ -385,8 +383,7 @@ def folder_lists(plan: FolderPlan) -> dict[str, dict[int, list[tuple[str, int]]]
         split = plan.split[it.key]
         for c in it.labels:
             if split == "test" and c in novel:
-                if plan.test_keys is None or it.key in plan.test_keys:
-                    lists["test"][NOVEL_FOLD].append((it.key, ids[c]))
+                lists["test"][NOVEL_FOLD].append((it.key, ids[c]))
             elif split != "test":
                 lists["train" if split == "trn" else "select"][BASE_FOLD].append((it.key, ids[c]))
     return lists
