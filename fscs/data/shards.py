@@ -104,9 +104,13 @@ def default_lists(records: list[dict[str, Any]], folds: dict[int, list[int]]
 
 
 def _encode(sample: Sample) -> dict[str, bytes]:
-    buf = io.BytesIO()
-    Image.fromarray(sample.image, "RGB").save(buf, format="JPEG", quality=95)
-    files = {"jpg": buf.getvalue()}
+    """Tar members of a sample: the source file's own bytes when the sample carries them, else JPEG q95."""
+    if sample.encoded is not None:
+        files = {sample.encoded[0]: sample.encoded[1]}
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(sample.image, "RGB").save(buf, format="JPEG", quality=95)
+        files = {"jpg": buf.getvalue()}
     if sample.mask is not None:
         buf = io.BytesIO()
         Image.fromarray(sample.mask, "L").save(buf, format="PNG")

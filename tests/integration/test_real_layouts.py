@@ -121,6 +121,23 @@ def test_pascal_layout_to_benchmark(pascal_shards, model):
         assert set(res["ci95"]) >= {"er", "miou", "fbiou"}
 
 
+def test_shards_keep_the_source_jpeg_bytes(pascal_shards, coco_shards):
+    """Benchmarks read the published pixels: each shard holds the original JPEG file, not a re-encoding."""
+    import tarfile
+
+    for shards, root in ((pascal_shards, pascal_shards.parent / "VOCdevkit" / "VOC2012" / "JPEGImages"),
+                         (coco_shards, coco_shards.parent / "COCO2014")):
+        originals = {p.stem: p.read_bytes() for p in root.rglob("*.jpg")}
+        seen = 0
+        for tar in sorted(shards.glob("*.tar")):
+            with tarfile.open(tar) as tf:
+                for member in tf.getmembers():
+                    if member.name.endswith(".jpg"):
+                        assert tf.extractfile(member).read() == originals[member.name[: -len(".jpg")]]
+                        seen += 1
+        assert seen == len(read_index(shards).samples) > 0
+
+
 def test_coco_layout_to_benchmark(coco_shards, model):
     index = read_index(coco_shards)
     assert index.dataset == "coco-20i" and index.params["mask_source"] == {"train2014": "png", "val2014": "png"}

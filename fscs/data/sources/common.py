@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -48,12 +49,19 @@ def files_sha256(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3] RGB pixels of an image file (EXIF orientation ignored, as the masks are)."""
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+
+
+def read_rgb(path: Path) -> tuple[np.ndarray, tuple[str, bytes] | None]:
+    """uint8 [H, W, 3] RGB pixels of an image file (EXIF orientation ignored, as the masks are), and the file's
+    own bytes as (ext, bytes) when it is a JPEG or PNG: shards then store the original file, so a benchmark
+    reads exactly the published pixels (a re-encoded JPEG would not decode to the same values)."""
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            original = (_KEEP_FORMATS[im.format], data) if im.format in _KEEP_FORMATS else None
+            return np.asarray(im.convert("RGB"), dtype=np.uint8), original
     except FileNotFoundError:
         raise FSCSError(f"{path}: image missing; restore it (layout in {DOCS})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:
@@ -137,14 +145,15 @@ class Job:
 
 def load_job(job: Job) -> tuple[Sample, str]:
     """Decode and validate one image + mask (runs in a worker) -> (Sample, split)."""
-    image = read_rgb(Path(job.image))
+    image, original = read_rgb(Path(job.image))
     mask = job.mask.load(image.shape[:2])
     if mask.shape != image.shape[:2]:
         raise FSCSError(f"{job.mask.describe()}: mask size {mask.shape[1]}x{mask.shape[0]} != image "
                         f"{job.image} size {image.shape[1]}x{image.shape[0]}; the mask belongs to another "
                         "image or was resized; replace it")
     labels = job.label_set.labels(mask, job.mask.describe())
-    return Sample(key=job.key, image=image, mask=np.ascontiguousarray(mask), labels=labels), job.split
+    return Sample(key=job.key, image=image, mask=np.ascontiguousarray(mask), labels=labels,
+                  encoded=original), job.split
 
 
 def carve_holdout(images: Iterable[str], fraction: float, seed: int) -> set[str]:
