@@ -123,7 +123,7 @@ def mixed_step_loss(model: FSCSModel, batch: dict[str, torch.Tensor], cfg: Train
     query_target [B,N,S,S] (255 where no GT), query_has_gt [B]. The head sees GT support masks where
     available and enhanced pseudo-masks elsewhere; its segmentation target is the GT query mask where the
     query has GT, else the enhanced query pseudo-mask (zeroed for absent classes). The enhancer learns from
-    every GT-having support (its way-class mask) and GT-having query (its way-class mask, zero if absent).
+    every GT-having support (its way-class mask) and GT-having query whose way class is present (its mask).
     Returns (loss, {"cls", "seg", "enh", "gt_maps"}).
     """
     from fscs.losses import fscs_loss
@@ -144,7 +144,10 @@ def mixed_step_loss(model: FSCSModel, batch: dict[str, torch.Tensor], cfg: Train
     q_logits = out.enhancer_query_logits.flatten(0, 2)  # type: ignore[union-attr]
     s_target = batch["support_mask"].flatten(0, 2).long()
     q_target = batch["query_target"].long().repeat_interleave(k, dim=1).flatten(0, 1)
-    q_valid = query_gt[:, None].expand(b, n * k).reshape(-1)
+    # query maps of absent classes are left out: their pseudo-mask is zeroed by the image-level label anyway,
+    # and training on their empty targets teaches the enhancer to shrink the masks of present classes too
+    present = presence.bool().repeat_interleave(k, dim=1)  # [B, N*K]
+    q_valid = (query_gt[:, None] & present).reshape(-1)
     enh, count = enhancer_loss(torch.cat([s_logits, q_logits]), torch.cat([s_target, q_target]),
                                torch.cat([support_gt.reshape(-1), q_valid]))
     total = loss + cfg.enhancer_weight * enh

@@ -187,15 +187,15 @@ class FSCSModel(nn.Module):
         k_query = feats.query_k.repeat_interleave(n * k, dim=0)
         logits = self.enhancer_logits(torch.cat([feats.support_q, feats.support_q]),
                                       torch.cat([feats.support_k, k_query]))
-        enh = self.enhancer
+        enh: PseudoMaskEnhancer = self.enhancer  # type: ignore[assignment]
         s_logits, q_logits = logits.view(2, b, n, k, *grid).unbind(0)
-        support = (enh.probs(s_logits.flatten(0, 2), size) > 0.5).float()  # type: ignore[union-attr]
+        support = (enh.probs(s_logits.flatten(0, 2), size) > 0.5).float()
         empty = support.flatten(1).amax(1) == 0
         if bool(empty.any()):
             rule = self.distiller.support_masks(feats.support_q[empty], feats.support_k[empty], grid, size)
             support[empty] = rule.to(support.dtype)
         support = support.view(b, n, k, *size)
-        query = (enh.probs(q_logits.flatten(0, 2), size).view(b, n, k, *size).mean(2) > 0.5).float()  # type: ignore[union-attr]
+        query = (enh.probs(q_logits.flatten(0, 2), size).view(b, n, k, *size).mean(2) > 0.5).float()
         if query_presence is not None:
             query = query * query_presence.to(query.device).bool()[..., None, None].to(query.dtype)
         return support, query, s_logits, q_logits

@@ -200,6 +200,23 @@ def test_untrained_enhancer_follows_the_rule_and_empty_supports_fall_back(rule):
     assert not query.any()
 
 
+def test_enhancer_loss_skips_query_maps_of_absent_classes(model):
+    from fscs.model.enhancer import mixed_step_loss
+
+    cfg = load_config(None, [f"model.image_size={S}", "train.regime=mixed", "train.gt_fraction=0.2"]).train
+    g = torch.Generator().manual_seed(2)
+    target = torch.zeros(3, 1, S, S, dtype=torch.long)
+    target[0, 0, 4:12, 4:12] = 1
+    batch = {"query_img": torch.rand(3, 3, S, S, generator=g),
+             "support_img": torch.rand(3, 1, 1, 3, S, S, generator=g), "presence": torch.tensor([[1.0], [0.0], [1.0]]), "support_mask": torch.zeros(3, 1, 1, S, S),
+             "support_has_gt": torch.tensor([[[False]], [[True]], [[False]]]), "query_target": target,
+             "query_has_gt": torch.tensor([True, True, False])}
+    batch["support_mask"][1, 0, 0, 8:20, 8:20] = 1
+    _, parts = mixed_step_loss(model, batch, cfg)
+    # maps with GT: support 1, query 0 (class present); query 1 has GT but its class is absent: left out
+    assert int(parts["gt_maps"]) == 2
+
+
 def test_enhancer_trains_on_a_tiny_set():
     torch.manual_seed(0)
     maps = torch.rand(12, 3, 8, 8) * 2 - 1
