@@ -61,12 +61,21 @@ def ensure_shards(path: str | None, scratch: Path) -> str:
     return str(build_synthetic_shards(out, seed=0, num_images=600, size=128, workers=1))
 
 
+def model_overrides(backbone: str) -> list[str]:
+    """The offline default's backbone keeps its shipped weights and rule; any other runs on random weights
+    with the CST reference rule (timings do not depend on weight values)."""
+    model = RunConfig().model
+    if backbone == model.backbone:
+        return [f"model.backbone={backbone}", f"model.weights={model.weights}", f"model.mask_rule={model.mask_rule}"]
+    return [f"model.backbone={backbone}", "model.weights=null", "model.mask_rule=reference"]
+
+
 def make_cfg(setting: Setting, shards: str, *, precision: str = "fp32", device: str = "cpu",
              out_dir: str | None = None, regime: str = "weak", extra: list[str] | None = None) -> RunConfig:
     """A validated RunConfig for `setting` (via load_config overrides, like the CLI)."""
     out_dir = out_dir or tempfile.mkdtemp(prefix="fscs-perf-")
-    overrides = [f"data.shards={shards}", f"out_dir={out_dir}", "name=perf",
-                 f"model.backbone={setting.backbone}", f"model.image_size={setting.image_size}",
+    overrides = [f"data.shards={shards}", f"out_dir={out_dir}", "name=perf", *model_overrides(setting.backbone),
+                 f"model.image_size={setting.image_size}",
                  f"data.batch_size={setting.batch}", f"data.way={setting.way}", f"data.shot={setting.shot}",
                  "data.num_workers=0",
                  f"train.precision={precision}", f"train.device={device}", f"train.regime={regime}"]
