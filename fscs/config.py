@@ -16,7 +16,7 @@ from fscs.errors import FSCSError
 logger = logging.getLogger(__name__)
 
 REGIMES = ("weak", "full", "mixed")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 ENGINES = ("ddp", "deepspeed")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine")
@@ -82,10 +82,14 @@ class TrainConfig:
     weight_decay: float = 0.0
     cls_weight: float = 0.1
     """Weight of the classification loss (the segmentation loss has weight 1)."""
+    seg_fg_weight: float = 1.0
+    """Weight of the foreground class in the segmentation CE (1 = the reference's unweighted CE)."""
     loss_ignore_boundary: bool = False
     """False = boundary pixels (255) count as background in the loss, as in the reference."""
-    precision: str = "fp32"
-    """fp32 or bf16 (autocast with ddp; DeepSpeed's bf16 mode with deepspeed). Never fp16."""
+    precision: str = "auto"
+    """auto, fp32 or bf16 (autocast with ddp; DeepSpeed's bf16 mode with deepspeed). Never fp16. auto = bf16
+    on a CUDA GPU that supports it, else fp32 (on CPU bf16 is opt-in: faster on AMX CPUs, see docs/perf.md);
+    the run directory's config.yaml records the resolved value."""
     engine: str = "ddp"
     """ddp (torch DistributedDataParallel) or deepspeed; either wraps the head only (backbone frozen outside)."""
     zero_stage: int = 0
@@ -239,6 +243,9 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.train.regime != "mixed" and cfg.train.gt_fraction != 0.0:
         raise FSCSError(f"config key 'train.gt_fraction' is {cfg.train.gt_fraction} but train.regime is "
                         f"'{cfg.train.regime}'; set train.regime=mixed or drop train.gt_fraction")
+    if cfg.train.seg_fg_weight <= 0:
+        raise FSCSError(f"config key 'train.seg_fg_weight' is {cfg.train.seg_fg_weight}; it must be > 0 "
+                        "(1 = the reference's unweighted CE)")
     if cfg.model.enhancer_channels < 1 or cfg.train.enhancer_weight < 0:
         raise FSCSError("config keys 'model.enhancer_channels' (>= 1) and 'train.enhancer_weight' (>= 0) "
                         "are invalid")

@@ -56,6 +56,15 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     return torch.device(f"cuda:{env.local_rank}")
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """train.precision -> fp32 | bf16: `auto` is bf16 on a CUDA device with bf16 support, else fp32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
 def build_model(cfg: RunConfig) -> FSCSModel:
     """The model a config describes (backbone weights from cfg.model.weights; fresh head)."""
     extra: dict[str, Any] = {}
@@ -121,6 +130,7 @@ class Trainer:
         self.env = env
         self.run_dir = cfg.run_dir
         self.device = resolve_device(cfg.train.device, env)
+        cfg.train.precision = resolve_precision(cfg.train.precision, self.device)
         seed_all(cfg.train.seed)
         self.index = read_index(cfg.data.shards)
         self.model = build_model(cfg).to(self.device)
@@ -310,7 +320,8 @@ class Trainer:
                 else:
                     target = out.pseudo_query.long()  # type: ignore[union-attr]
                 loss, parts = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
-                                        cls_weight=self.cfg.train.cls_weight)
+                                        cls_weight=self.cfg.train.cls_weight,
+                                        fg_weight=self.cfg.train.seg_fg_weight)
         self.engine.step(loss)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 

@@ -127,3 +127,9 @@ def test_bf16_forward_backward_of_the_model(regime: str) -> None:
     torch.testing.assert_close(outs["bf16"][0], outs["fp32"][0], rtol=0, atol=0.1)
     assert (outs["bf16"][1] - outs["fp32"][1]).abs().mean() < 0.05
     assert abs(outs["bf16"][2] - outs["fp32"][2]) < 0.1 * max(1.0, abs(outs["fp32"][2]))
+
+
+def test_precision_auto_is_bf16_on_cuda():
+    from fscs.train import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")

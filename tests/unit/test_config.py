@@ -59,3 +59,14 @@ def test_save_and_restore_roundtrip(tmp_path):
 def test_parse_setting():
     assert parse_setting("2w5s") == (2, 5)
     assert parse_setting("1W1S") == (1, 1)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass():
+    import torch
+
+    from fscs.train import resolve_precision
+
+    assert load_config(None, []).train.precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
