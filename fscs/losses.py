@@ -19,6 +19,7 @@ def fscs_loss(
     cls_weight: float = 0.1,
     seg_weight: float = 1.0,
     ignore_index: int = 255,
+    fg_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CST loss ``cls_weight * CE(cls) + seg_weight * CE(seg)``; every (episode, way) is one 1-way pair.
 
@@ -26,7 +27,8 @@ def fscs_loss(
     presence [B, N] (0/1, any dtype); seg_target [B, N, H, W] (0/1, ``ignore_index`` ignored).
     Leading dims are flattened (any leading shape works if both logits share it).
     The classification CE is averaged over the B*N pairs, the segmentation CE over all non-ignored
-    pixels of all pairs (0 with a live graph when every pixel is ignored).
+    pixels of all pairs (0 with a live graph when every pixel is ignored). fg_weight != 1 weights the
+    foreground class of the segmentation CE (weighted mean: sum w_t * CE / sum w_t); 1 = the reference.
     Returns (loss scalar, {"cls": detached CE, "seg": detached CE}).
     """
     lead = tuple(cls_logits.shape[:-1])
@@ -58,7 +60,8 @@ def fscs_loss(
     cls_loss = F.cross_entropy(cls_logits.reshape(-1, 2), pres)
     seg_in = seg_logits.reshape(-1, 2, *hw)
     if bool(valid.any()):
-        seg_loss = F.cross_entropy(seg_in, tgt, ignore_index=ignore_index)
+        weight = None if fg_weight == 1.0 else seg_in.new_tensor([1.0, float(fg_weight)])
+        seg_loss = F.cross_entropy(seg_in, tgt, weight=weight, ignore_index=ignore_index)
     else:
         seg_loss = seg_in.sum() * 0.0
     loss = cls_weight * cls_loss + seg_weight * seg_loss

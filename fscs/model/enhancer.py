@@ -138,7 +138,7 @@ def mixed_step_loss(model: FSCSModel, batch: dict[str, torch.Tensor], cfg: Train
     pseudo = out.pseudo_query.long()  # type: ignore[union-attr]
     target = torch.where(query_gt[:, None, None, None], gt_target, pseudo)
     loss, parts = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
-                            cls_weight=cfg.cls_weight)
+                            cls_weight=cfg.cls_weight, fg_weight=cfg.seg_fg_weight)
     b, n, k = support_gt.shape
     s_logits = out.enhancer_support_logits.flatten(0, 2)  # type: ignore[union-attr]
     q_logits = out.enhancer_query_logits.flatten(0, 2)  # type: ignore[union-attr]

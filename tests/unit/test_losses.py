@@ -52,6 +52,14 @@ def test_loss_equals_hand_computation():
     assert loss2.item() == pytest.approx(want_cls + 0.5 * want_seg, rel=1e-6)
 
 
+def test_foreground_weight_is_a_weighted_mean_of_pixel_ce():
+    cls, seg, presence, target = _inputs()
+    _, parts = fscs_loss(cls, seg, presence, target, fg_weight=3.0)
+    # pixels (label): (2,0)->0, (0,1)->1, (0.5,-0.5)->1, (3,3)->0; foreground pixels weigh 3
+    num = _ce((2.0, 0.0), 0) + 3 * _ce((0.0, 1.0), 1) + 3 * _ce((0.5, -0.5), 1) + _ce((3.0, 3.0), 0)
+    assert parts["seg"].item() == pytest.approx(num / 8, rel=1e-6)
+
+
 def test_ignore_index_excluded_from_mean_and_gradient():
     cls, seg, presence, target = _inputs()
     target = target.clone()
