@@ -175,17 +175,23 @@ def _image_keys(k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
                      f"got {tuple(k.shape)}")
 
 
-def cls_key_cosine(q_cls: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Head-mean cosine of CLS queries with image keys: q_cls [B, h, dh], k [B, h, T, dh] -> [B, gh, gw].
+def cls_key_cosine_heads(q_cls: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Per-head cosine of CLS queries with image keys: q_cls [B, h, dh], k [B, h, T, dh] -> [B, h, gh, gw].
 
     Only the CLS row is computed (T dot products per head), never the N x N attention matrix.
-    `k` may also carry the CLS key first ([B, h, 1+T, dh]); it is dropped. Computed in float32.
+    `q_cls` may also be the full queries [B, h, 1+T', dh] (CLS first) and `k` may carry the CLS key first
+    ([B, h, 1+T, dh]); it is dropped. Computed in float32.
     """
     q_cls, keys = _cls_query(q_cls).float(), _image_keys(k, grid).float()
     if q_cls.shape[:2] != keys.shape[:2] or q_cls.shape[-1] != keys.shape[-1]:
         raise ValueError(f"CLS queries {tuple(q_cls.shape)} and keys {tuple(keys.shape)} do not match")
     cos = torch.einsum("bhd,bhtd->bht", F.normalize(q_cls, dim=-1), F.normalize(keys, dim=-1))
-    return cos.mean(dim=1).reshape(cos.shape[0], grid[0], grid[1])
+    return cos.reshape(cos.shape[0], cos.shape[1], grid[0], grid[1])
+
+
+def cls_key_cosine(q_cls: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Head-mean cosine of CLS queries with image keys -> [B, gh, gw] (see cls_key_cosine_heads)."""
+    return cls_key_cosine_heads(q_cls, k, grid).mean(dim=1)
 
 
 def pseudo_mask(cos: torch.Tensor, out_size: Size, rule: str = "reference", threshold: float = 0.4, *,
@@ -206,9 +212,14 @@ class PseudoMaskDistiller:
         self.threshold = float(threshold)
 
     def _masks(self, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int], size: Size) -> torch.Tensor:
-        q_cls, keys = _cls_query(q), _image_keys(k, grid)
-        cos = cls_key_cosine(q_cls, keys, grid)
-        return pseudo_mask(cos, size, self.rule, self.threshold, q_cls=q_cls, k=keys)
+        return self.masks_from_cosine(cls_key_cosine(q, k, grid), q, k, grid, size)
+
+    @torch.no_grad()
+    def masks_from_cosine(self, cos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int],
+                          size: Size) -> torch.Tensor:
+        """The rule on an already computed head-mean cosine map cos [B, gh, gw] of CLS queries q vs keys k
+        (layouts as in support_masks) -> [B, H, W] float {0, 1}."""
+        return pseudo_mask(cos, size, self.rule, self.threshold, q_cls=_cls_query(q), k=_image_keys(k, grid))
 
     @torch.no_grad()
     def support_masks(self, q_s: torch.Tensor, k_s: torch.Tensor, grid: tuple[int, int],

@@ -21,21 +21,6 @@ IGNORE = 255
 DEFAULT_PRIOR_SCALE = 8.0
 
 
-def per_head_cosine(q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Per-head cosine of CLS queries with image keys, on the token grid (no N x N attention).
-
-    q: [M, h, 1+T, dh] (CLS first) or CLS only [M, h, dh]; k: [M, h, 1+T, dh] (CLS key dropped) or
-    [M, h, T, dh]; grid (gh, gw) with T = gh*gw. Returns float32 [M, h, gh, gw] in [-1, 1].
-    """
-    q_cls = q[:, :, 0] if q.ndim == 4 else q
-    tokens = grid[0] * grid[1]
-    if k.ndim != 4 or k.shape[2] not in (tokens, tokens + 1) or q_cls.ndim != 3:
-        raise ValueError(f"per_head_cosine: q {tuple(q.shape)} / k {tuple(k.shape)} do not fit grid {grid}")
-    keys = k[:, :, -tokens:]
-    cos = torch.einsum("mhd,mhtd->mht", F.normalize(q_cls.float(), dim=-1), F.normalize(keys.float(), dim=-1))
-    return cos.reshape(cos.shape[0], cos.shape[1], grid[0], grid[1])
-
-
 class PseudoMaskEnhancer(nn.Module):
     """Refines rule pseudo-masks from the h per-head CLS-key cosine maps of the last block.
 

@@ -15,8 +15,8 @@ from fscs.bench.metrics import predict_from_probs
 from fscs.errors import FSCSError
 from fscs.model.backbone import BACKBONES, BackboneOutput, FrozenBackbone
 from fscs.model.cst import CSTHead, convert_reference_state_dict, correlation
-from fscs.model.distill import PseudoMaskDistiller
-from fscs.model.enhancer import PseudoMaskEnhancer, per_head_cosine
+from fscs.model.distill import PseudoMaskDistiller, cls_key_cosine_heads
+from fscs.model.enhancer import PseudoMaskEnhancer
 from fscs.safe_load import load_untrusted
 
 logger = logging.getLogger(__name__)
@@ -169,8 +169,9 @@ class FSCSModel(nn.Module):
             raise FSCSError("the mixed regime needs a pseudo-mask enhancer: build the model with "
                             "FSCSModel.build(..., enhancer=True) (train.regime=mixed does this)")
         grid = self.backbone.grid
-        rule = self.distiller.support_masks(q, k_img, grid, grid)  # the configured rule on the token grid
-        return enh(per_head_cosine(q, k_img, grid), rule)
+        maps = cls_key_cosine_heads(q, k_img, grid)  # [M, h, gh, gw]
+        rule = self.distiller.masks_from_cosine(maps.mean(dim=1), q, k_img, grid, grid)  # on the grid
+        return enh(maps, rule)
 
     def enhanced_masks(
         self, feats: EpisodeFeatures, query_presence: torch.Tensor | None = None
