@@ -274,9 +274,10 @@ def evaluate_jobs(
                         "build_manifest")
     all_specs = [spec_from_dict(d) for d in manifest["episodes"]]
     my_batches = _batches(list(range(episodes)), batch_size)[env.rank :: env.world_size]
-    samples = _load(index, [all_specs[i] for b in my_batches for i in b], samples)
+    my_specs = [all_specs[i] for b in my_batches for i in b]
+    samples = _load(index, my_specs, samples)
     if any(job.regime == "full" for job in jobs):
-        _check_support_masks(str(index.root), [all_specs[i] for b in my_batches for i in b], samples)
+        _check_support_masks(str(index.root), my_specs, samples)
     fold_classes = sorted(index.fold_classes(role, fold))
     n_first, n_worst = (panels if artifacts else (0, 0))
     tracks = [_Track(FSCSMetric(fold_classes), n_first, n_worst) for _ in jobs]
@@ -351,7 +352,7 @@ def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs:
     for j, spec in enumerate(specs):
         it = items[j]
         gt = it.get("query_mask_abs")  # None: image-level labels only (presence from labels, ER only)
-        size = tuple(gt.shape[-2:]) if gt is not None else samples[spec.query].image.shape[:2]
+        size = tuple(samples[spec.query].image.shape[:2])  # the original query size (its mask's, if any)
         logits = upsample_logits(out.mask_logits[j], size)  # [N, 2, H, W] at original size
         fg = logits.softmax(1)[:, 1]
         best, arg = fg.max(0)
