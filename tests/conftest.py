@@ -20,3 +20,19 @@ def _seed_everything():
     torch.manual_seed(0)
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def slurm_launcher():
+    """launchers/slurm.py (a script, not a package module) imported as `fscs_slurm_launcher`."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launchers" / "slurm.py"
+    spec = importlib.util.spec_from_file_location("fscs_slurm_launcher", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

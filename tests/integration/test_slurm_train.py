@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -18,20 +17,9 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["model.image_size=64", "data.batch_size=2", "data.num_workers=1", "data.buffer_per_class=16",
          "train.steps_per_epoch=32", "train.epochs=3", "train.log_every=1"]
 STEPS = 96  # ~10 steps/s here: the second signal must land with many steps still to go
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    spec = importlib.util.spec_from_file_location("fscs_slurm_launcher", ROOT / "launchers" / "slurm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +79,11 @@ def _torchrun_reference(shards: Path, out: Path):
 
 
 @pytest.fixture(scope="module")
-def requeued(launcher, cluster, shards, tmp_path_factory):
+def requeued(slurm_launcher, cluster, shards, tmp_path_factory):
     """A 2-task job requeued by `scontrol requeue`, then sent SIGUSR2, that completes; and its reference."""
     out = tmp_path_factory.mktemp("slurm")
     run = out / "requeued"
-    job = _submit(launcher, cluster, out / "submitit", ["train", f"data.shards={shards}", f"out_dir={out}",
+    job = _submit(slurm_launcher, cluster, out / "submitit", ["train", f"data.shards={shards}", f"out_dir={out}",
                                                          "name=requeued", *TRAIN, "train.save_every=1"])
     reference = None
     try:

@@ -1,28 +1,13 @@
 """launchers/slurm.py without a cluster: multi-node rendezvous from SLURM variables, presets, requeues."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 from fscs.distributed import resolve_env
 from fscs.errors import FSCSError
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def slurm_launcher():
-    spec = importlib.util.spec_from_file_location("fscs_slurm_launcher", ROOT / "launchers" / "slurm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture
