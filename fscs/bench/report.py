@@ -1,13 +1,10 @@
 """`fscs report`: results -> LEADERBOARD.md + a self-contained index.html (tables with CIs, plots, panels)."""
 from __future__ import annotations
 
-import base64
-import html
 import json
 import logging
 import os
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from fscs.bench import plots
 from fscs.bench.metrics import bootstrap_replicates
 from fscs.errors import FSCSError
 
@@ -307,263 +303,13 @@ def _published_rows(dataset: str, setting: str) -> list[Row]:
     return rows
 
 
-COLUMNS = (("model", "model"), ("train", "train regime"), ("test", "test regime"), ("backbone", "backbone"),
-           ("fold", "fold"), ("er", "ER [95% CI]"), ("miou", "mIoU [95% CI]"), ("fbiou", "FB-IoU [95% CI]"),
-           ("episodes", "episodes"), ("manifest", "manifest"))
-
-
-# ----------------------------------------------------------------------------------------------- pictures
-@dataclass
-class Picture:
-    """A PNG shown in the report: a plot or an episode panel."""
-
-    kind: str  # plot | panel
-    name: str  # file name under figures/ or panels/
-    title: str
-    png: bytes
-    caption: str = ""
-
-
-def _slug(*parts: object) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(str(p) for p in parts)).strip("_")
-
-
-def _display(key: tuple[str, str, str, str], keys: Sequence[tuple]) -> str:
-    """Legend name of a model: its regime label, plus name / test regime / backbone to tell models apart."""
-    name, label, test, backbone = key
-    out = label if test == label.split("@")[0] else f"{label}→test {test}"
-    if len({k[0] for k in keys}) > 1 and name != label:
-        out = f"{name} · {out}"
-    if len({k[3] for k in keys}) > 1:
-        out += f" · {backbone.split(' ')[0]}"
-    return out
-
-
-def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]]
-                ) -> dict[str, list[Picture]]:
-    """Per dataset: metrics by regime and by GT fraction; per setting: per-class IoU, presence reliability."""
-    out: dict[str, list[Picture]] = {}
-    for dataset in sorted({r.data["dataset"] for r in results}):
-        ds = [r for r in results if r.data["dataset"] == dataset]
-        keys = sorted({r.model_key for r in ds}, key=lambda k: _order(k, ds))
-        settings = _settings(ds)
-        names = [_display(k, keys) for k in keys]
-        series: dict[str, list[tuple[float, list | None]]] = {}
-        for s in settings:
-            vals = []
-            for m in ("miou", "er"):
-                for k in keys:
-                    fm = summaries.get((dataset, s, k))
-                    v = fm["metrics"][m] if fm else None
-                    vals.append((float("nan"), None) if v is None else (v, (fm["ci95"] or {}).get(m)))
-            series[s] = vals
-        png = plots.grouped_bars(f"{dataset}: mean over folds, 95 % CI", names, series, ("mIoU", "ER"))
-        pics = [Picture("plot", f"{_slug(dataset, 'by-regime')}.png", f"{dataset}: mIoU and ER by regime",
-                        png, "bars: mean over the folds present; error bars: fold-bootstrap 95 % CI")]
-        lines: dict[str, list[tuple[float, float, float]]] = {}
-        for k in keys:
-            frac = next(r.gt_fraction for r in ds if r.model_key == k)
-            if frac is None or k[2] != k[1].split("@")[0]:
-                continue
-            for s in settings:
-                fm = summaries.get((dataset, s, k))
-                if fm:
-                    name = s if len({kk[3] for kk in keys}) == 1 else f"{s} · {k[3].split(' ')[0]}"
-                    miou = fm["metrics"]["miou"]
-                    lines.setdefault(name, []).append((frac, float("nan") if miou is None else miou,
-                                                       fm["metrics"]["er"]))
-        png = plots.lines_by_fraction(f"{dataset}: by share of GT-masked training images", lines,
-                                      ("mIoU", "ER"))
-        pics.append(Picture("plot", f"{_slug(dataset, 'by-gt-fraction')}.png",
-                            f"{dataset}: mIoU and ER by GT fraction", png,
-                            "x: 0 = weak (image-level labels only), 1 = full; models tested in their own "
-                            "regime"))
-        for s in settings:
-            rs = [r for r in ds if r.setting == s]
-            class_names: dict[int, str] = {}
-            for r in rs:
-                class_names.update({int(c): str(n) for c, n in (r.data.get("class_names") or {}).items()})
-            for r in rs:
-                for c in r.data["metrics"]["per_class_iou"] or {}:  # None: no query had a mask
-                    class_names.setdefault(int(c), str(c))
-            ids = sorted(class_names)
-            bars = {}
-            for k, nm in zip(keys, names):
-                per = {int(c): v for r in rs if r.model_key == k
-                       for c, v in (r.data["metrics"]["per_class_iou"] or {}).items()}
-                if per:
-                    bars[nm] = [per.get(c, float("nan")) for c in ids]
-            if bars:  # no per-class plot when no result of this setting had a query mask
-                png = plots.class_bars(f"{dataset} {s}: per-class IoU", [class_names[c] for c in ids], bars)
-                pics.append(Picture("plot", f"{_slug(dataset, s, 'per-class')}.png",
-                                    f"{dataset} {s}: per-class IoU", png,
-                                    "each class is a test class of one fold; IoU from that fold's result "
-                                    "(episodes whose query has a mask)"))
-            rel = {}
-            for k, nm in zip(keys, names):
-                arrs = [r.presence() for r in rs if r.model_key == k]
-                arrs = [a for a in arrs if a is not None]
-                if arrs:
-                    rel[nm] = (np.concatenate([a[0] for a in arrs]), np.concatenate([a[1] for a in arrs]))
-            pics.append(Picture("plot", f"{_slug(dataset, s, 'reliability')}.png",
-                                f"{dataset} {s}: reliability of presence probabilities",
-                                plots.reliability_plot(f"{dataset} {s}: presence reliability", rel),
-                                "10 equal-width bins over all ways of all episodes (folds pooled); ECE in "
-                                "the legend"))
-        out[dataset] = pics
-    return out
-
-
-def build_panels(results: Sequence[Result]) -> dict[tuple[str, str], list[Picture]]:
-    """Per (dataset, setting): each model's saved episode panels of its lowest fold (first + worst)."""
-    out: dict[tuple[str, str], list[Picture]] = {}
-    done: set[tuple] = set()
-    order = sorted(results, key=lambda r: (r.data["dataset"], r.setting, _order(r.model_key, results),
-                                           r.data["fold"]))
-    for r in order:
-        pics = out.setdefault((r.data["dataset"], r.setting), [])
-        if (r.data["dataset"], r.setting, r.model_key) in done or not r.data.get("panels"):
-            continue  # this model already has panels from a lower fold
-        done.add((r.data["dataset"], r.setting, r.model_key))
-        names = {int(c): str(n) for c, n in (r.data.get("class_names") or {}).items()}
-        for p in r.data.get("panels") or []:
-            f = r.path.parent / p["file"]
-            if not f.is_file():
-                logger.warning("panel %s of %s is missing; skipped", f, r.path)
-                continue
-            ways = "; ".join(f"{names.get(c, c)}: {'present' if t else 'absent'}, predicted "
-                             f"{'present' if q else 'absent'}"
-                             for c, t, q in zip(p["classes"], p["present"], p["pred_present"]))
-            test = "" if r.data["regime"] == r.label.split("@")[0] else f", test {r.data['regime']}"
-            who = r.label if r.model == r.label else f"{r.model} ({r.label})"
-            title = f"{who}{test} · fold {r.data['fold']}"
-            iou = "no query mask" if p.get("iou") is None else f"IoU {p['iou']:.1f}"
-            caption = (f"episode {p['index']} ({p['kind']}), {iou}, query {p['query']}; "
-                       f"ways: {ways}")
-            name = _slug(r.data["dataset"], r.setting, r.path.stem, p["file"])
-            pics.append(Picture("panel", name, title, f.read_bytes(), caption))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- writers
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1400px;
-color:#1d1d1f;padding:0 1em}
-h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.6em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-th,td{border:1px solid #ddd;padding:.3em .55em;text-align:left;white-space:nowrap}
-th{background:#f3f3f5}tr.mean td{font-weight:600;background:#f7fbff}
-tr.published td{background:#fff8e6;font-style:italic}
-.badge{display:inline-block;background:#e8a317;color:#fff;border-radius:3px;padding:0 .35em;font-size:.8em;
-font-style:normal;margin-left:.3em}
-.note{color:#555;font-size:.85em}code{background:#f3f3f5;padding:0 .2em}
-figure{margin:.6em 0;display:inline-block;vertical-align:top}
-figure.plot img{max-width:100%;border:1px solid #eee}
-figure.panel{margin:.4em;max-width:560px}figure.panel img{image-rendering:pixelated;border:1px solid #ccc}
-figcaption{font-size:.78em;color:#444;max-width:560px;white-space:normal}
-.legend span{display:inline-block;padding:0 .5em;margin-right:.4em;border-radius:3px;color:#fff}
-"""
-
-
-def _h(x: object) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _md(x: object) -> str:
-    """Text safe in a Markdown table cell (pipes, angle brackets, newlines)."""
-    return (str(x).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("\n", " "))
-
-
-def _img(pic: Picture, cls: str) -> str:
-    data = base64.b64encode(pic.png).decode("ascii")
-    return f'<img class="{cls}" alt="{_h(pic.title)}" src="data:image/png;base64,{data}">'
-
-
-def render_html(title: str, tables: Sequence[Table], plot_pics: dict[str, list[Picture]],
-                panel_pics: dict[tuple[str, str], list[Picture]], sources: Sequence[Result]) -> str:
-    """The self-contained page: inline CSS, images as data: URIs, every text escaped."""
-    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_h(title)}</title>'
-             f'<style>{CSS}</style></head><body><h1>{_h(title)}</h1>',
-             f'<p class="note">{len(sources)} results · generated {_h(time.strftime("%Y-%m-%d %H:%M:%S"))} · '
-             f'cells: value [95 % CI]; fold rows: bootstrap over that fold\'s episodes; "mean of k" rows: '
-             f'{_h(MEAN_CI_METHOD)}. Rows marked <span class="badge">published</span> are copied from '
-             f'{_h(PUBLISHED_SOURCE)}, not measured here.</p>']
-    legend = "".join(f'<span style="background:rgb{c}">way {k}</span>'
-                     for k, c in enumerate(plots.PALETTE[:4], 1))
-    for dataset in sorted({t.dataset for t in tables}):
-        parts.append(f'<section class="dataset" data-dataset="{_h(dataset)}"><h2>{_h(dataset)}</h2>')
-        for t in (t for t in tables if t.dataset == dataset):
-            parts.append(f'<h3>{_h(dataset)} · {_h(t.setting)}</h3><p class="note">{_h(t.note)}</p>'
-                         f'<table class="leaderboard" data-setting="{_h(t.setting)}"><thead><tr>'
-                         + "".join(f"<th>{_h(h)}</th>" for _, h in COLUMNS) + "</tr></thead><tbody>")
-            for row in t.rows:
-                cells = []
-                for key, _ in COLUMNS:
-                    v = _h(row.cells.get(key, ""))
-                    if key == "model" and row.kind == "published":
-                        v += '<span class="badge">published</span>'
-                    cells.append(f"<td>{v}</td>")
-                parts.append(f'<tr class="result-row {row.kind}" data-kind="{row.kind}" '
-                             f'title="{_h(row.title)}">' + "".join(cells) + "</tr>")
-            parts.append("</tbody></table>")
-        parts.append("<h3>Plots</h3>")
-        for pic in plot_pics.get(dataset, []):
-            parts.append(f'<figure class="plot" data-name="{_h(pic.name)}">{_img(pic, "plot")}'
-                         f"<figcaption>{_h(pic.title)} — {_h(pic.caption)}</figcaption></figure>")
-        parts.append('<h3>Episodes</h3><p class="note legend">query · ground truth · pseudo-mask · '
-                     f"prediction; grey = ignored boundary. {legend}</p>")
-        for (ds, setting), pics in panel_pics.items():
-            if ds != dataset or not pics:
-                continue
-            parts.append(f"<h4>{_h(setting)}</h4><div class=\"panels\">")
-            for pic in pics:
-                parts.append(f'<figure class="panel">{_img(pic, "panel")}<figcaption><b>{_h(pic.title)}'
-                             f"</b><br>{_h(pic.caption)}</figcaption></figure>")
-            parts.append("</div>")
-        parts.append("</section>")
-    items = "".join(f"<li><code>{_h(r.path)}</code> · manifest "
-                    f"<code>{_h(r.data['manifest_hash'])}</code></li>"
-                    for r in sorted(sources, key=lambda r: str(r.path)))
-    parts.append(f'<h2>Sources</h2><ul class="sources">{items}</ul></body></html>\n')
-    return "".join(parts)
-
-
-def render_markdown(title: str, tables: Sequence[Table], plot_pics: dict[str, list[Picture]],
-                    panel_pics: dict[tuple[str, str], list[Picture]]) -> str:
-    """LEADERBOARD.md: the same tables; figures and panels linked from figures/ and panels/."""
-    lines = [f"# {_md(title)}", "",
-             "Cells: value [95 % CI]. Fold rows: percentile bootstrap over that fold's episodes. "
-             f"\"mean of k\" rows: {MEAN_CI_METHOD}. Rows marked *(published)* are copied from "
-             f"{PUBLISHED_SOURCE}, not measured here.", ""]
-    for dataset in sorted({t.dataset for t in tables}):
-        lines += [f"## {_md(dataset)}", ""]
-        for t in (t for t in tables if t.dataset == dataset):
-            lines += [f"### {_md(dataset)} · {t.setting}", "", f"_{_md(t.note)}_", "",
-                      "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            for row in t.rows:
-                cells = [_md(row.cells.get(k, "")) for k, _ in COLUMNS]
-                if row.kind == "mean":
-                    cells = [f"**{c}**" if c else c for c in cells]
-                elif row.kind == "published":
-                    cells = [f"*{c}*" if c and c != "—" else c for c in cells]
-                lines.append("| " + " | ".join(cells) + " |")
-            lines.append("")
-        lines += ["### Plots", ""]
-        lines += [f"![{_md(p.title)}](figures/{p.name})" for p in plot_pics.get(dataset, [])]
-        lines += ["", "### Episodes (query · ground truth · pseudo-mask · prediction)", ""]
-        for (ds, setting), pics in panel_pics.items():
-            if ds == dataset and pics:
-                lines += [f"#### {setting}", ""]
-                lines += [f"- {_md(p.title)}: {_md(p.caption)}  \n  ![panel](panels/{p.name})" for p in pics]
-                lines.append("")
-    return "\n".join(lines) + "\n"
-
-
 def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
                  title: str = "fscs leaderboard", bootstrap: int = 1000, seed: int = 0) -> Path:
     """Collect results, refuse incomparable ones, write OUT/LEADERBOARD.md, OUT/index.html (self-contained),
     OUT/figures/*.png and OUT/panels/*.png; returns the path of index.html."""
+    from fscs.bench.figures import build_panels, build_plots  # both import this module's result types
+    from fscs.bench.render import render_html, render_markdown
+
     results = collect_results(result_paths)
     check_comparable(results)
     out = Path(out_dir)
