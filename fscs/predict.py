@@ -371,7 +371,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     """Predict every query image into `out_dir`: per query `<name>.json`, `<name>.mask.png` (0 = background,
     i = class i of classes.json), `<name>.overlay.png`; plus classes.json, predictions.csv, summary.json and
     index.html. Unreadable queries are logged and listed as skipped."""
-    from tqdm import tqdm
+    from fscs.progress import progress_bar
 
     if not 0.0 <= threshold <= 1.0 or batch_size < 1:
         raise FSCSError(f"--threshold {threshold} must be in [0, 1] and --batch-size {batch_size} >= 1")
@@ -395,7 +395,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     (out / "classes.json").write_text(json.dumps(meta, indent=2))
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    bar = tqdm(total=len(paths), unit="img", desc="predict", disable=not progress)
+    bar = progress_bar(total=len(paths), unit="img", desc="predict", disable=not progress)
 
     def flush(batch: list[tuple[Path, str, np.ndarray]]) -> None:
         x = torch.stack([to_tensor_image(image, pred.size) for *_, image in batch])

@@ -517,7 +517,7 @@ class Pretrainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to optim.steps (or stop_at); export the teacher at the end. Returns a summary."""
-        from tqdm import tqdm
+        from fscs.progress import progress_bar
 
         cfg = self.cfg
         if self.env.is_main:
@@ -529,7 +529,7 @@ class Pretrainer:
         self._resume()
         end = min(cfg.optim.steps, cfg.stop_at) if cfg.stop_at else cfg.optim.steps
         t0, start, last = time.time(), self.step, {}
-        bar = tqdm(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main, desc=f"pretrain {cfg.name}")
+        bar = progress_bar(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main, desc=f"pretrain {cfg.name}")
         while self.step < end:
             last = self.train_step()
             bar.update(1)

@@ -328,7 +328,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train for cfg.train.epochs epochs of cfg.train.steps_per_epoch steps on every rank (or until a
         stop request / train.stop_after_steps); returns the summary (also written as train_summary.json)."""
-        from tqdm import tqdm
+        from fscs.progress import progress_bar
 
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -341,7 +341,7 @@ class Trainer:
         total = self.cfg.train.epochs * self.cfg.train.steps_per_epoch
         with CheckpointRequests() as requests:  # installed before the loader forks its workers
             loader = self._loader()
-            bar = tqdm(total=total, initial=self.step, disable=not self.env.is_main,
+            bar = progress_bar(total=total, initial=self.step, disable=not self.env.is_main,
                        desc=f"train {self.cfg.name}")
             try:
                 status, decision = self._run(loader, requests, bar)

@@ -8,7 +8,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+from fscs.progress import progress_bar
 
 from fscs.data.shards import ROLES, ShardIndex, read_index, write_shards
 from fscs.data.types import Sample
@@ -305,7 +304,7 @@ def _check_written(plan: ConversionPlan, records: list[dict[str, Any]]) -> None:
 
 def _samples(jobs: Sequence[Job], workers: int, desc: str) -> Iterator[tuple[Sample, str]]:
     """Decoded, validated samples in job order; a worker's FSCSError aborts the whole conversion."""
-    bar = tqdm(total=len(jobs), desc=desc, unit="img", mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = progress_bar(total=len(jobs), desc=desc, unit="img")
     try:
         if workers <= 1:
             for job in jobs:
