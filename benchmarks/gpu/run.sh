@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One prepared GPU check for issue 7: under 8 minutes on one GPU, no network, no installs.
+# One prepared GPU check for issue 7: under 8 minutes on one GPU, no network; the only install is of the wheels
+# carried in .whl/ (benchmarks/gpu/fetch_wheels.sh, run where pip works) into a scratch site dir.
 #   1. pytest -m gpu                      (tests/gpu: bf16 fwd/bwd, CUDA head == CPU head, fused == unfused q/k)
 #   2. a short bf16 training under torchrun (1 GPU, engine=ddp)
 #   3. a short DeepSpeed training step   (skipped with a message when train.engine=deepspeed is not accepted)
 #   4. perf benchmarks eq, 1, 3, 7 on CUDA (benchmarks/perf/run.py --device cuda)
 # Prints a status table and the benchmark tables (Markdown) to paste into benchmarks/perf/RESULTS.md.
-# Usage: bash benchmarks/gpu/run.sh            (env: OUT=dir for logs/results, BUDGET_S=total seconds, PY=python)
+# Usage: bash benchmarks/gpu/run.sh   env: LOGDIR=dir for logs, runs and shards (default a fresh /tmp dir);
+#        RESULTS_DIR=dir that receives only gpu-check.md + status.tsv + the logs of failed steps (<= 8 files);
+#        BUDGET_S=total seconds; PY=python.
+# On the lent device: run(command="RESULTS_DIR=$OUT bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=540)
 set -u -o pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$REPO"
-OUT="${OUT:-$(mktemp -d /tmp/fscs-gpu-XXXXXX)}"
-mkdir -p "$OUT"
+LOGDIR="${LOGDIR:-$(mktemp -d /tmp/fscs-gpu-XXXXXX)}"
+mkdir -p "$LOGDIR"
 BUDGET_S="${BUDGET_S:-450}"          # everything below must finish inside this (8 min minus start-up slack)
 START=$(date +%s)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -19,12 +23,28 @@ export DS_BUILD_OPS=0 DS_SKIP_CUDA_CHECK=1   # DeepSpeed: never try to JIT-build
 if [ -z "${PY:-}" ]; then
   if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY="$(command -v python3 || command -v python)"; fi
 fi
-STATUS="$OUT/status.tsv"
+# Wheels carried to a machine without network (benchmarks/gpu/fetch_wheels.sh -> .whl/): a scratch site dir
+# first on the path, so they shadow older copies in the machine's image (--no-deps: the image has the rest).
+if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  SITE="${SITE:-/tmp/fscs-site}"
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$REPO"/.whl/*.whl > "$LOGDIR/wheels.log" 2>&1; then
+    echo "installing the carried wheels in .whl/ failed: $(tail -n 1 "$LOGDIR/wheels.log")" >&2
+    exit 2
+  fi
+  export PYTHONPATH="$SITE:$PYTHONPATH"
+fi
+if ! "$PY" -c 'import webdataset, omegaconf, timm, fscs.train' > "$LOGDIR/preflight.log" 2>&1; then
+  echo "$PY cannot import the project ($(tail -n 1 "$LOGDIR/preflight.log")); on a machine without network run" \
+       "benchmarks/gpu/fetch_wheels.sh where pip works and carry .whl/" >&2
+  exit 2
+fi
+STATUS="$LOGDIR/status.tsv"
 : > "$STATUS"
 
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
 
-# run_step NAME CAP_SECONDS CMD...: runs CMD with a timeout of min(CAP, time left), logs to $OUT/NAME.log
+# run_step NAME CAP_SECONDS CMD...: runs CMD with a timeout of min(CAP, time left), logs to $LOGDIR/NAME.log
 run_step() {
   local name="$1" cap="$2"; shift 2
   local t; t=$(left)
@@ -34,20 +54,20 @@ run_step() {
   fi
   echo "=== $name (timeout ${t}s): $*"
   local s0 rc; s0=$(date +%s)
-  timeout --kill-after=10 "$t" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$t" "$@" > "$LOGDIR/$name.log" 2>&1
   rc=$?
   local dt=$(( $(date +%s) - s0 ))
   local verdict="ok"
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMEOUT after ${t}s"
   elif [ "$rc" -ne 0 ]; then verdict="FAILED (exit $rc)"; fi
   printf '%s\t%s\t%s\n' "$name" "$verdict" "$dt" >> "$STATUS"
-  tail -n 5 "$OUT/$name.log" | sed 's/^/    /'
+  tail -n 5 "$LOGDIR/$name.log" | sed 's/^/    /'
   return 0
 }
 
 skip_step() { printf '%s\tskipped: %s\t0\n' "$1" "$2" >> "$STATUS"; echo "=== $1 skipped: $2"; }
 
-echo "repo $REPO, python $PY, out $OUT, budget ${BUDGET_S}s"
+echo "repo $REPO, python $PY, out $LOGDIR, budget ${BUDGET_S}s"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "no CUDA device visible to $PY (or torch missing): nothing to check here" >&2
@@ -58,13 +78,13 @@ fi
 # shards: the config default if present, else a small synthetic set (no network needed)
 SHARDS="$REPO/data/synthetic-5i"
 if [ ! -f "$SHARDS/index.json" ]; then
-  SHARDS="$OUT/shards"
+  SHARDS="$LOGDIR/shards"
   run_step shards 120 "$PY" -m fscs shards synth --out "$SHARDS" --num-images 600 --workers 4
 fi
 
 run_step pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/gpu
 
-COMMON=(data.shards="$SHARDS" out_dir="$OUT/runs" train.device=cuda train.precision=bf16 train.epochs=1
+COMMON=(data.shards="$SHARDS" out_dir="$LOGDIR/runs" train.device=cuda train.precision=bf16 train.epochs=1
         train.steps_per_epoch=20 train.log_every=5 data.num_workers=2)
 run_step train_bf16_ddp 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m fscs train \
   name=gpu-bf16-ddp train.engine=ddp "${COMMON[@]}"
@@ -72,24 +92,38 @@ run_step train_bf16_ddp 150 "$PY" -m torch.distributed.run --standalone --nproc_
 if ! "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
   skip_step deepspeed_step "deepspeed is not importable"
 elif ! "$PY" -c "from fscs.config import load_config; load_config(None, ['train.engine=deepspeed'])" \
-    > "$OUT/deepspeed_probe.log" 2>&1; then
-  skip_step deepspeed_step "train.engine=deepspeed not accepted: $(tail -n 1 "$OUT/deepspeed_probe.log")"
+    > "$LOGDIR/deepspeed_probe.log" 2>&1; then
+  skip_step deepspeed_step "train.engine=deepspeed not accepted: $(tail -n 1 "$LOGDIR/deepspeed_probe.log")"
 else
   run_step deepspeed_step 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m fscs train \
     name=gpu-deepspeed train.engine=deepspeed "${COMMON[@]}" train.steps_per_epoch=5
 fi
 
 run_step perf_benchmarks 330 "$PY" benchmarks/perf/run.py --device cuda --only eq,1,3,7 --shards "$SHARDS" \
-  --out "$OUT/RESULTS-cuda.md"
+  --out "$LOGDIR/RESULTS-cuda.md"
 
+SUMMARY="$LOGDIR/gpu-check.md"
+{
+  echo "## GPU check ($(date -Is), $(( $(date +%s) - START ))s in all)"
+  echo
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__)' 2>/dev/null
+  echo
+  echo "| step | result | seconds |"
+  echo "|---|---|---|"
+  while IFS=$'\t' read -r name verdict secs; do echo "| $name | $verdict | $secs |"; done < "$STATUS"
+  echo
+  if [ -f "$LOGDIR/RESULTS-cuda.md" ]; then cat "$LOGDIR/RESULTS-cuda.md"; fi
+} > "$SUMMARY"
 echo
-echo "## GPU check ($(date -Is), $(( $(date +%s) - START ))s in all)"
-echo
-echo "| step | result | seconds |"
-echo "|---|---|---|"
-while IFS=$'\t' read -r name verdict secs; do echo "| $name | $verdict | $secs |"; done < "$STATUS"
-echo
-if [ -f "$OUT/RESULTS-cuda.md" ]; then cat "$OUT/RESULTS-cuda.md"; fi
-echo "logs: $OUT"
+cat "$SUMMARY"
+echo "logs: $LOGDIR"
+if [ -n "${RESULTS_DIR:-}" ]; then  # a few files only: a device tool may bring back at most 8
+  mkdir -p "$RESULTS_DIR"
+  cp "$SUMMARY" "$STATUS" "$RESULTS_DIR/"
+  grep -e FAILED -e TIMEOUT "$STATUS" | cut -f1 | head -n 6 | while read -r name; do
+    cp "$LOGDIR/$name.log" "$RESULTS_DIR/" 2>/dev/null || true
+  done
+fi
 if grep -q -e FAILED -e TIMEOUT "$STATUS"; then exit 1; fi
 exit 0
