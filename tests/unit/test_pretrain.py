@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from fscs.errors import FSCSError
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, evidence_target, label_losses, topk_mean
 from fscs.model.distill import MASK_RULES, PseudoMaskDistiller, border_majority, key_two_means, pseudo_mask
-from fscs.pretrain import (MultiCropAugment, PretrainConfig, batch_indices, build_student_vit, cosine_schedule,
-                           export_backbone, load_pretrain_config, step_seed)
+from fscs.data.multicrop import MultiCropAugment
+from fscs.model.student import build_student_vit
+from fscs.pretrain import (PretrainConfig, batch_indices, cosine_schedule, export_backbone, load_pretrain_config,
+                           step_seed)
 
 
 @pytest.fixture(autouse=True)
