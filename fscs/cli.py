@@ -202,7 +202,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise FSCSError("bench needs --run-dir RUN (one run), --reference-checkpoint CKPT (the authors' head) "
                         "or --suite FILE --runs RUN... (a suite)")
     from fscs import distributed
-    from fscs.bench.runner import bench_run, load_reference_run, load_run
+    from fscs.bench.runner import bench_run
+    from fscs.bench.runs import load_reference_run, load_run
     from fscs.config import load_config
 
     env = distributed.resolve_env()

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fscs.bench.metrics import predict_from_probs
-from fscs.bench.runner import load_run
+from fscs.bench.runs import load_run
 from fscs.data.transforms import resize_mask, to_tensor_image
 from fscs.errors import FSCSError
 from fscs.model.cst import correlation

@@ -61,7 +61,7 @@ class Result:
 
     @property
     def gt_fraction(self) -> float | None:
-        from fscs.bench.runner import label_gt_fraction
+        from fscs.bench.runs import label_gt_fraction
 
         return label_gt_fraction(self.label)
 

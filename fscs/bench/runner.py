@@ -1,11 +1,9 @@
 """Benchmark runner: index-seeded episodes split across ranks, shared backbone passes, results JSON."""
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from fscs.bench.metrics import FSCSMetric, episodic_target, format_metrics
 from fscs.bench.plots import episode_panel, png_bytes, ways_to_labels
-from fscs.config import RunConfig, config_from_dict, config_to_dict, parse_setting
+from fscs.bench.results_io import save_prediction, write_result
+from fscs.bench.runs import LoadedRun, run_metadata
+from fscs.config import RunConfig, config_to_dict, parse_setting
 from fscs.data.episodes import (
     EpisodeSampler, EpisodeSpec, build_manifest, make_episode_tensors, manifest_hash,
 )
@@ -31,101 +30,6 @@ from fscs.model.fscs_model import EpisodeFeatures, FSCSModel, upsample_logits
 logger = logging.getLogger(__name__)
 
 RESULT_FORMAT = "fscs-result/1"
-
-
-@dataclass
-class LoadedRun:
-    """A trained run: its config, model (head loaded) and checkpoint path/hash."""
-
-    cfg: RunConfig
-    model: FSCSModel
-    checkpoint: Path
-    checkpoint_sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> LoadedRun:
-    """Rebuild the model of a run directory from its checkpoint (config stored inside it).
-
-    checkpoint: a head file (path, or name inside run_dir); default best.pt (the model-selection winner)
-    when training wrote one, else checkpoint.pt (the newest save).
-    """
-    from fscs.train import build_model, check_backbone_identity, load_checkpoint, resolve_checkpoint
-
-    path = resolve_checkpoint(run_dir, checkpoint)
-    if not path.is_file():
-        raise FSCSError(f"no checkpoint at '{path}'; train first (fscs train name=... ) or pass the right "
-                        "--run")
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    model = build_model(cfg)
-    check_backbone_identity(state["backbone"], model, path)
-    head_state = state["engine"]["head"]
-    if any(k.startswith("enhancer.") for k in head_state) and getattr(model, "enhancer", True) is None:
-        model.attach_enhancer(getattr(cfg.model, "enhancer_channels", 128))  # mixed-regime checkpoint
-    model.head.load_state_dict(head_state)
-    return LoadedRun(cfg, model.eval(), path, file_sha256(path))
-
-
-def load_reference_run(checkpoint: str | os.PathLike, backbone_weights: str | os.PathLike | None,
-                       overrides: Sequence[str] = ()) -> LoadedRun:
-    """The authors' released CST checkpoint (Lightning .ckpt, head keys 'learner.*') as a run of this harness.
-
-    The backbone defaults to the paper's setting (DINO ViT-S/8, 400 px, the reference pseudo-mask rule,
-    weak regime); `overrides` (key=value) set the data, the fold and the bench keys, or change the backbone.
-    """
-    from fscs.config import load_config
-    from fscs.train import build_model
-
-    base = ["name=reference", "model.backbone=vit_small_patch8_224.dino", "model.image_size=400",
-            "model.mask_rule=reference", "model.mask_threshold=0.4", "train.regime=weak",
-            f"model.weights={backbone_weights}" if backbone_weights else "model.weights=null"]
-    cfg = load_config(None, [*base, *overrides])
-    model = build_model(cfg)
-    model.load_reference_checkpoint(checkpoint)
-    path = Path(checkpoint)
-    return LoadedRun(cfg, model.eval(), path, file_sha256(path))
-
-
-def regime_label(cfg: RunConfig) -> str:
-    """A run's training regime as a leaderboard label: 'weak', 'full' or 'mixed@<gt_fraction>'."""
-    regime = str(cfg.train.regime)
-    frac = getattr(cfg.train, "gt_fraction", None)
-    return f"{regime}@{float(frac):g}" if regime == "mixed" and frac is not None else regime
-
-
-def label_gt_fraction(label: str) -> float | None:
-    """Share of GT-masked training images a regime label stands for: weak 0, full 1, mixed@f f (else None)."""
-    base, _, frac = label.partition("@")
-    if base == "weak":
-        return 0.0
-    if base == "full":
-        return 1.0
-    try:
-        return float(frac) if base == "mixed" and frac else None
-    except ValueError:
-        return None
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _batches(indices: list[int], size: int) -> list[list[int]]:
@@ -381,19 +285,6 @@ def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs:
 
 
 
-def save_prediction(out_dir: Path, spec: EpisodeSpec, prob: torch.Tensor, decision: torch.Tensor,
-                    pred: torch.Tensor) -> None:
-    """episode_NNNNNN.json (manifest entry, presence probability and decision per way) + episode_NNNNNN.png
-    (label map at the original query size: 0 background, k = way k), so every metric can be recomputed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"episode_{spec.index:06d}"
-    Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(f"{stem}.png")
-    entry = {"episode": spec.to_dict(), "presence_prob": [round(float(x), 6) for x in prob.tolist()],
-             "presence": [bool(x) for x in decision.tolist()], "mask": f"{stem.name}.png",
-             "mask_values": "0 = background, k = k-th way (classes[k-1])"}
-    write_json_atomic(Path(f"{stem}.json"), entry)
-
-
 def _payload(track: _Track) -> dict[str, Any]:
     """What one rank sends for one job: records, presence arrays, its panel candidates."""
     return {"records": track.metric.episode_records(), "prob": track.prob, "true": track.true,
@@ -437,52 +328,8 @@ def evaluate(
                          bootstrap=bootstrap, env=env, panels=panels, artifacts=artifacts)[0]
 
 
-def write_result(result: dict[str, Any], path: Path, manifest_dir: Path | None = None) -> dict[str, Any]:
-    """Write an evaluation result as `path` (JSON) with its side files; returns the JSON written.
-
-    The manifest goes to `manifest_dir/<hash16>.json` (default: path's folder/manifests) and is referenced,
-    artifacts go next to the JSON: `<stem>.records.npz` (per-episode metric records) and
-    `<stem>.panels/*.png`; the JSON refers to them by paths relative to its own folder.
-    """
-    res = dict(result)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    manifest = res.pop("manifest", None)
-    art = res.pop("artifacts", None)
-    mdir = manifest_dir or path.parent / "manifests"
-    if manifest is not None:
-        mpath = mdir / f"{res['manifest_hash'][:16]}.json"
-        if not mpath.exists():
-            write_json_atomic(mpath, manifest)
-        res["manifest_file"] = os.path.relpath(mpath, path.parent)
-    if art is not None:
-        rec_path = path.with_name(path.stem + ".records.npz")
-        tmp = rec_path.with_name(rec_path.name + f".tmp-{os.getpid()}.npz")
-        np.savez_compressed(tmp, records=art["records"], columns=np.array(art["record_columns"]))
-        os.replace(tmp, rec_path)
-        res["records"] = {"file": rec_path.name, "columns": list(art["record_columns"])}
-        pdir = path.with_name(path.stem + ".panels")
-        listed = []
-        for p in art["panels"]:
-            name = f"{p['kind']}-{p['index']:06d}.png"
-            _write_bytes_atomic(pdir / name, p["png"])
-            listed.append({k: v for k, v in p.items() if k != "png"} | {"file": f"{pdir.name}/{name}"})
-        res["panels"] = listed
-    write_json_atomic(path, res)
-    return res
-
-
 def _device(env: DistEnv) -> torch.device:
     return torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-
-
-def run_metadata(loaded: LoadedRun) -> dict[str, Any]:
-    """What a result records about the checkpoint it evaluated."""
-    return {"checkpoint": str(loaded.checkpoint), "checkpoint_sha256": loaded.checkpoint_sha256,
-            "backbone": loaded.model.backbone.identity, "run": loaded.cfg.name,
-            "train_regime": regime_label(loaded.cfg),
-            "gt_fraction": label_gt_fraction(regime_label(loaded.cfg)),
-            "train_fold": loaded.cfg.data.fold, "train_config": config_to_dict(loaded.cfg)}
 
 
 def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, regime: str | None = None,

@@ -15,10 +15,9 @@ import torch
 from omegaconf import MISSING
 
 from fscs.bench.metrics import FSCSMetric, format_metrics
-from fscs.bench.runner import (
-    EvalJob, LoadedRun, _device, evaluate_jobs, label_gt_fraction, load_run, regime_label, run_metadata,
-    write_json_atomic, write_result,
-)
+from fscs.bench.results_io import write_json_atomic, write_result
+from fscs.bench.runner import EvalJob, _device, evaluate_jobs
+from fscs.bench.runs import LoadedRun, label_gt_fraction, load_run, regime_label, run_metadata
 from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
 from fscs.data.shards import read_index

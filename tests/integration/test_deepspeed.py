@@ -58,7 +58,7 @@ def test_same_loss_curve_as_ddp(runs):
 def test_bf16_zero0_trains_and_exports_fp32_head(runs):
     import torch
 
-    from fscs.bench.runner import load_run
+    from fscs.bench.runs import load_run
 
     assert all(math.isfinite(x) for x in losses(runs / "ds_bf16"))
     weights = head(runs / "ds_bf16")

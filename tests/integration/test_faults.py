@@ -113,7 +113,7 @@ class _Payload:
 
 
 def test_hostile_checkpoints_are_refused_without_running_code(shards, trained, tmp_path):
-    from fscs.bench.runner import load_run
+    from fscs.bench.runs import load_run
 
     marker = tmp_path / "pwned"
     run = tmp_path / "hostile"

@@ -212,7 +212,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
 
 
 def test_model_selection_keeps_best_on_training_classes_and_bench_uses_it(shards, tmp_path):
-    from fscs.bench.runner import load_run
+    from fscs.bench.runs import load_run
     from fscs.config import load_config
     from fscs.data.episodes import EpisodeSampler
     from fscs.data.shards import read_index

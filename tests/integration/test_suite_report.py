@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fscs.bench.report import write_report
-from fscs.bench.runner import evaluate, load_run
+from fscs.bench.runner import evaluate
+from fscs.bench.runs import load_run
 from fscs.bench.suite import bench_suite, load_suite
 from fscs.cli import main
 from fscs.data.shards import read_index

@@ -286,7 +286,7 @@ def test_build_model_attaches_enhancer_for_mixed_only():
 
 
 def test_trainer_mixed_end_to_end(shard_dir, tmp_path):
-    from fscs.bench.runner import load_run
+    from fscs.bench.runs import load_run
 
     cfg = load_config(None, [f"data.shards={shard_dir}", f"out_dir={tmp_path}", "name=mixed",
                              f"model.image_size={S}", "data.batch_size=2", "data.num_workers=0",
