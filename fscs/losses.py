@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,16 @@ import torch.nn.functional as F
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
+
+CHANCE_CE = math.log(2)
+"""Classification CE of a 0.5 presence probability: where an untrained presence classifier sits."""
+CHANCE_MARGIN = 0.01
+"""A mean CE(cls) within this of ln 2 is no better than a constant guess (0.688 at a 45/55 label prior)."""
+
+
+def at_chance(cls_ce: float, margin: float = CHANCE_MARGIN) -> bool:
+    """Whether a mean presence CE is indistinguishable from chance (|CE - ln 2| <= margin)."""
+    return abs(float(cls_ce) - CHANCE_CE) <= margin
 
 
 def fscs_loss(

@@ -20,7 +20,7 @@ from fscs.engine import build_engine
 from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, capture_rng, check_resume,
                                     load_state, restore_rng, rng_file, write_atomic)
 from fscs.errors import FSCSError
-from fscs.losses import fscs_loss
+from fscs.losses import CHANCE_CE, at_chance, fscs_loss
 from fscs.model.fscs_model import FSCSModel
 from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
@@ -440,6 +440,16 @@ class Trainer:
                    "engine": self.engine.name, "resumed_from": self.resumed_from, "selection": self.selection,
                    "checkpoint": str(resolve_checkpoint(self.run_dir)), "signal": decision.signal_name,
                    "exit_code": 128 + decision.signum if status == "interrupted" else 0}
+        last = self.history[-1] if self.history else {}
+        if "cls" in last:
+            summary["classifier_at_chance"] = at_chance(last["cls"])
+            if summary["classifier_at_chance"] and status == "completed" and self.env.is_main:
+                logger.warning(
+                    "the presence classifier is still at chance: CE(cls) %.3f in the last epoch (ln 2 = %.3f), so "
+                    "its present/absent decisions are nearly constant and ER will sit near the majority share; "
+                    "train longer (train.epochs, train.steps_per_epoch): on the offline default the weak regime "
+                    "left ln 2 after 250 to more than 600 steps (benchmarks/quality/CLS_PLATEAU.md)",
+                    last["cls"], CHANCE_CE)
         if self.env.is_main:
             tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
             tmp.write_text(json.dumps(summary, indent=2))

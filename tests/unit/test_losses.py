@@ -94,3 +94,12 @@ def test_bad_shapes_and_values_raise():
         fscs_loss(cls, seg, presence, target * 2)  # label 2 in a 2-class target
     with pytest.raises(FSCSError):
         fscs_loss(cls, seg, presence * 3, target)
+
+
+def test_at_chance_is_a_band_around_ln2():
+    from fscs.losses import CHANCE_CE, at_chance
+
+    assert CHANCE_CE == pytest.approx(0.6931, abs=1e-4)
+    assert at_chance(0.693) and at_chance(0.688) and at_chance(0.702)
+    assert not at_chance(0.65) and not at_chance(0.71) and not at_chance(0.2)
+    assert at_chance(0.66, margin=0.05)

@@ -287,6 +287,7 @@ def test_build_model_attaches_enhancer_for_mixed_only():
 
 def test_trainer_mixed_end_to_end(shard_dir, tmp_path):
     from fscs.bench.runs import load_run
+    from fscs.losses import at_chance
 
     cfg = load_config(None, [f"data.shards={shard_dir}", f"out_dir={tmp_path}", "name=mixed",
                              f"model.image_size={S}", "data.batch_size=2", "data.num_workers=0",
@@ -294,5 +295,6 @@ def test_trainer_mixed_end_to_end(shard_dir, tmp_path):
                              "train.epochs=1", "train.steps_per_epoch=2"])
     summary = Trainer(cfg, DistEnv()).fit()
     assert summary["steps"] == 2 and "enh" in summary["history"][0]
+    assert summary["classifier_at_chance"] == at_chance(summary["history"][-1]["cls"])
     loaded = load_run(tmp_path / "mixed")
     assert loaded.model.enhancer is not None and loaded.cfg.train.regime == "mixed"
