@@ -309,6 +309,7 @@ def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     OUT/figures/*.png and OUT/panels/*.png; returns the path of index.html."""
     from fscs.bench.figures import build_panels, build_plots  # both import this module's result types
     from fscs.bench.render import render_html, render_markdown
+    from fscs.bench.results_io import write_bytes_atomic
 
     results = collect_results(result_paths)
     check_comparable(results)
@@ -319,13 +320,11 @@ def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     panel_pics = build_panels(results)
     for sub, pics in (("figures", [p for ps in plot_pics.values() for p in ps]),
                       ("panels", [p for ps in panel_pics.values() for p in ps])):
-        (out / sub).mkdir(parents=True, exist_ok=True)
         for pic in pics:
-            (out / sub / pic.name).write_bytes(pic.png)
-    (out / "LEADERBOARD.md").write_text(render_markdown(title, tables, plot_pics, panel_pics))
+            write_bytes_atomic(out / sub / pic.name, pic.png)
+    markdown = render_markdown(title, tables, plot_pics, panel_pics)
+    write_bytes_atomic(out / "LEADERBOARD.md", markdown.encode("utf-8"))
     page = out / "index.html"
-    tmp = page.with_name(page.name + f".tmp-{os.getpid()}")
-    tmp.write_text(render_html(title, tables, plot_pics, panel_pics, results))
-    os.replace(tmp, page)
+    write_bytes_atomic(page, render_html(title, tables, plot_pics, panel_pics, results).encode("utf-8"))
     logger.info("report of %d results: %s (+ LEADERBOARD.md)", len(results), page)
     return page

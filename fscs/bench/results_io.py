@@ -14,13 +14,15 @@ from fscs.data.episodes import EpisodeSpec
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as indented JSON at `path`, written atomically (see write_bytes_atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, then rename it over `path`: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -68,7 +70,7 @@ def write_result(result: dict[str, Any], path: Path, manifest_dir: Path | None =
         listed = []
         for p in art["panels"]:
             name = f"{p['kind']}-{p['index']:06d}.png"
-            _write_bytes_atomic(pdir / name, p["png"])
+            write_bytes_atomic(pdir / name, p["png"])
             listed.append({k: v for k, v in p.items() if k != "png"} | {"file": f"{pdir.name}/{name}"})
         res["panels"] = listed
     write_json_atomic(path, res)

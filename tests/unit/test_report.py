@@ -150,6 +150,7 @@ def test_report_tables_means_published_and_escaping(tmp_path):
     md = (tmp_path / "rep" / "LEADERBOARD.md").read_text()
     assert "CST (published)" in md and "&amp;\\|$" not in md and "&\\|$" in md and "<script" not in md
     assert len(list((tmp_path / "rep" / "figures").glob("*.png"))) == 2 + 2 * 2
+    assert not [p for p in (tmp_path / "rep").rglob("*") if ".tmp-" in p.name]  # every file renamed into place
     # the mean row is the mean of the four fold values
     results = [r for r in collect_results([res]) if r.setting == "1w1s" and r.model == "weak"]
     fm = fold_mean(results, bootstrap=200)
