@@ -6,7 +6,15 @@
 set -euo pipefail
 NPROC=${1:?usage: launchers/torchrun.sh NPROC fscs-subcommand [args...]}
 shift
-PY=${PYTHON:-python}
+# Python: $PYTHON, else this checkout's .venv (what `make demo` / `make test` build), else python on PATH.
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
+elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
+else PY=python; fi
+if ! "$PY" -c 'import torch, fscs' 2>/dev/null; then
+  echo "launchers/torchrun.sh: '$PY' cannot import torch and fscs; run 'make test' (builds .venv) or set PYTHON" >&2
+  exit 2
+fi
 if [ -z "${OMP_NUM_THREADS:-}" ]; then
   CORES=$(nproc)
   export OMP_NUM_THREADS=$(( CORES / NPROC > 0 ? CORES / NPROC : 1 ))

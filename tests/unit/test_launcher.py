@@ -97,3 +97,33 @@ def test_train_result_file_and_bad_command(slurm_launcher, tmp_path, capsys):
     assert slurm_launcher.default_result_file(["bench", "--run-dir", "x"]) is None
     assert slurm_launcher.main(["--nodes", "1", "--", "shards", "synth"]) == 2
     assert "give an fscs command" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- launchers/torchrun.sh
+TORCHRUN_SH = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", "torchrun.sh")
+
+
+def _torchrun_sh(args: list[str], env: dict[str, str], cwd: str):
+    import subprocess
+
+    return subprocess.run(["bash", TORCHRUN_SH, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_torchrun_sh_uses_the_checkout_venv_from_any_directory(tmp_path):
+    """Without PYTHON and with no torch on PATH's python, the launcher still finds the checkout's .venv."""
+    venv_python = os.path.join(os.path.dirname(TORCHRUN_SH), "..", ".venv", "bin", "python")
+    if not os.path.exists(venv_python):
+        pytest.skip("no .venv in this checkout (make test builds it)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"
+    proc = _torchrun_sh(["1", "--help"], env, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage: fscs" in proc.stdout
+
+
+def test_torchrun_sh_names_the_fix_when_python_lacks_torch(tmp_path):
+    env = dict(os.environ, PYTHON="/usr/bin/python3")  # the system python: no torch
+    proc = _torchrun_sh(["2", "train"], env, str(tmp_path))
+    assert proc.returncode == 2
+    assert "cannot import torch and fscs" in proc.stderr and "set PYTHON" in proc.stderr
