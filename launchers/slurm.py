@@ -288,5 +288,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+REEXEC_FLAG = "FSCS_LAUNCHER_REEXEC"
+
+
+def ensure_project_python() -> None:
+    """Re-run this script under the checkout's .venv when the running Python lacks the project.
+
+    The README says `python launchers/slurm.py ...`; a `python` without torch, submitit or fscs would fail with
+    a traceback, and submitit starts the job with the submitting interpreter, so the choice matters.
+    """
+    try:
+        import fscs  # noqa: F401
+        import submitit  # noqa: F401
+        import torch  # noqa: F401
+        return
+    except ImportError as exc:
+        missing = exc.name or str(exc)
+    venv = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
+    if venv.exists() and os.environ.get(REEXEC_FLAG) != "1":
+        os.environ[REEXEC_FLAG] = "1"
+        os.execv(str(venv), [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
+    raise SystemExit(f"launchers/slurm.py: {sys.executable} cannot import {missing}; run it with the project's "
+                     "Python (.venv/bin/python, built by 'make test')")
+
+
 if __name__ == "__main__":
+    ensure_project_python()
     sys.exit(main())

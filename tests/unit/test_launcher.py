@@ -127,3 +127,38 @@ def test_torchrun_sh_names_the_fix_when_python_lacks_torch(tmp_path):
     proc = _torchrun_sh(["2", "train"], env, str(tmp_path))
     assert proc.returncode == 2
     assert "cannot import torch and fscs" in proc.stderr and "set PYTHON" in proc.stderr
+
+
+SLURM_PY = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", "slurm.py")
+BARE_PYTHON = "/usr/bin/python3"
+
+
+def _bare_python_or_skip() -> None:
+    import subprocess
+
+    if not os.path.exists(BARE_PYTHON) or subprocess.run([BARE_PYTHON, "-c", "import torch"],
+                                                         capture_output=True).returncode == 0:
+        pytest.skip(f"needs a {BARE_PYTHON} without torch")
+
+
+def test_slurm_py_reruns_itself_under_the_checkout_venv(tmp_path):
+    import subprocess
+
+    _bare_python_or_skip()
+    if not os.path.exists(os.path.join(os.path.dirname(SLURM_PY), "..", ".venv", "bin", "python")):
+        pytest.skip("no .venv in this checkout (make test builds it)")
+    env = {k: v for k, v in os.environ.items() if k != "FSCS_LAUNCHER_REEXEC"}
+    proc = subprocess.run([BARE_PYTHON, SLURM_PY, "--help"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_slurm_py_without_the_project_is_a_one_line_error(tmp_path):
+    import subprocess
+
+    _bare_python_or_skip()
+    env = dict(os.environ, FSCS_LAUNCHER_REEXEC="1")  # as if the re-run had happened: no second try
+    proc = subprocess.run([BARE_PYTHON, SLURM_PY, "--partition", "x", "--", "train", "name=x"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "cannot import" in proc.stderr
