@@ -75,8 +75,9 @@ class TrainConfig:
     enhancer_weight: float = 1.0
     """mixed only: weight of the enhancer loss (BCE + Dice on GT images) added to the head loss."""
     epochs: int = 4
-    steps_per_epoch: int = 50
-    """Fixed on every rank, so no rank waits at an epoch end."""
+    steps_per_epoch: int = 150
+    """Fixed on every rank, so no rank waits at an epoch end. The default 4 x 150 steps is the least that
+    reliably gets the offline default's weak classifier off chance (benchmarks/quality/CLS_PLATEAU.md)."""
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
