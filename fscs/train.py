@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fscs.atomic import write_text_atomic
 from fscs.config import RunConfig, config_to_dict, save_config
 from fscs.data.episodes import TrainEpisodeStream, make_train_loader
 from fscs.data.shards import read_index
@@ -451,9 +452,7 @@ class Trainer:
                     "left ln 2 after 250 to more than 600 steps (benchmarks/quality/CLS_PLATEAU.md)",
                     last["cls"], CHANCE_CE)
         if self.env.is_main:
-            tmp = self.run_dir / f"{SUMMARY}.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.run_dir / SUMMARY)
+            write_text_atomic(self.run_dir / SUMMARY, json.dumps(summary, indent=2))
             if self.writer:
                 self.writer.close()
         logger.info("training %s at step %d (%s)", status, self.step, self.run_dir)

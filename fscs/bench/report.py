@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from fscs.atomic import write_bytes_atomic, write_text_atomic
 from fscs.bench.metrics import bootstrap_replicates
 from fscs.errors import FSCSError
 
@@ -309,7 +310,6 @@ def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     OUT/figures/*.png and OUT/panels/*.png; returns the path of index.html."""
     from fscs.bench.figures import build_panels, build_plots  # both import this module's result types
     from fscs.bench.render import render_html, render_markdown
-    from fscs.bench.results_io import write_bytes_atomic
 
     results = collect_results(result_paths)
     check_comparable(results)
@@ -322,9 +322,8 @@ def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
                       ("panels", [p for ps in panel_pics.values() for p in ps])):
         for pic in pics:
             write_bytes_atomic(out / sub / pic.name, pic.png)
-    markdown = render_markdown(title, tables, plot_pics, panel_pics)
-    write_bytes_atomic(out / "LEADERBOARD.md", markdown.encode("utf-8"))
+    write_text_atomic(out / "LEADERBOARD.md", render_markdown(title, tables, plot_pics, panel_pics))
     page = out / "index.html"
-    write_bytes_atomic(page, render_html(title, tables, plot_pics, panel_pics, results).encode("utf-8"))
+    write_text_atomic(page, render_html(title, tables, plot_pics, panel_pics, results))
     logger.info("report of %d results: %s (+ LEADERBOARD.md)", len(results), page)
     return page

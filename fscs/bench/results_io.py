@@ -10,23 +10,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fscs.atomic import write_atomic_with, write_bytes_atomic, write_text_atomic
 from fscs.data.episodes import EpisodeSpec
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """`data` as indented JSON at `path`, written atomically (see write_bytes_atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling, then rename it over `path`: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """`data` as indented JSON at `path`, written atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def save_prediction(out_dir: Path, spec: EpisodeSpec, prob: torch.Tensor, decision: torch.Tensor,
@@ -35,7 +25,8 @@ def save_prediction(out_dir: Path, spec: EpisodeSpec, prob: torch.Tensor, decisi
     (label map at the original query size: 0 background, k = way k), so every metric can be recomputed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"episode_{spec.index:06d}"
-    Image.fromarray(pred.numpy().astype(np.uint8), mode="L").save(f"{stem}.png")
+    label_map = Image.fromarray(pred.numpy().astype(np.uint8), mode="L")
+    write_atomic_with(Path(f"{stem}.png"), lambda fh: label_map.save(fh, format="PNG"))
     entry = {"episode": spec.to_dict(), "presence_prob": [round(float(x), 6) for x in prob.tolist()],
              "presence": [bool(x) for x in decision.tolist()], "mask": f"{stem.name}.png",
              "mask_values": "0 = background, k = k-th way (classes[k-1])"}
@@ -62,9 +53,8 @@ def write_result(result: dict[str, Any], path: Path, manifest_dir: Path | None =
         res["manifest_file"] = os.path.relpath(mpath, path.parent)
     if art is not None:
         rec_path = path.with_name(path.stem + ".records.npz")
-        tmp = rec_path.with_name(rec_path.name + f".tmp-{os.getpid()}.npz")
-        np.savez_compressed(tmp, records=art["records"], columns=np.array(art["record_columns"]))
-        os.replace(tmp, rec_path)
+        write_atomic_with(rec_path, lambda fh: np.savez_compressed(fh, records=art["records"],
+                                                                   columns=np.array(art["record_columns"])))
         res["records"] = {"file": rec_path.name, "columns": list(art["record_columns"])}
         pdir = path.with_name(path.stem + ".panels")
         listed = []

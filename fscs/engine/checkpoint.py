@@ -9,7 +9,6 @@ a process killed during a save leaves the previous checkpoint published and load
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fscs.atomic import fsync_dir, write_atomic_with, write_text_atomic
 from fscs.distributed import DistEnv, barrier
 from fscs.errors import FSCSError
 
@@ -29,43 +29,9 @@ TRAINER_FILE = "trainer.pt"
 ENGINE_DIR = "engine"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, obj: Any) -> None:
-    """torch.save `obj` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """torch.save `obj` to `path` atomically and durably (temp file in the same folder, fsync, rename)."""
+    write_atomic_with(path, lambda fh: torch.save(obj, fh), durable=True)
 
 
 def load_state(path: Path) -> Any:
@@ -147,8 +113,8 @@ class CheckpointStore:
         barrier()
         if not self.env.is_main:
             return
-        _fsync_dir(path)
-        write_text_atomic(self.root / LATEST, path.name + "\n")
+        fsync_dir(path)
+        write_text_atomic(self.root / LATEST, path.name + "\n", durable=True)
         saves = sorted(p for p in self.root.glob("step-*") if p.is_dir())
         for old in saves:
             if old.name < path.name and old not in saves[-self.keep:]:

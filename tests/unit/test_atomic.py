@@ -1,0 +1,30 @@
+"""fscs.atomic: whole file or the previous one, never a partial file or a stray temporary."""
+from __future__ import annotations
+
+import pytest
+
+from fscs.atomic import write_atomic_with, write_bytes_atomic, write_text_atomic
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_writes_create_the_folder_and_leave_no_temporary(tmp_path, durable):
+    target = tmp_path / "a" / "b" / "f.txt"
+    write_text_atomic(target, "héllo\n", durable=durable)
+    write_bytes_atomic(tmp_path / "a" / "g.bin", b"\x00\x01", durable=durable)
+    assert target.read_bytes() == "héllo\n".encode("utf-8")
+    assert (tmp_path / "a" / "g.bin").read_bytes() == b"\x00\x01"
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_failing_write_keeps_the_previous_file(tmp_path):
+    target = tmp_path / "f.json"
+    write_text_atomic(target, "old")
+
+    def half_then_fail(fh):
+        fh.write(b"new but trunc")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic_with(target, half_then_fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
