@@ -297,13 +297,11 @@ def ensure_project_python() -> None:
     The README says `python launchers/slurm.py ...`; a `python` without torch, submitit or fscs would fail with
     a traceback, and submitit starts the job with the submitting interpreter, so the choice matters.
     """
-    try:
-        import fscs  # noqa: F401
-        import submitit  # noqa: F401
-        import torch  # noqa: F401
+    import importlib.util
+
+    missing = next((m for m in ("fscs", "submitit", "torch") if importlib.util.find_spec(m) is None), None)
+    if missing is None:  # found, not imported: --help and submission stay fast
         return
-    except ImportError as exc:
-        missing = exc.name or str(exc)
     venv = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "python"
     if venv.exists() and os.environ.get(REEXEC_FLAG) != "1":
         os.environ[REEXEC_FLAG] = "1"

@@ -11,7 +11,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
 elif [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"
 else PY=python; fi
-if ! "$PY" -c 'import torch, fscs' 2>/dev/null; then
+# found, not imported (torchrun imports them anyway): a missing package is a one-line error, not a traceback
+if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "fscs")))' 2>/dev/null; then
   echo "launchers/torchrun.sh: '$PY' cannot import torch and fscs; run 'make test' (builds .venv) or set PYTHON" >&2
   exit 2
 fi
