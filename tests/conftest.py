@@ -22,17 +22,28 @@ def _seed_everything():
     yield
 
 
-@pytest.fixture(scope="module")
-def slurm_launcher():
-    """launchers/slurm.py (a script, not a package module) imported as `fscs_slurm_launcher`."""
+def import_script(relpath: str, name: str):
+    """Import a repository script that is not a package module (launchers/, benchmarks/) under `name`;
+    yields it registered in sys.modules (dataclasses and pickling need that) and unregisters it after."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "launchers" / "slurm.py"
-    spec = importlib.util.spec_from_file_location("fscs_slurm_launcher", path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relpath)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     yield module
-    sys.modules.pop(spec.name, None)
+    sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def slurm_launcher():
+    """launchers/slurm.py imported as `fscs_slurm_launcher`."""
+    yield from import_script("launchers/slurm.py", "fscs_slurm_launcher")
+
+
+@pytest.fixture(scope="module")
+def cls_plateau():
+    """benchmarks/quality/cls_plateau.py imported as `fscs_cls_plateau`."""
+    yield from import_script("benchmarks/quality/cls_plateau.py", "fscs_cls_plateau")

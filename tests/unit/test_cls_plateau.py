@@ -1,9 +1,7 @@
 """benchmarks/quality/cls_plateau.py: its pseudo/pseudo and GT/GT variants are the weak and full training steps."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +11,6 @@ from fscs.data.synthetic import build_synthetic_shards
 from fscs.distributed import DistEnv
 from fscs.losses import fscs_loss
 from fscs.train import Trainer
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality" / "cls_plateau.py"
-
-
-@pytest.fixture(scope="module")
-def plateau():
-    spec = importlib.util.spec_from_file_location("cls_plateau", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +27,7 @@ def trainer_and_batch(tmp_path_factory):
     return trainer, next(iter(loader))
 
 
-def test_variants_are_the_training_steps(plateau, trainer_and_batch):
+def test_variants_are_the_training_steps(cls_plateau, trainer_and_batch):
     trainer, batch = trainer_and_batch
     model, pres = trainer.model, batch["presence"]
     with torch.no_grad():
@@ -48,7 +36,7 @@ def test_variants_are_the_training_steps(plateau, trainer_and_batch):
         full = model.forward_episode(batch["query_img"], batch["support_img"], batch["support_mask"], regime="full")
         target = torch.where(batch["query_target"] == 255, 0, batch["query_target"])
         want_full = fscs_loss(full.cls_logits, full.mask_logits, pres, target, cls_weight=0.3)[0]
-        got = {(s, t): plateau.variant_loss(model, model.head, batch, s, t, 0.3, 1.0)[0]
+        got = {(s, t): cls_plateau.variant_loss(model, model.head, batch, s, t, 0.3, 1.0)[0]
                for s, t in itertools.product(("pseudo", "gt"), repeat=2)}
     torch.testing.assert_close(got["pseudo", "pseudo"], want_weak)
     torch.testing.assert_close(got["gt", "gt"], want_full)
@@ -57,7 +45,7 @@ def test_variants_are_the_training_steps(plateau, trainer_and_batch):
     assert not torch.equal(got["pseudo", "gt"], got["pseudo", "pseudo"])
 
 
-def test_variant_table_names_real_configs(plateau):
-    for support, target, overrides in plateau.VARIANTS.values():
+def test_variant_table_names_real_configs(cls_plateau):
+    for support, target, overrides in cls_plateau.VARIANTS.values():
         assert support in ("pseudo", "gt") and target in ("pseudo", "gt")
         load_config(None, ["train.regime=full", *overrides])  # every override is a valid config key
