@@ -54,14 +54,28 @@ def _worst(a: tuple, b: tuple) -> dict[str, float]:
             "grads": max(_rel(a[2][n], b[2][n]) for n in a[2])}
 
 
-def head_ab(dtype: torch.dtype, in_ch: int, grid: int, batch: int, masked: bool, device: torch.device
+def _mask(kind: str, batch: int, size: int, device: torch.device) -> torch.Tensor | None:
+    """none | dense (random pixels: nearly every support column kept, batched masked attention) | sparse
+    (one box per image, of a different size each: the compacted per-episode attention)."""
+    if kind == "none":
+        return None
+    if kind == "dense":
+        return (torch.rand(batch, size, size, device=device) > 0.6).float()
+    mask = torch.zeros(batch, size, size, device=device)
+    for i in range(batch):
+        side = max(2, size * (i + 1) // (2 * batch + 1))
+        mask[i, i:i + side, size // 4:size // 4 + side] = 1
+    return mask
+
+
+def head_ab(dtype: torch.dtype, in_ch: int, grid: int, batch: int, masked: str, device: torch.device
             ) -> dict[str, Any]:
     """Max relative differences (cls, seg, every parameter's gradient after a CE loss) of the new forward
     against the float64 old forward, next to the old forward's own error in `dtype`."""
     torch.manual_seed(0)
     head = CSTHead(in_ch).to(device)
     corr = torch.randn(batch, in_ch, grid * grid, 145, device=device)
-    mask = (torch.rand(batch, 4 * grid, 4 * grid, device=device) > 0.6).float() if masked else None
+    mask = _mask(masked, batch, 4 * grid, device)
     target = torch.randint(0, 2, (batch, 8 * grid, 8 * grid), device=device)
     truth = _run_head(head, "old", torch.float64, corr, mask, target, grid)
     new = _worst(truth, _run_head(head, "new", dtype, corr, mask, target, grid))
@@ -93,7 +107,7 @@ def backbone_ab(name: str, size: int, device: torch.device) -> dict[str, Any]:
 
 def run_equivalence(device: torch.device, backbone: str, size: int) -> dict[str, Any]:
     heads = [head_ab(dt, ch, g, 2, m, device) for dt in (torch.float64, torch.float32)
-             for ch, g in ((18, 16), (72, 12)) for m in (True, False)]
+             for ch, g in ((18, 16), (72, 12)) for m in ("dense", "sparse", "none")]
     others = [correlation_ab(device), backbone_ab(backbone, size, device)]
     return {"heads": heads, "others": others, "ok": all(r["ok"] for r in heads + others),
             "tolerance": {str(k).replace("torch.", ""): v for k, v in TOLERANCE.items()}}

@@ -33,6 +33,8 @@ NORM_GROUPS = 4
 # (physically [B, Q, S, C]), so 1x1 convs are single GEMMs, channel splits and head splits are views, and
 # the attention runs as one fused scaled_dot_product_attention (no Q x Sq x S logits in memory). Average
 # pooling commutes with the (linear) 1x1 convs, so the shortcut and q convs run on the pooled tokens.
+# Masked support columns get softmax weight exactly 0, so with sparse masks k, v and the attention are
+# computed on the kept columns only (`COMPACT_MAX_SHARE`).
 
 
 def _grid_of(n: int, what: str) -> tuple[int, int]:
@@ -173,19 +175,29 @@ def resize_support_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     return small.flatten(1) == 0
 
 
-def support_attention(q: Tensor, k: Tensor, v: Tensor, support_mask: Tensor | None, grid: tuple[int, int],
-                      heads: int = ATTN_HEADS) -> Tensor:
-    """Per-query-token multi-head attention from pooled support tokens to all support tokens.
+def kept_columns(support_mask: Tensor, grid: tuple[int, int], batch: int) -> Tensor:
+    """support_mask [B, Hs, Ws] float {0,1} -> [B, 1+h*w] bool, True = the attention attends to that column.
 
-    Args:
-        q: [B, C, Q, Sq] pooled queries (Sq = 1 + pooled grid); k, v: [B, C, Q, S] with S = 1 + h*w
-            (any memory layout; channels-last makes every head split a view).
-        support_mask: [B, Hs, Ws] float {0,1} or None (no masking). Image-token columns where the mask,
-            resized bilinearly (align_corners=True) to grid, is exactly 0 are left out of the softmax (the
-            reference's -1e9 logit); CLS never masked.
-        grid: (h, w) support grid of k/v. heads: channel c belongs to head c // (C/heads).
-    Returns:
-        [B, C, Q, Sq] (channels-last memory): softmax(q.k, no scaling) weighted sum of v.
+    Image-token columns where the mask, resized bilinearly (align_corners=True) to grid, is exactly 0 are
+    dropped (the reference's -1e9 logit); the CLS column (first) is always kept.
+    """
+    if support_mask.dim() != 3 or support_mask.shape[0] != batch:
+        raise FSCSError(f"cst: support_mask must be [B={batch}, Hs, Ws], got {tuple(support_mask.shape)}")
+    zero = resize_support_mask(support_mask, grid)  # [B, h*w]
+    return torch.cat([zero.new_ones(batch, 1), ~zero], dim=1)
+
+
+COMPACT_MAX_SHARE = 0.75
+"""`CorrAttention` computes k, v and the attention on the kept support columns only (one pass per episode)
+when at most this share of the batch's columns is kept; denser masks use the batched masked attention."""
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, heads: int = ATTN_HEADS) -> Tensor:
+    """Multi-head attention of every query token's pooled support tokens over its support tokens.
+
+    q: [B, C, Q, Sq]; k, v: [B, C, Q, S] (any memory layout; channels-last makes every head split a view);
+    keep: [B, S] bool (False = column left out of the softmax) or None; channel c -> head c // (C/heads).
+    Returns [B, C, Q, Sq] (channels-last memory): softmax(q.k, no scaling) weighted sum of v.
     """
     b, c, nq, sq = q.shape
     s = k.shape[-1]
@@ -194,24 +206,32 @@ def support_attention(q: Tensor, k: Tensor, v: Tensor, support_mask: Tensor | No
     def split(t: Tensor, n: int) -> Tensor:  # [B, C, Q, n] -> [B*Q, heads, n, dh]
         return t.permute(0, 2, 3, 1).reshape(b * nq, n, heads, dh).transpose(1, 2)
 
-    keep = None
-    if support_mask is not None:
-        if support_mask.dim() != 3 or support_mask.shape[0] != b:
-            raise FSCSError(f"cst: support_mask must be [B={b}, Hs, Ws], got {tuple(support_mask.shape)}")
-        zero = resize_support_mask(support_mask, grid)  # [B, h*w]
-        keep = torch.cat([zero.new_ones(b, 1), ~zero], dim=1)  # [B, S], True = attend
-        keep = keep[:, None, None, :].expand(b, nq, 1, s).reshape(b * nq, 1, 1, s)
+    mask = None if keep is None else keep[:, None, None, :].expand(b, nq, 1, s).reshape(b * nq, 1, 1, s)
     dtype = q.dtype
     low = dtype in (torch.bfloat16, torch.float16)
     if q.device.type == "cpu" and (low or torch.is_autocast_enabled("cpu")):
         # the CPU flash kernel is several times slower in 16 bits for these tiny head dims: run it in fp32
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(split(q.float(), sq), split(k.float(), s),
-                                                 split(v.float(), s), attn_mask=keep, scale=1.0)
+                                                 split(v.float(), s), attn_mask=mask, scale=1.0)
     else:
-        out = F.scaled_dot_product_attention(split(q, sq), split(k, s), split(v, s), attn_mask=keep,
-                                             scale=1.0)
+        out = F.scaled_dot_product_attention(split(q, sq), split(k, s), split(v, s), attn_mask=mask, scale=1.0)
     return out.transpose(1, 2).reshape(b, nq, sq, c).permute(0, 3, 1, 2).to(dtype)
+
+
+def support_attention(q: Tensor, k: Tensor, v: Tensor, support_mask: Tensor | None, grid: tuple[int, int],
+                      heads: int = ATTN_HEADS) -> Tensor:
+    """Per-query-token multi-head attention from pooled support tokens to all support tokens.
+
+    Args:
+        q: [B, C, Q, Sq] pooled queries (Sq = 1 + pooled grid); k, v: [B, C, Q, S] with S = 1 + h*w.
+        support_mask: [B, Hs, Ws] float {0,1} or None (no masking); see `kept_columns`.
+        grid: (h, w) support grid of k/v. heads: channel c belongs to head c // (C/heads).
+    Returns:
+        [B, C, Q, Sq] (channels-last memory), as `attend`.
+    """
+    keep = None if support_mask is None else kept_columns(support_mask, grid, q.shape[0])
+    return attend(q, k, v, keep, heads)
 
 
 def _conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:
@@ -240,23 +260,40 @@ class CorrAttention(nn.Module):
 
         The reference pools the shortcut conv's and the q conv's outputs; pooling the input first is the
         same linear map (1x1 conv and average pooling commute, bias included) on 1+h'*w' instead of 1+h*w
-        tokens. k and v need every support token.
+        tokens. k and v need every support token the mask keeps: with a sparse mask (an object's pseudo- or
+        GT mask typically keeps 10-25 % of the 144 columns) they and the attention run on those columns only.
         """
         hid = self.hidden
-        weight, bias = self.qkv.weight.flatten(1), self.qkv.bias
+        bias = self.qkv.bias
         pooled = pool_support(x, grid, self.pool)  # [B, Cin, Q, 1+h'*w']
         shortcut = F.relu(self.shortcut_norm(self.shortcut_conv(pooled)))
-        q = conv1x1(pooled, weight[:hid], bias[:hid])
-        # k's bias adds the same q.b_k to every logit of a softmax row (no effect); v's bias passes through
-        # the row-stochastic attention unchanged, so it is added to the (pooled) output instead.
-        if x.shape[1] < 2 * hid:  # reading x twice costs less than concatenating the k and v gradients
-            k, v = conv1x1(x, weight[hid:2 * hid], None), conv1x1(x, weight[2 * hid:], None)
+        q = conv1x1(pooled, self.qkv.weight.flatten(1)[:hid], bias[:hid])
+        keep = None if support_mask is None else kept_columns(support_mask, grid, x.shape[0])
+        counts = None if keep is None else keep.sum(dim=1).tolist()  # one host sync (on GPU) per block
+        if counts is not None and sum(counts) <= COMPACT_MAX_SHARE * keep.numel():
+            # Masked columns get softmax weight exactly 0: drop them before the k/v convs, one episode at a time
+            # (episodes keep different columns). Same numbers up to float rounding, a fraction of the work.
+            cols = keep.nonzero()[:, 1].split(counts)
+            out = torch.cat([attend(q[i:i + 1], *self._kv(x[i:i + 1].index_select(3, cols[i])), None,
+                                    self.heads) for i in range(x.shape[0])])
         else:
-            k, v = conv1x1(x, weight[hid:], None).split(hid, dim=1)  # [B, C', Q, S] each
-        out = support_attention(q, k, v, support_mask, grid, self.heads)
+            out = attend(q, *self._kv(x), keep, self.heads)
+        # v's bias passes through the row-stochastic attention unchanged, so it is added to the pooled output
         out = out + bias[2 * hid:].view(1, hid, 1, 1)
         out = F.relu(self.proj_norm(self.proj(F.relu(self.attn_norm(out)))))
         return self.out_norm(out + shortcut)
+
+    def _kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, Cin, Q, S] -> k, v [B, C', Q, S] without their biases.
+
+        k's bias adds the same q.b_k to every logit of a softmax row (no effect); v's is added after the
+        attention (see forward).
+        """
+        hid, weight = self.hidden, self.qkv.weight.flatten(1)
+        if x.shape[1] < 2 * hid:  # reading x twice costs less than concatenating the k and v gradients
+            return conv1x1(x, weight[hid:2 * hid], None), conv1x1(x, weight[2 * hid:], None)
+        k, v = conv1x1(x, weight[hid:], None).split(hid, dim=1)
+        return k, v
 
 
 class CorrFeedForward(nn.Module):

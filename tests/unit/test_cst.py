@@ -358,6 +358,41 @@ def test_head_mask_changes_output_and_none_equals_all_ones():
     torch.testing.assert_close(b[0], c[0])
 
 
+def _head_step(head, corr, mask):
+    """Outputs and every parameter's gradient after one loss."""
+    head.zero_grad()
+    cls, seg = head(corr, mask, (8, 8), (16, 16))
+    (cls.logsumexp(-1).sum() + (seg**2).mean()).backward()
+    return [cls.detach(), seg.detach()] + [p.grad.clone() for p in head.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_compacted_attention_equals_masked_attention(monkeypatch, kind):
+    """Sparse support masks take the compacted path (k, v and the attention on the kept columns only, one
+    episode at a time); it must give the batched masked attention's numbers and gradients."""
+    import fscs.model.cst as cst
+
+    torch.manual_seed(0)
+    head = CSTHead(in_channels=8).double()
+    corr = torch.randn(4, 8, 64, 145, dtype=torch.float64)
+    if kind == "sparse":  # objects of different sizes, one empty mask (only CLS kept): different column counts
+        mask = torch.zeros(4, 48, 48, dtype=torch.float64)
+        mask[0, 10:20, 5:30], mask[1, 40:, 40:], mask[3, 0:30, 0:30] = 1, 1, 1
+    else:  # a zero corner: most columns kept in both blocks -> the batched masked path
+        mask = torch.ones(4, 48, 48, dtype=torch.float64)
+        mask[:, :10, :10] = 0
+    calls: list[int] = []
+    real_attend = cst.attend
+    monkeypatch.setattr(cst, "attend", lambda q, *a, **k: calls.append(q.shape[0]) or real_attend(q, *a, **k))
+    got = _head_step(head, corr, mask)
+    assert calls == ([1] * 8 if kind == "sparse" else [4, 4])  # 2 blocks x (4 episodes | one batch)
+    monkeypatch.setattr(cst, "COMPACT_MAX_SHARE", -1.0)  # force the batched masked attention
+    want = _head_step(head, corr, mask)
+    assert calls[-2:] == [4, 4]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_gradient_reaches_every_parameter():
     head = CSTHead(in_channels=12)
     corr = torch.randn(2, 12, 100, 145)
