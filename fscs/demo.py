@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from fscs.atomic import write_text_atomic
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def run_demo(out: Path, shards: Path, nproc: int = 2, quick: bool = False) -> Pa
               f"setting, seed {r0['seed']}, 95 % bootstrap CIs in brackets.\n{note}\n{table}\n\n"
               f"Wall time {time.time() - t0:.0f} s. Results JSON: `{out}/*/results/`.\n")
     path = out / "RESULTS.md"
-    path.write_text(report)
+    write_text_atomic(path, report)
     from fscs.bench.report import write_report
 
     page = write_report([out / r / "results" for r in REGIMES], out / "report", title="fscs demo: synthetic-5i")

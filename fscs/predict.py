@@ -6,6 +6,7 @@ import csv
 import glob
 import hashlib
 import html
+import io
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fscs.atomic import write_atomic_with, write_text_atomic
 from fscs.bench.metrics import predict_from_probs
 from fscs.bench.runs import load_run
 from fscs.data.transforms import resize_mask, to_tensor_image
@@ -149,11 +151,8 @@ class FeatureCache:
             return None
 
     def put(self, file: Path, feats: dict[str, torch.Tensor]) -> None:
-        path = self._path(file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({k: v.detach().cpu().contiguous() for k, v in feats.items()}, tmp)
-        tmp.replace(path)
+        cpu = {k: v.detach().cpu().contiguous() for k, v in feats.items()}
+        write_atomic_with(self._path(file), lambda fh: torch.save(cpu, fh))
 
 
 @dataclass
@@ -334,7 +333,7 @@ figure{{margin:0;width:240px}} img{{max-width:240px;max-height:240px}} ul{{margi
 {f"<h2>Skipped ({len(skipped)})</h2><ul>{bad}</ul>" if skipped else ""}
 </body></html>
 """
-    (out / "index.html").write_text(page, encoding="utf-8")
+    write_text_atomic(out / "index.html", page)
 
 
 def _write_query(out: Path, name: str, path: Path, image: np.ndarray, presence: torch.Tensor,
@@ -351,8 +350,9 @@ def _write_query(out: Path, name: str, path: Path, image: np.ndarray, presence: 
         full = np.asarray(Image.fromarray(labels).resize((w, h), Image.NEAREST))
     mask_img = Image.fromarray(full, "P")
     mask_img.putpalette(palette.reshape(-1).tolist())
-    mask_img.save(out / f"{name}.mask.png")
-    _overlay(image, labels, palette).save(out / f"{name}.overlay.png")
+    write_atomic_with(out / f"{name}.mask.png", lambda fh: mask_img.save(fh, format="PNG"))
+    overlay = _overlay(image, labels, palette)
+    write_atomic_with(out / f"{name}.overlay.png", lambda fh: overlay.save(fh, format="PNG"))
     area = np.bincount(labels.reshape(-1), minlength=len(classes) + 1) / labels.size
     per_class = [{"id": c["id"], "name": c["name"], "probability": round(float(presence[i]), 6),
                   "present": bool(presence[i] > threshold), "area": round(float(area[i + 1]), 6)}
@@ -360,7 +360,7 @@ def _write_query(out: Path, name: str, path: Path, image: np.ndarray, presence: 
     rec = {"name": name, "image": str(path), "width": w, "height": h, "threshold": threshold,
            "classes": per_class, "present": [c["name"] for c in per_class if c["present"]],
            "mask": f"{name}.mask.png", "overlay": f"{name}.overlay.png"}
-    (out / f"{name}.json").write_text(json.dumps(rec, indent=2))
+    write_text_atomic(out / f"{name}.json", json.dumps(rec, indent=2))
     return rec
 
 
@@ -392,7 +392,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     meta = {"format": "fscs-predict/1", "run": str(run_dir), "checkpoint_sha256": pred.checkpoint_sha256,
             "backbone": pred.model.backbone.identity, "regime": pred.regime, "threshold": threshold,
             "mask_values": "0 = background, i = classes[i - 1].id", "classes": classes}
-    (out / "classes.json").write_text(json.dumps(meta, indent=2))
+    write_text_atomic(out / "classes.json", json.dumps(meta, indent=2))
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     bar = progress_bar(total=len(paths), unit="img", desc="predict", disable=not progress)
@@ -418,16 +418,17 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     if batch:
         flush(batch)
     bar.close()
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "present"] + [c["name"] for c in classes])
-        for r in records:
-            probs = [f"{c['probability']:.4f}" for c in r["classes"]]
-            writer.writerow([r["image"], ";".join(r["present"]), *probs])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["image", "present"] + [c["name"] for c in classes])
+    for r in records:
+        probs = [f"{c['probability']:.4f}" for c in r["classes"]]
+        writer.writerow([r["image"], ";".join(r["present"]), *probs])
+    write_text_atomic(out / "predictions.csv", table.getvalue())
     _html(out, records, classes, skipped, meta)
     summary = {"queries": len(paths), "predicted": len(records), "skipped": skipped,
                "seconds": round(time.time() - t0, 2), "device": str(pred.device), "out": str(out)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     logger.info("predicted %d images (%d skipped) in %.1f s -> %s", len(records), len(skipped),
                 summary["seconds"], out / "index.html")
     return summary

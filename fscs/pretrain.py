@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from fscs.atomic import write_text_atomic
 from fscs.config import load_structured
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
@@ -417,7 +418,7 @@ class Pretrainer:
         cfg = self.cfg
         if self.env.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "pretrain_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            write_text_atomic(cfg.run_dir / "pretrain_config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
@@ -446,7 +447,7 @@ class Pretrainer:
         if self.step >= cfg.optim.steps and self.env.is_main:
             summary["export"] = str(self.export())
         if self.env.is_main:
-            (cfg.run_dir / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(cfg.run_dir / "pretrain_summary.json", json.dumps(summary, indent=2))
             if self.writer is not None:
                 self.writer.close()
         return summary

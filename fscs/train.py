@@ -116,6 +116,27 @@ def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
             )
 
 
+def truncate_train_log(log: Path, step: int) -> None:
+    """Keep the lines of train_log.jsonl up to `step` (a resumed run trains the later steps again).
+
+    A line cut short by the crash or kill being resumed from is dropped with a warning; the file is
+    rewritten atomically, so a second interruption here loses nothing.
+    """
+    if not log.is_file():
+        return
+    keep = []
+    for ln in log.read_text().splitlines():
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError:
+            if ln.strip():
+                logger.warning("%s: dropping an unreadable line (%r)", log, ln[:80])
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(ln)
+    write_text_atomic(log, "".join(ln + "\n" for ln in keep))
+
+
 class Trainer:
     """Trains the CST head of one run directory; resumes exactly from its newest checkpoint when one exists.
 
@@ -187,7 +208,7 @@ class Trainer:
         self.selection = state["selection"]
         self.resumed_from = self._saved_step = self.step
         if self.env.is_main:
-            self._truncate_log()
+            truncate_train_log(self.run_dir / TRAIN_LOG, self.step)
             logger.info("resumed %s at epoch %d, step %d (%d of the epoch done)", path, self.epoch, self.step,
                         self.step_in_epoch)
 
@@ -224,14 +245,6 @@ class Trainer:
         logger.debug("checkpoint %s published", path)
 
     # ------------------------------------------------------------------ logging and model selection
-    def _truncate_log(self) -> None:
-        """Drop train_log.jsonl lines of steps after the resumed checkpoint (they will be trained again)."""
-        log = self.run_dir / TRAIN_LOG
-        if log.is_file():
-            lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln)["step"] <= self.step]
-            log.write_text("".join(ln + "\n" for ln in keep))
-
     def _log(self, parts: dict[str, float], batch: dict[str, torch.Tensor]) -> None:
         every = self.cfg.train.image_every
         if self.env.is_main and self.writer and every and self.step % every == 0:

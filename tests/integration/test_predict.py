@@ -87,6 +87,7 @@ def test_predict_writes_sane_outputs(world, tmp_path):
         assert f'src="{rec["overlay"]}"' in page
     rows = (out / "predictions.csv").read_text().strip().splitlines()
     assert rows[0] == "image,present,cross,disk,ring" and len(rows) == 6
+    assert not [f.name for f in out.iterdir() if ".tmp-" in f.name]  # every file written atomically
 
 
 def test_chunked_ways_equal_one_episode_and_forward_episode(world):

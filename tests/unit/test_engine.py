@@ -1,6 +1,8 @@
 """Engine interface (DDP, one process), schedules, signal requests, checkpoint store, resume checks, keys."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import signal
@@ -151,3 +153,17 @@ def test_gpu_config_on_cpu_machine_is_one_line_error():
         resolve_device("cuda", DistEnv())
     assert "\n" not in str(err.value) and "train.device=cpu" in str(err.value)
     assert resolve_device("auto", DistEnv()).type == "cpu"
+
+
+def test_truncate_train_log_keeps_resumed_steps_and_drops_a_cut_line(tmp_path, caplog):
+    from fscs.train import truncate_train_log
+
+    log = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(lines) + "\n" + '{"step": 5, "lo')  # killed while appending step 5
+    with caplog.at_level(logging.WARNING, logger="fscs.train"):
+        truncate_train_log(log, 3)
+    assert log.read_text() == "\n".join(lines[:3]) + "\n"
+    assert any("unreadable line" in r.getMessage() for r in caplog.records)
+    truncate_train_log(tmp_path / "absent.jsonl", 3)  # nothing to do
+    assert not (tmp_path / "absent.jsonl").exists()
