@@ -96,9 +96,7 @@ def _rule_otsu_border(inputs: RuleInputs, size: tuple[int, int], threshold: floa
     cos = inputs.cos
     cut = otsu_threshold(cos.flatten(1))[:, None, None]
     flip = border_majority((cos > cut).float())
-    up = upsample_map(cos, size)
-    high = up > cut
-    return torch.where(flip[:, None, None], ~high, high).float()
+    return ((upsample_map(cos, size) > cut) ^ flip[:, None, None]).float()
 
 
 def key_two_means(keys: torch.Tensor, cos: torch.Tensor, iters: int = 10) -> torch.Tensor:
@@ -185,7 +183,10 @@ def cls_key_cosine_heads(q_cls: torch.Tensor, k: torch.Tensor, grid: tuple[int, 
     q_cls, keys = _cls_query(q_cls).float(), _image_keys(k, grid).float()
     if q_cls.shape[:2] != keys.shape[:2] or q_cls.shape[-1] != keys.shape[-1]:
         raise ValueError(f"CLS queries {tuple(q_cls.shape)} and keys {tuple(keys.shape)} do not match")
-    cos = torch.einsum("bhd,bhtd->bht", F.normalize(q_cls, dim=-1), F.normalize(keys, dim=-1))
+    # q_hat . (k / max(|k|, eps)) as F.normalize, without writing the normalised keys: one matvec per head,
+    # then a division of the T dot products
+    dots = torch.matmul(keys, F.normalize(q_cls, dim=-1).unsqueeze(-1)).squeeze(-1)  # [B, h, T]
+    cos = dots / torch.linalg.vector_norm(keys, dim=-1).clamp_min(1e-12)
     return cos.reshape(cos.shape[0], cos.shape[1], grid[0], grid[1])
 
 

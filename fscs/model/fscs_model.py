@@ -155,9 +155,11 @@ class FSCSModel(nn.Module):
         (each shot's support CLS vs the query keys, majority over shots, zeroed where query_presence == 0)."""
         b, n, k, size, grid = feats.batch, feats.way, feats.shot, feats.size, self.backbone.grid
         support = self.distiller.support_masks(feats.support_q, feats.support_k, grid, size).view(b, n, k, *size)
-        k_query = feats.query_k.repeat_interleave(n * k, dim=0)
+        k_query = feats.query_k if n * k == 1 else feats.query_k.repeat_interleave(n * k, dim=0)
         present = None if query_presence is None else query_presence.repeat_interleave(k, dim=1).flatten()
         per_shot = self.distiller.query_masks(feats.support_q, k_query, grid, size, present)
+        if k == 1:
+            return support, per_shot.view(b, n, *size)
         query = (per_shot.view(b, n, k, *size).mean(dim=2) >= 0.5).to(per_shot.dtype)
         return support, query
 
