@@ -26,7 +26,7 @@ from fscs.bench.metrics import predict_from_probs
 from fscs.bench.runs import load_run
 from fscs.data.transforms import resize_mask, to_tensor_image
 from fscs.errors import FSCSError
-from fscs.model.cst import correlation
+from fscs.model.correlation import correlation
 from fscs.model.fscs_model import EpisodeFeatures, EpisodeOutput, FSCSModel, upsample_logits
 
 logger = logging.getLogger(__name__)

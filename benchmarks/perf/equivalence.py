@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from fscs.model.backbone import FrozenBackbone
-from fscs.model.cst import CSTHead, correlation
+from fscs.model.correlation import correlation
+from fscs.model.cst import CSTHead
 
 from reference_impl import old_correlation, old_head_forward, reference_features
 

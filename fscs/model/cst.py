@@ -1,4 +1,5 @@
-"""Correlation tokens and the CST correlation-transformer head (classification + segmentation)."""
+"""The CST head: a two-block correlation transformer over correlation tokens (`fscs.model.correlation`) with
+classification and segmentation branches, and the conversion of the reference implementation's state dict."""
 from __future__ import annotations
 
 import logging
@@ -9,229 +10,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fscs.errors import FSCSError
+from fscs.model.attention import ATTN_HEADS, Conv1x1, attend, conv1x1, kept_columns, pool_support
 
 logger = logging.getLogger(__name__)
 
-MASK_FILL = -1e9
-"""Logit the reference writes into masked attention columns. exp(MASK_FILL - max) is exactly 0 in float32
-and bfloat16, so the fused attention's boolean mask (-inf) gives the same softmax: the CLS column is never
-masked, hence no row is ever fully masked."""
 REFERENCE_NUM_PARAMS = 366_004
 """Learnable parameters of the reference head at in_channels=72."""
 BLOCK_SPECS: tuple[tuple[int, int], ...] = ((32, 4), (128, 3))
 """(out_channels, support pool size) of the two correlation-transformer blocks."""
-ATTN_HEADS = 8
 NORM_GROUPS = 4
 
-# Tensor layout used throughout the head: x [B, C, Q, S] is a Conv2d "image" of height Q (query patch
-# tokens, row-major over the query grid) and width S (support tokens: CLS first, then the h x w support
-# grid row-major). 1x1 convs and GroupNorm are therefore per-(q, s) / over all (q, s) as in the reference.
-# Multi-head split: a C-channel tensor is viewed as [B, 8, C/8, Q, S], i.e. channel c -> head c // (C/8);
-# the qkv conv's 3*C' output channels are ordered (q|k|v, head, dim):
-# q = [0, C'), k = [C', 2C'), v = [2C', 3C'), as in the reference checkpoints.
-# Speed (same numbers up to float rounding): inside the head the tensors are channels-last in memory
-# (physically [B, Q, S, C]), so 1x1 convs are single GEMMs, channel splits and head splits are views, and
-# the attention runs as one fused scaled_dot_product_attention (no Q x Sq x S logits in memory). Average
+# The qkv conv's 3*C' output channels are ordered (q|k|v, head, dim): q = [0, C'), k = [C', 2C'),
+# v = [2C', 3C'), as in the reference checkpoints. Layout and attention: `fscs.model.attention`. Average
 # pooling commutes with the (linear) 1x1 convs, so the shortcut and q convs run on the pooled tokens.
 # Masked support columns get softmax weight exactly 0, so with sparse masks k, v and the attention are
 # computed on the kept columns only (`COMPACT_MAX_SHARE`).
-
-
-def _grid_of(n: int, what: str) -> tuple[int, int]:
-    side = int(round(n**0.5))
-    if side * side != n:
-        raise FSCSError(f"cst: {what} has {n} patch tokens, not a square grid; pass its grid (h, w)")
-    return side, side
-
-
-def _matmul_dtype(t: Tensor) -> torch.dtype:
-    """The dtype a matmul on float32 `t` computes in: autocast's dtype when autocast is on for its device."""
-    dev = t.device.type
-    if t.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return t.dtype
-
-
-def correlation(query_tokens: Tensor, support_tokens: Tensor, num_heads: int,
-                query_grid: tuple[int, int] | None = None, support_grid: tuple[int, int] | None = None,
-                support_out: int = 12) -> Tensor:
-    """Head-wise multi-layer cosine correlation tokens (no learnable parameters).
-
-    Args:
-        query_tokens: [B, L, 1+Tq, D] backbone tokens of the query (CLS first; CLS is dropped).
-        support_tokens: [B*R, L, 1+Ts, D] backbone tokens of the supports (CLS first); R >= 1 supports per
-            query, support j paired with query j // R (pass each query once instead of repeating it R times).
-        num_heads: backbone heads; D is split into num_heads chunks of D/num_heads dims (chunk n = dims
-            [n*D/heads, (n+1)*D/heads)).
-        query_grid: (hq, wq) with hq*wq = Tq (default: square).
-        support_grid: (hs, ws) with hs*ws = Ts (default: square); the patch grid is bilinearly resized
-            (align_corners=True) to support_out x support_out and the support CLS is prepended.
-        support_out: side of the resized support grid (12 in the reference).
-    Returns:
-        [B*R, num_heads*L, Tq, 1+support_out**2] cosine similarities (contiguous); channel = head*L + layer.
-        Under autocast the products run (and the result is stored) in autocast's dtype, like a matmul.
-    """
-    if query_tokens.dim() != 4 or support_tokens.dim() != 4:
-        raise FSCSError("cst.correlation: tokens must be [B, L, 1+T, D]; stack every layer's tokens on dim 1")
-    b, n_layers, tq1, d = query_tokens.shape
-    m = support_tokens.shape[0]
-    if b == 0 or m % b or support_tokens.shape[1] != n_layers or support_tokens.shape[3] != d:
-        raise FSCSError(f"cst.correlation: support tokens {tuple(support_tokens.shape)} do not match query "
-                        f"tokens {tuple(query_tokens.shape)} in B (a multiple of the query batch), L or D")
-    repeat = m // b
-    if d % num_heads:
-        raise FSCSError(f"cst.correlation: token dim {d} is not divisible by num_heads={num_heads}")
-    tq, ts = tq1 - 1, support_tokens.shape[2] - 1
-    hq, wq = query_grid if query_grid is not None else _grid_of(tq, "query")
-    hs, ws = support_grid if support_grid is not None else _grid_of(ts, "support")
-    if hq * wq != tq or hs * ws != ts:
-        raise FSCSError(f"cst.correlation: grids {(hq, wq)}/{(hs, ws)} do not match {tq}/{ts} patch tokens")
-    dh = d // num_heads
-    # Unit-norm head chunks in the tokens' own layout [B, L, T, heads, dh]: no transposed copy of the query.
-    q = F.normalize(query_tokens[:, :, 1:].unflatten(3, (num_heads, dh)), p=2, dim=-1)
-    sp = support_tokens[:, :, 1:].reshape(m * n_layers, hs, ws, d).permute(0, 3, 1, 2)
-    sp = F.interpolate(sp, size=(support_out, support_out), mode="bilinear", align_corners=True)
-    sp = sp.flatten(2).transpose(1, 2).reshape(m, n_layers, support_out * support_out, d)
-    s = torch.cat([support_tokens[:, :, :1], sp], dim=2).unflatten(3, (num_heads, dh))
-    s = F.normalize(s, p=2, dim=-1)  # [B*R, L, S, heads, dh]
-    dtype = _matmul_dtype(q)
-    q, s = q.to(dtype), s.to(dtype)
-    ns = s.shape[2]
-    corr = q.new_empty(m, num_heads, n_layers, tq, ns)
-    # one strided GEMM per (pair, head) straight into its channel block of the output
-    with torch.autocast(q.device.type, enabled=False):
-        for i in range(m):
-            for h in range(num_heads):
-                torch.bmm(q[i // repeat, :, :, h], s[i, :, :, h].transpose(1, 2), out=corr[i, h])
-    return corr.view(m, num_heads * n_layers, tq, ns)
-
-
-def conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """A 1x1 convolution as one GEMM over channels.
-
-    x [B, Cin, H, W] (any memory layout), weight [Cout, Cin(, 1, 1)], bias [Cout] | None
-    -> [B, Cout, H, W] in channels-last memory (physically [B, H, W, Cout]).
-    """
-    w = weight.flatten(1)
-    b, cin, height, width = x.shape
-    t = x.permute(0, 2, 3, 1)
-    if t.is_contiguous():  # channels-last input: a plain GEMM
-        y = F.linear(t, w, bias)
-    elif x.is_contiguous():  # NCHW input: GEMM on the transposed view, no layout copy
-        xt = x.view(b, cin, height * width).transpose(1, 2)
-        wt = w.t().unsqueeze(0).expand(b, cin, w.shape[0])
-        if bias is None:
-            y = torch.bmm(xt, wt)
-        else:
-            y = torch.baddbmm(bias.view(1, 1, -1).expand(b, height * width, w.shape[0]), xt, wt)
-        y = y.view(b, height, width, w.shape[0])
-    else:
-        y = F.linear(t.contiguous(), w, bias)
-    return y.permute(0, 3, 1, 2)
-
-
-class Conv1x1(nn.Conv2d):
-    """nn.Conv2d(cin, cout, 1) (same parameters and state-dict keys) computed by `conv1x1`."""
-
-    def __init__(self, cin: int, cout: int, bias: bool):
-        super().__init__(cin, cout, kernel_size=1, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x [B, Cin, H, W] -> [B, Cout, H, W] (channels-last memory)."""
-        return conv1x1(x, self.weight, self.bias)
-
-
-def support_pool_matrix(grid: tuple[int, int], pool: int, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None) -> Tensor:
-    """[1+h*w, 1+h'*w'] averaging matrix: CLS -> CLS, each pool x pool cell of the h x w grid -> its mean.
-
-    Like avg_pool2d without padding (h' = h // pool, w' = w // pool; uncovered rows/columns are dropped).
-    """
-    h, w = grid
-    eye = torch.eye(h * w, dtype=torch.float64).view(h * w, 1, h, w)
-    cells = F.avg_pool2d(eye, kernel_size=pool, stride=pool).flatten(1)  # [h*w, h'*w']
-    mat = torch.zeros(1 + h * w, 1 + cells.shape[1], dtype=torch.float64)
-    mat[0, 0] = 1.0
-    mat[1:, 1:] = cells
-    return mat.to(device=device, dtype=dtype)
-
-
-def pool_support(x: Tensor, grid: tuple[int, int], pool: int) -> Tensor:
-    """Average-pool the support image tokens over their grid (kernel = stride = pool); CLS untouched.
-
-    x: [B, C, Q, 1+h*w] -> [B, C, Q, 1+(h//pool)*(w//pool)], one GEMM with `support_pool_matrix`. The result
-    keeps x's memory layout (contiguous NCHW in, NCHW out; otherwise channels-last out).
-    """
-    mat = support_pool_matrix(grid, pool, x.dtype, x.device)
-    if x.is_contiguous():
-        return torch.matmul(x, mat)
-    t = x.permute(0, 2, 3, 1)  # [B, Q, S, C]
-    return torch.matmul(mat.t(), t).permute(0, 3, 1, 2)
-
-
-def resize_support_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
-    """mask [B, Hs, Ws] float {0,1} -> [B, h*w] bool, True where the bilinear (align_corners) resize is 0."""
-    small = F.interpolate(mask.float().unsqueeze(1), size=grid, mode="bilinear", align_corners=True)
-    return small.flatten(1) == 0
-
-
-def kept_columns(support_mask: Tensor, grid: tuple[int, int], batch: int) -> Tensor:
-    """support_mask [B, Hs, Ws] float {0,1} -> [B, 1+h*w] bool, True = the attention attends to that column.
-
-    Image-token columns where the mask, resized bilinearly (align_corners=True) to grid, is exactly 0 are
-    dropped (the reference's -1e9 logit); the CLS column (first) is always kept.
-    """
-    if support_mask.dim() != 3 or support_mask.shape[0] != batch:
-        raise FSCSError(f"cst: support_mask must be [B={batch}, Hs, Ws], got {tuple(support_mask.shape)}")
-    zero = resize_support_mask(support_mask, grid)  # [B, h*w]
-    return torch.cat([zero.new_ones(batch, 1), ~zero], dim=1)
-
 
 COMPACT_MAX_SHARE = 0.75
 """`CorrAttention` computes k, v and the attention on the kept support columns only (one pass per episode)
 when at most this share of the batch's columns is kept; denser masks use the batched masked attention."""
 
-
-def attend(q: Tensor, k: Tensor, v: Tensor, keep: Tensor | None, heads: int = ATTN_HEADS) -> Tensor:
-    """Multi-head attention of every query token's pooled support tokens over its support tokens.
-
-    q: [B, C, Q, Sq]; k, v: [B, C, Q, S] (any memory layout; channels-last makes every head split a view);
-    keep: [B, S] bool (False = column left out of the softmax) or None; channel c -> head c // (C/heads).
-    Returns [B, C, Q, Sq] (channels-last memory): softmax(q.k, no scaling) weighted sum of v.
-    """
-    b, c, nq, sq = q.shape
-    s = k.shape[-1]
-    dh = c // heads
-
-    def split(t: Tensor, n: int) -> Tensor:  # [B, C, Q, n] -> [B*Q, heads, n, dh]
-        return t.permute(0, 2, 3, 1).reshape(b * nq, n, heads, dh).transpose(1, 2)
-
-    mask = None if keep is None else keep[:, None, None, :].expand(b, nq, 1, s).reshape(b * nq, 1, 1, s)
-    dtype = q.dtype
-    low = dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and (low or torch.is_autocast_enabled("cpu")):
-        # the CPU flash kernel is several times slower in 16 bits for these tiny head dims: run it in fp32
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(split(q.float(), sq), split(k.float(), s),
-                                                 split(v.float(), s), attn_mask=mask, scale=1.0)
-    else:
-        out = F.scaled_dot_product_attention(split(q, sq), split(k, s), split(v, s), attn_mask=mask, scale=1.0)
-    return out.transpose(1, 2).reshape(b, nq, sq, c).permute(0, 3, 1, 2).to(dtype)
-
-
-def support_attention(q: Tensor, k: Tensor, v: Tensor, support_mask: Tensor | None, grid: tuple[int, int],
-                      heads: int = ATTN_HEADS) -> Tensor:
-    """Per-query-token multi-head attention from pooled support tokens to all support tokens.
-
-    Args:
-        q: [B, C, Q, Sq] pooled queries (Sq = 1 + pooled grid); k, v: [B, C, Q, S] with S = 1 + h*w.
-        support_mask: [B, Hs, Ws] float {0,1} or None (no masking); see `kept_columns`.
-        grid: (h, w) support grid of k/v. heads: channel c belongs to head c // (C/heads).
-    Returns:
-        [B, C, Q, Sq] (channels-last memory), as `attend`.
-    """
-    keep = None if support_mask is None else kept_columns(support_mask, grid, q.shape[0])
-    return attend(q, k, v, keep, heads)
 
 
 def _conv1x1(cin: int, cout: int, bias: bool) -> nn.Conv2d:

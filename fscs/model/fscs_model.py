@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from fscs.bench.metrics import predict_from_probs
 from fscs.errors import FSCSError
 from fscs.model.backbone import BACKBONES, BackboneOutput, FrozenBackbone
-from fscs.model.cst import CSTHead, convert_reference_state_dict, correlation
+from fscs.model.correlation import correlation
+from fscs.model.cst import CSTHead, convert_reference_state_dict
 from fscs.model.distill import PseudoMaskDistiller, cls_key_cosine_heads
 from fscs.model.enhancer import PseudoMaskEnhancer
 from fscs.safe_load import load_untrusted

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from fscs.losses import fscs_loss
 from fscs.model.backbone import FrozenBackbone
-from fscs.model.cst import CSTHead, correlation
+from fscs.model.correlation import correlation
+from fscs.model.cst import CSTHead
 from fscs.model.fscs_model import FSCSModel
 
 logger = logging.getLogger(__name__)

@@ -10,14 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fscs.errors import FSCSError
-from fscs.model.cst import (
-    REFERENCE_NUM_PARAMS,
-    CSTHead,
-    convert_reference_state_dict,
-    correlation,
-    pool_support,
-    support_attention,
-)
+from fscs.model.attention import pool_support, support_attention
+from fscs.model.correlation import correlation
+from fscs.model.cst import REFERENCE_NUM_PARAMS, CSTHead, convert_reference_state_dict
 
 logger = logging.getLogger(__name__)
 
