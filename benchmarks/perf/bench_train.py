@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+import fscs.model.cst as cst
 from fscs.bench.runner import evaluate
 from fscs.data.episodes import EpisodeSampler, make_episode_tensors
 from fscs.data.shards import load_samples, read_index
+from fscs.model.attention import kept_columns
 
 from reference_impl import reference_train_step
 from setups import Setting, episode_images, fetch_batches, make_cfg, make_trainer, to_device
@@ -48,15 +50,40 @@ def _timed_functions(trainer: Any, batch: dict[str, torch.Tensor], tag: str) -> 
             f"encode {tag}": encode, f"distill {tag}": distill}
 
 
+def _without_column_skipping(step: Any) -> Any:
+    """`step` with the head's masked-column skipping switched off (the batched masked attention throughout)."""
+    def run() -> Any:
+        saved, cst.COMPACT_MAX_SHARE = cst.COMPACT_MAX_SHARE, -1.0
+        try:
+            return step()
+        finally:
+            cst.COMPACT_MAX_SHARE = saved
+    return run
+
+
+def kept_column_share(trainer: Any, batch: dict[str, torch.Tensor]) -> float:
+    """Share of the block-1 support columns (CLS included) that the batch's weak pseudo-masks keep."""
+    model = trainer.model
+    dev_batch = to_device(batch, trainer.device)
+    with torch.no_grad():
+        feats = model.encode_episode(dev_batch["query_img"], dev_batch["support_img"])
+        support, _ = model.pseudo_masks(feats, dev_batch["presence"])
+    masks = support.flatten(0, 2)
+    return float(kept_columns(masks, model.head.support_grid, masks.shape[0]).float().mean())
+
+
 def bench_step(setting: Setting, shards: str, clock: Clock, *, precisions: tuple[str, ...], rounds: int,
-               warmup: int, reference: bool, compile_head: bool) -> dict[str, Any]:
-    """Interleaved medians of the step and its parts for each precision (+ reference, + compiled head)."""
+               warmup: int, reference: bool, compile_head: bool, skip_ab: bool = False) -> dict[str, Any]:
+    """Interleaved medians of the step and its parts for each precision (+ reference, + compiled head,
+    + with skip_ab the step without the head's masked-column skipping)."""
     device = clock.device.type
     trainers = {p: make_trainer(make_cfg(setting, shards, precision=p, device=device)) for p in precisions}
     batch = fetch_batches(trainers[precisions[0]].cfg, 1)[0]
     fns: dict[str, Any] = {}
     for p, tr in trainers.items():
         fns.update(_timed_functions(tr, batch, p))
+        if skip_ab:
+            fns[f"step {p} no-skip"] = _without_column_skipping(lambda tr=tr: tr.train_step(batch))
     compile_seconds = None
     if compile_head:
         tr = make_trainer(make_cfg(setting, shards, precision="fp32", device=device))
@@ -90,6 +117,12 @@ def bench_step(setting: Setting, shards: str, clock: Clock, *, precisions: tuple
     out: dict[str, Any] = {"setting": setting.label, "batch": setting.batch, "rounds": rounds,
                            "warmup": warmup, "rows": rows, "medians": med,
                            "images_per_step": setting.batch * (1 + setting.way * setting.shot)}
+    if skip_ab:
+        out["column_skip"] = {"kept_share": kept_column_share(trainers[precisions[0]], batch),
+                              "rows": [{"precision": p, "step_s": med[f"step {p}"],
+                                        "no_skip_step_s": med[f"step {p} no-skip"],
+                                        "speedup": med[f"step {p} no-skip"] / med[f"step {p}"]}
+                                       for p in precisions]}
     if compile_seconds is not None:
         out["compile"] = {"compile_s": compile_seconds, "step_s": med["step fp32+compile"],
                           "vs_eager_fp32": (med["step fp32+compile"] / med["step fp32"]

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         attempt("equivalence", run_equivalence, device, small.backbone, small.image_size)
     if {"1", "2", "4", "5"} & set(only):
         attempt("step_small", bench_step, small, shards, clock, precisions=precisions, rounds=prof["rounds"],
-                warmup=prof["warmup"], reference=True, compile_head=prof["compile"] and "5" in only)
+                warmup=prof["warmup"], reference=True, compile_head=prof["compile"] and "5" in only,
+                skip_ab="5" in only)
     if {"1", "2"} & set(only):
         attempt("step_big", bench_step, big, shards, clock, precisions=precisions, rounds=prof["rounds_big"],
                 warmup=prof["warmup"], reference=True, compile_head=False)

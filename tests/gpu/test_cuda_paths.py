@@ -68,11 +68,17 @@ def test_fused_backbone_equals_unfused_qk_extraction(dtype: torch.dtype) -> None
     torch.testing.assert_close(out.tokens.float(), tokens.float(), **tol)
 
 
-def test_head_on_cuda_matches_cpu() -> None:
+@pytest.mark.parametrize("mask_kind", ["dense", "sparse"])
+def test_head_on_cuda_matches_cpu(mask_kind: str) -> None:
+    """dense: the batched masked attention; sparse (one box per image): k, v and the attention on the kept
+    support columns only, one episode at a time."""
     torch.manual_seed(0)
     head = CSTHead(in_channels=18)
     corr = torch.randn(2, 18, 64, 145)
     mask = (torch.rand(2, 32, 32) > 0.5).float()
+    if mask_kind == "sparse":
+        mask = torch.zeros(2, 32, 32)
+        mask[0, 4:12, 6:14], mask[1, 20:30, 2:20] = 1, 1
     target = torch.randint(0, 2, (2, 32, 32))
     results = []
     for device in ("cpu", "cuda"):
