@@ -34,7 +34,7 @@ from fscs.model.backbone import get_spec
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit
-from fscs.train import load_checkpoint, save_checkpoint
+from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from fscs.data.shards import read_index
 from fscs.distributed import DistEnv
 from fscs.engine import build_engine
 from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, capture_rng, check_resume,
-                                    load_state, restore_rng, rng_file, write_atomic)
+                                    load_checkpoint, restore_rng, rng_file, save_checkpoint)
 from fscs.errors import FSCSError
 from fscs.losses import CHANCE_CE, at_chance, fscs_loss
 from fscs.model.fscs_model import FSCSModel
@@ -79,20 +79,6 @@ def build_model(cfg: RunConfig) -> FSCSModel:
         mask_threshold=cfg.model.mask_threshold,
         **extra,
     )
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: a killed save leaves the previous file intact."""
-    write_atomic(Path(path), state)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by save_checkpoint (tensors and plain data only: weights_only, no code runs)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise FSCSError(f"checkpoint '{path}' is unreadable or unsafe ({type(exc).__name__}); delete it or "
-                        "pick another run") from None
 
 
 def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
@@ -195,14 +181,14 @@ class Trainer:
                 logger.warning("%s has %s but no resumable state/ folder: training from scratch",
                                self.run_dir, CHECKPOINT)
             return
-        state = load_state(path / TRAINER_FILE)
+        state = load_checkpoint(path / TRAINER_FILE)
         check_backbone_identity(state["backbone"], self.model, path)
         for warning in check_resume(state, config_to_dict(self.cfg), dataset=self.index.dataset,
                                     world_size=self.env.world_size, where=path):
             logger.warning("resuming %s: %s; the result will differ from an uninterrupted run", path, warning)
         self.engine.load(path / ENGINE_DIR)
         rng = path / rng_file(self.env.rank)
-        self._pending_rng = load_state(rng) if rng.is_file() else None
+        self._pending_rng = load_checkpoint(rng) if rng.is_file() else None
         self.epoch, self.step, self.step_in_epoch = state["epoch"], state["step"], state["step_in_epoch"]
         self.sums, self.history = dict(state["sums"]), list(state["history"])
         self.selection = state["selection"]
@@ -229,10 +215,10 @@ class Trainer:
             return
         path = self.store.begin(self.step)
         self.engine.save(path / ENGINE_DIR)
-        write_atomic(path / rng_file(self.env.rank), capture_rng())
+        save_checkpoint(path / rng_file(self.env.rank), capture_rng())
         head = self.engine.head_state_dict()
         if self.env.is_main:
-            write_atomic(path / TRAINER_FILE, {
+            save_checkpoint(path / TRAINER_FILE, {
                 "format": STATE_FORMAT, "epoch": self.epoch, "step": self.step,
                 "step_in_epoch": self.step_in_epoch, "sums": self.sums, "history": self.history,
                 "selection": self.selection,

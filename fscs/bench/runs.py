@@ -37,7 +37,8 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     checkpoint: a head file (path, or name inside run_dir); default best.pt (the model-selection winner)
     when training wrote one, else checkpoint.pt (the newest save).
     """
-    from fscs.train import build_model, check_backbone_identity, load_checkpoint, resolve_checkpoint
+    from fscs.engine.checkpoint import load_checkpoint
+    from fscs.train import build_model, check_backbone_identity, resolve_checkpoint
 
     path = resolve_checkpoint(run_dir, checkpoint)
     if not path.is_file():

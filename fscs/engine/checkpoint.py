@@ -29,13 +29,14 @@ TRAINER_FILE = "trainer.pt"
 ENGINE_DIR = "engine"
 
 
-def write_atomic(path: Path, obj: Any) -> None:
-    """torch.save `obj` to `path` atomically and durably (temp file in the same folder, fsync, rename)."""
+def save_checkpoint(path: Path, obj: Any) -> None:
+    """torch.save `obj` to `path` atomically and durably (temp file in the same folder, fsync, rename): a
+    killed save leaves the previous file intact."""
     write_atomic_with(path, lambda fh: torch.save(obj, fh), durable=True)
 
 
-def load_state(path: Path) -> Any:
-    """A file written by write_atomic: tensors and plain data only (weights_only=True, no code runs)."""
+def load_checkpoint(path: Path) -> Any:
+    """A file written by save_checkpoint: tensors and plain data only (weights_only=True, no code runs)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fscs.config import TrainConfig
 from fscs.distributed import DistEnv
 from fscs.engine.base import Engine, build_optimizer, build_schedule
-from fscs.engine.checkpoint import load_state, write_atomic
+from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +82,9 @@ class DDPEngine(Engine):
         """Rank 0 writes directory/engine.pt (the state is replicated; other ranks write nothing)."""
         if self.env.is_main:
             directory.mkdir(parents=True, exist_ok=True)
-            write_atomic(directory / ENGINE_FILE, self.state_dict())
+            save_checkpoint(directory / ENGINE_FILE, self.state_dict())
 
     def load(self, directory: Path) -> None:
         """Every rank reads directory/engine.pt (tensors and plain data only)."""
-        self.load_state_dict(load_state(directory / ENGINE_FILE))
+        self.load_state_dict(load_checkpoint(directory / ENGINE_FILE))
         self.micro = 0

@@ -181,7 +181,8 @@ Trainer(load_config(None, overrides), DistEnv()).fit()
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(shards, tmp_path):
     from fscs.config import load_config
     from fscs.distributed import DistEnv
-    from fscs.train import Trainer, load_checkpoint
+    from fscs.engine.checkpoint import load_checkpoint
+    from fscs.train import Trainer
 
     overrides = [f"data.shards={shards}", f"out_dir={tmp_path}", "name=killed", *COMMON, "data.num_workers=0",
                  "train.epochs=1", "train.save_every=1"]
@@ -217,7 +218,8 @@ def test_model_selection_keeps_best_on_training_classes_and_bench_uses_it(shards
     from fscs.data.episodes import EpisodeSampler
     from fscs.data.shards import read_index
     from fscs.distributed import DistEnv
-    from fscs.train import Trainer, load_checkpoint
+    from fscs.engine.checkpoint import load_checkpoint
+    from fscs.train import Trainer
 
     overrides = [f"data.shards={shards}", f"out_dir={tmp_path}", "name=sel", *COMMON, "data.num_workers=0",
                  "train.steps_per_epoch=2", "train.val_episodes=6", "bench.batch_size=6"]

@@ -17,7 +17,7 @@ from fscs.distributed import DistEnv
 from fscs.engine import build_engine
 from fscs.engine.base import WarmupSchedule
 from fscs.engine.checkpoint import (LATEST, TRAINER_FILE, CheckpointStore, capture_rng, check_resume,
-                                    load_state, restore_rng, write_atomic)
+                                    load_checkpoint, restore_rng, save_checkpoint)
 from fscs.engine.ddp import DDPEngine
 from fscs.errors import FSCSError
 from fscs.signals import CheckpointRequests
@@ -70,10 +70,10 @@ def test_ddp_engine_save_load_round_trip(tmp_path):
 
 def test_rng_capture_restore_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    write_atomic(tmp_path / "rng.pt", capture_rng())
+    save_checkpoint(tmp_path / "rng.pt", capture_rng())
     expect = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    restore_rng(load_state(tmp_path / "rng.pt"))  # weights_only load: plain data and tensors only
+    restore_rng(load_checkpoint(tmp_path / "rng.pt"))  # weights_only load: plain data and tensors only
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
 
 
@@ -98,7 +98,7 @@ def test_store_publishes_atomically_and_prunes(tmp_path):
     assert store.latest() is None
     for step in (3, 6, 9):
         d = store.begin(step)
-        write_atomic(d / TRAINER_FILE, {"step": step})
+        save_checkpoint(d / TRAINER_FILE, {"step": step})
         store.publish(d)
     assert store.latest().name == "step-00000009"
     assert sorted(p.name for p in store.root.glob("step-*")) == ["step-00000006", "step-00000009"]

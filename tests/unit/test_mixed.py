@@ -16,7 +16,8 @@ from fscs.distributed import DistEnv
 from fscs.engine.ddp import DDPEngine
 from fscs.errors import FSCSError
 from fscs.model.enhancer import PseudoMaskEnhancer, enhancer_loss
-from fscs.train import Trainer, build_model, load_checkpoint, save_checkpoint
+from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
+from fscs.train import Trainer, build_model
 
 S = 32  # network input size in these tests (images are 96 px)
 PIXEL_KEYS = {"support_mask", "query_target", "support_has_gt", "query_has_gt"}
