@@ -1,7 +1,6 @@
 """A trained run as the benchmark sees it: config, model with its head loaded, checkpoint identity."""
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from typing import Any
 
 from fscs.config import RunConfig, config_from_dict, config_to_dict
 from fscs.errors import FSCSError
+from fscs.model.backbone import file_sha256
 from fscs.model.fscs_model import FSCSModel
 
 
@@ -21,14 +21,6 @@ class LoadedRun:
     model: FSCSModel
     checkpoint: Path
     checkpoint_sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> LoadedRun:
