@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fscs.atomic import write_text_atomic
 from fscs.config import load_config
 from fscs.distributed import DistEnv
 from fscs.losses import fscs_loss
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {r['variant']} | {r['seed']} | " + " | ".join(f"{w:.3f}" for w in r["cls_ce_windows"]) + " |"
               for r in rows]
     print("\n".join(lines))
-    (out / "cls_plateau.json").write_text(json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=2))
+    write_text_atomic(out / "cls_plateau.json", json.dumps({"argv": sys.argv[1:], "rows": rows}, indent=2))
     return 0
 
 
