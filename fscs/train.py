@@ -14,7 +14,7 @@ import torch
 
 from fscs.atomic import write_text_atomic
 from fscs.config import RunConfig, config_to_dict, save_config
-from fscs.data.episodes import TrainEpisodeStream, make_train_loader
+from fscs.data.stream import TrainEpisodeStream, make_train_loader
 from fscs.data.shards import read_index
 from fscs.distributed import DistEnv
 from fscs.engine import build_engine

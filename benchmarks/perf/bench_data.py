@@ -5,7 +5,7 @@ import logging
 import time
 from typing import Any
 
-from fscs.data.episodes import TrainEpisodeStream, make_train_loader
+from fscs.data.stream import TrainEpisodeStream, make_train_loader
 
 from setups import Setting
 

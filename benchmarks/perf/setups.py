@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from fscs.config import RunConfig, load_config
-from fscs.data.episodes import TrainEpisodeStream, make_train_loader
+from fscs.data.stream import TrainEpisodeStream, make_train_loader
 from fscs.distributed import DistEnv
 from fscs.train import Trainer
 

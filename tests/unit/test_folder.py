@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from fscs.cli import main
-from fscs.data.episodes import EpisodeSampler, TrainEpisodeStream
+from fscs.data.episodes import EpisodeSampler
+from fscs.data.stream import TrainEpisodeStream
 from fscs.data.shards import load_samples, read_index
 from fscs.data.sources.folder import BASE_FOLD, NOVEL_FOLD, build_folder_shards, choose_novel, make_keys
 from fscs.errors import FSCSError

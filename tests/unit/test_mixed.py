@@ -6,17 +6,15 @@ from itertools import islice
 import pytest
 import torch
 
-import fscs.data.episodes as episodes_mod
+import fscs.data.stream as stream_mod
 from fscs import FSCSModel
 from fscs.config import load_config
-from fscs.data.episodes import TrainEpisodeStream, gt_subset, gt_subset_member, make_train_loader
-from fscs.data.shards import write_shards
-from fscs.data.synthetic import DATASET_NAME, SYNTH_CLASS_NAMES, SYNTH_FOLDS, generate_synthetic
+from fscs.data.stream import TrainEpisodeStream, gt_subset, gt_subset_member, make_train_loader
 from fscs.distributed import DistEnv
 from fscs.engine.ddp import DDPEngine
 from fscs.errors import FSCSError
-from fscs.model.enhancer import PseudoMaskEnhancer, enhancer_loss
 from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
+from fscs.model.enhancer import PseudoMaskEnhancer, enhancer_loss
 from fscs.train import Trainer, build_model
 
 S = 32  # network input size in these tests (images are 96 px)
@@ -26,15 +24,6 @@ PIXEL_KEYS = {"support_mask", "query_target", "support_has_gt", "query_has_gt"}
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mixed") / "synth"
-    return write_shards(generate_synthetic(seed=0, num_images=300, size=96, workers=1), out,
-                        dataset=DATASET_NAME, class_names=SYNTH_CLASS_NAMES,
-                        folds=dict(enumerate(SYNTH_FOLDS)), samples_per_shard=40,
-                        params={"seed": 0, "n": 300})
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +41,13 @@ def _stream(shard_dir, **kw) -> TrainEpisodeStream:
 def _spy_decodes(monkeypatch) -> list[tuple[str, bool, bool]]:
     """Record (key, mask.png was read from the tar, mask decode requested) for every decoded sample."""
     calls: list[tuple[str, bool, bool]] = []
-    real = episodes_mod.decode_sample
+    real = stream_mod.decode_sample
 
     def spy(key, files, decode_masks=True):
         calls.append((key, "mask.png" in files, bool(decode_masks)))
         return real(key, files, decode_masks)
 
-    monkeypatch.setattr(episodes_mod, "decode_sample", spy)
+    monkeypatch.setattr(stream_mod, "decode_sample", spy)
     return calls
 
 

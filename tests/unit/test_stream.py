@@ -1,0 +1,125 @@
+"""Tests of the webdataset training stream: episodes, determinism across ranks, fixed steps per epoch, damaged
+shards."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+import fscs.data.stream as stream_mod
+from fscs.data.shards import read_index, write_shards
+from fscs.data.stream import TrainEpisodeStream, make_train_loader
+from fscs.data.synthetic import DATASET_NAME, SYNTH_CLASS_NAMES, SYNTH_FOLDS, generate_synthetic
+from fscs.errors import FSCSError
+
+S = 32  # network input size in these tests (images are 96 px)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def index(shard_dir):
+    return read_index(shard_dir)
+
+
+def _stream(shard_dir, **kw):
+    args = dict(fold=0, way=2, shot=1, image_size=S, seed=0, use_masks=True, rank=0, world_size=1,
+                buffer_per_class=8)
+    args.update(kw)
+    return TrainEpisodeStream(shard_dir, **args)
+
+
+def test_stream_with_masks(shard_dir, index):
+    eps = [e for _, e in zip(range(6), _stream(shard_dir))]
+    train_classes = set(range(6, 21))
+    for e in eps:
+        assert set(e) == {"query_img", "support_img", "presence", "classes", "support_mask", "query_target"}
+        assert e["query_img"].shape == (3, S, S) and e["support_img"].shape == (2, 1, 3, S, S)
+        assert e["support_mask"].shape == (2, 1, S, S) and e["query_target"].shape == (2, S, S)
+        assert e["query_target"].dtype == torch.long
+        assert set(e["query_target"].unique().tolist()) <= {0, 1, 255}
+        assert set(e["classes"].tolist()) <= train_classes  # never a fold-0 test class
+        for n in range(2):  # presence agrees with the query target
+            assert bool(e["presence"][n]) == bool((e["query_target"][n] == 1).any())
+
+
+def test_stream_without_masks_never_decodes_masks(shard_dir, monkeypatch):
+    real = stream_mod.decode_sample
+
+    def checked(key, files, decode_masks=True):
+        assert "mask.png" not in files and not decode_masks
+        return real(key, files, decode_masks)
+
+    monkeypatch.setattr(stream_mod, "decode_sample", checked)
+    e = next(iter(_stream(shard_dir, use_masks=False, shot=2)))
+    assert set(e) == {"query_img", "support_img", "presence", "classes"}
+    assert e["support_img"].shape == (2, 2, 3, S, S)
+
+
+def test_stream_determinism_and_ranks(shard_dir):
+    def summary(stream):
+        return [e["classes"].tolist() + [float(e["query_img"].sum())] for _, e in zip(range(5), stream)]
+
+    def first(**kw):
+        return summary(_stream(shard_dir, **kw))
+
+    assert first() == first()
+    assert first() != first(seed=1)
+    assert first(rank=0, world_size=2) != first(rank=1, world_size=2)
+    stream = _stream(shard_dir)
+    stream.set_epoch(1)
+    assert first() != summary(stream)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_fixed_steps(shard_dir, workers):
+    loader = make_train_loader(_stream(shard_dir), batch_size=3, num_workers=workers, steps_per_epoch=4)
+    for _epoch in range(2):
+        batches = list(loader)
+        assert len(batches) == 4
+        assert batches[0]["support_img"].shape == (3, 2, 1, 3, S, S)
+        assert batches[0]["query_target"].shape == (3, 2, S, S)
+    assert loader.epoch == 2
+
+
+def test_stream_skips_corrupt_shard(shard_dir, tmp_path, caplog):
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    trn = read_index(bad).shard_paths("trn")
+    open(trn[0], "wb").write(b"garbage" * 1000)
+    data = open(trn[1], "rb").read()
+    open(trn[1], "wb").write(data[: len(data) // 3])  # truncated
+    with caplog.at_level(logging.WARNING):
+        eps = [e for _, e in zip(range(200), _stream(bad))]
+    assert len(eps) == 200
+    for path in trn[:2]:  # each bad shard is reported once, then left out of the resampling
+        assert sum(path in r.getMessage() for r in caplog.records) == 1
+
+
+def test_stream_all_corrupt_raises(shard_dir, tmp_path):
+    bad = tmp_path / "allbad"
+    shutil.copytree(shard_dir, bad)
+    for p in read_index(bad).shard_paths("trn"):
+        open(p, "wb").write(b"garbage" * 100)
+    with pytest.raises(FSCSError, match="unreadable"):
+        next(iter(_stream(bad)))
+
+
+def test_full_stream_skips_images_without_masks_not_the_shard(tmp_path, caplog):
+    """Own data with masks for some images only: the full regime trains on the masked ones, shard intact."""
+    from dataclasses import replace
+
+    samples = [(replace(smp, mask=None) if i % 3 == 0 else smp, split)
+               for i, (smp, split) in enumerate(generate_synthetic(seed=0, num_images=300, size=96, workers=1))]
+    out = write_shards(samples, tmp_path / "partial", dataset=DATASET_NAME, class_names=SYNTH_CLASS_NAMES,
+                       folds=dict(enumerate(SYNTH_FOLDS)), samples_per_shard=400, params={"partial": 1})
+    with caplog.at_level(logging.WARNING):
+        eps = [e for _, e in zip(range(8), _stream(out))]
+    assert len(eps) == 8 and all("query_target" in e for e in eps)
+    assert "without mask.png skipped" in caplog.text
+    assert "unreadable" not in caplog.text and "bad" not in caplog.text.lower()
