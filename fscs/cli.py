@@ -280,7 +280,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from fscs import distributed
-    from fscs.pretrain import load_pretrain_config, run_pretrain
+    from fscs.pretrain import run_pretrain
+    from fscs.pretrain_config import load_pretrain_config
 
     cfg = load_pretrain_config(args.config, args.overrides)
     env = distributed.resolve_env()

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from fscs.atomic import write_text_atomic
-from fscs.config import load_structured
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
@@ -34,139 +33,13 @@ from fscs.model.backbone import get_spec
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit
+from fscs.pretrain_config import PretrainConfig
 from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fscs-pretrain-checkpoint/1"
-
-
-@dataclass
-class PretrainData:
-    shards: str = "data/synthetic-5i"
-    """Shard directory (any `fscs shards` output); its images are read into memory."""
-    split: str = "trn"
-    exclude_folds: list[int] = field(default_factory=list)
-    """Drop every image holding a class of these folds (their classes stay novel to the backbone)."""
-    max_images: int = 0
-    """Use at most this many images (0 = all)."""
-
-
-@dataclass
-class PretrainModel:
-    backbone: str = "fscs_vit_tiny_patch8"
-    """Registry name in fscs.model.backbone.BACKBONES (no register tokens)."""
-    image_size: int = 96
-    """Global-crop (and label-view) size; FrozenBackbone resamples pos_embed for other sizes."""
-    drop_path: float = 0.0
-
-
-@dataclass
-class PretrainDino:
-    weight: float = 1.0
-    """Weight of the DINO loss (0 = no self-distillation: no crops, no projection head)."""
-    out_dim: int = 1024
-    hidden_dim: int = 512
-    bottleneck_dim: int = 128
-    global_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])
-    """Area range of the second global crop (the first global view is the whole image)."""
-    local_crops: int = 4
-    local_size: int = 48
-    local_scale: list[float] = field(default_factory=lambda: [0.08, 0.35])
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 300
-    center_momentum: float = 0.9
-    momentum: float = 0.996
-    """Teacher EMA momentum at step 0; cosine schedule to 1.0."""
-    freeze_prototypes_steps: int = 0
-
-
-@dataclass
-class PretrainLabels:
-    fold: int | None = None
-    """Add the label objective on the training classes of this fold (null = labels unused)."""
-    weight: float = 1.0
-    """Weight of the per-token mask term (CLS-key cosine vs the local class evidence)."""
-    mil_weight: float = 1.0
-    mask_offset: float = -0.2
-    """Cosine where the soft mask is 0.5 (-0.2 = the reference rule's threshold 0.4 on (cos + 1) / 2)."""
-    mask_temperature: float = 0.1
-    topk: float = 0.1
-    """Fraction of tokens the multiple-instance pooling of the evidence net averages."""
-    normalize_target: str = "none"
-    """none | max | minmax: per-image normalisation of each present class's evidence map (evidence_target)."""
-    evidence_width: int = 64
-
-
-@dataclass
-class PretrainAugment:
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.5
-    """Max hue rotation as a fraction of the colour circle."""
-    hue_prob: float = 0.8
-    grayscale_prob: float = 0.1
-
-
-@dataclass
-class PretrainOptim:
-    steps: int = 2000
-    batch_size: int = 32
-    """Images per step per rank."""
-    lr: float = 5e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
-    clip_grad: float = 3.0
-    precision: str = "fp32"
-    """fp32 or bf16 (autocast)."""
-    seed: int = 0
-
-
-@dataclass
-class PretrainConfig:
-    name: str = "pretrain"
-    out_dir: str = "runs"
-    export: str | None = None
-    """Where the teacher backbone goes (.safetensors; default RUN_DIR/backbone.safetensors)."""
-    log_every: int = 10
-    image_every: int = 200
-    """Steps between attention-map images in TensorBoard (0 = never)."""
-    ckpt_every: int = 200
-    stop_at: int = 0
-    """Stop (with a checkpoint, no export) once this global step is done, as if interrupted (0 = never)."""
-    data: PretrainData = field(default_factory=PretrainData)
-    model: PretrainModel = field(default_factory=PretrainModel)
-    dino: PretrainDino = field(default_factory=PretrainDino)
-    labels: PretrainLabels = field(default_factory=PretrainLabels)
-    augment: PretrainAugment = field(default_factory=PretrainAugment)
-    optim: PretrainOptim = field(default_factory=PretrainOptim)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-    @property
-    def export_path(self) -> Path:
-        return Path(self.export) if self.export else self.run_dir / "backbone.safetensors"
-
-
-def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None
-                         ) -> PretrainConfig:
-    """Defaults <- YAML <- `key=value` overrides; unknown keys and bad values raise a one-line FSCSError."""
-    out: PretrainConfig = load_structured(PretrainConfig, path, overrides, what="pretrain config",
-                                          example="optim.steps=500", not_found="pass configs/pretrain.yaml")
-    if out.optim.precision not in ("fp32", "bf16"):
-        raise FSCSError(f"pretrain config key 'optim.precision' is '{out.optim.precision}'; use fp32 or bf16")
-    if out.dino.weight <= 0 and out.labels.fold is None:
-        raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
-                        "set dino.weight > 0 or labels.fold")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- data

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-if TYPE_CHECKING:  # fscs.pretrain imports this module
-    from fscs.pretrain import PretrainConfig
+from fscs.pretrain_config import PretrainConfig
 
 
 class MultiCropAugment:

@@ -13,8 +13,8 @@ from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, evidence_targe
 from fscs.model.distill import MASK_RULES, PseudoMaskDistiller, border_majority, key_two_means, pseudo_mask
 from fscs.data.multicrop import MultiCropAugment
 from fscs.model.student import build_student_vit
-from fscs.pretrain import (PretrainConfig, batch_indices, cosine_schedule, export_backbone, load_pretrain_config,
-                           step_seed)
+from fscs.pretrain import batch_indices, cosine_schedule, export_backbone, step_seed
+from fscs.pretrain_config import PretrainConfig, load_pretrain_config
 
 
 @pytest.fixture(autouse=True)
