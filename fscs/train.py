@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
@@ -22,17 +21,12 @@ from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, c
                                     load_checkpoint, restore_rng, rng_file, save_checkpoint)
 from fscs.errors import FSCSError
 from fscs.losses import CHANCE_CE, at_chance, fscs_loss
-from fscs.model.fscs_model import FSCSModel
+from fscs.run_dir import (BEST, CHECKPOINT, SUMMARY, TRAIN_LOG, build_model, check_backbone_identity,
+                          resolve_checkpoint)
 from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-"""The head of the newest save (what `fscs bench` loads when the run has no best.pt)."""
-BEST = "best.pt"
-"""The head of the epoch with the best model-selection score (train.val_episodes > 0)."""
-SUMMARY = "train_summary.json"
-TRAIN_LOG = "train_log.jsonl"
 EXPORT_FORMAT = "fscs-checkpoint/1"
 STATE_FORMAT = "fscs-train-state/1"
 
@@ -64,42 +58,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
-
-
-def build_model(cfg: RunConfig) -> FSCSModel:
-    """The model a config describes (backbone weights from cfg.model.weights; fresh head)."""
-    extra: dict[str, Any] = {}
-    if cfg.train.regime == "mixed":  # the mixed regime's enhancer lives in the head (trained + saved with it)
-        extra = {"enhancer": True, "enhancer_channels": cfg.model.enhancer_channels}
-    return FSCSModel.build(
-        backbone=cfg.model.backbone,
-        weights=cfg.model.weights,
-        image_size=cfg.model.image_size,
-        mask_rule=cfg.model.mask_rule,
-        mask_threshold=cfg.model.mask_threshold,
-        **extra,
-    )
-
-
-def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
-    """The head file `fscs bench` uses: `checkpoint` (a path, or a name inside run_dir) when given, else the
-    model-selection winner best.pt when training wrote one, else the newest checkpoint.pt."""
-    run = Path(run_dir)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        return path if path.is_file() or path.is_absolute() else run / path
-    return run / BEST if (run / BEST).is_file() else run / CHECKPOINT
-
-
-def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
-    """Refuse a head trained on other backbone features."""
-    current = model.backbone.identity
-    for key in ("name", "weights_sha256", "image_size"):
-        if stored.get(key) != current.get(key):
-            raise FSCSError(
-                f"checkpoint '{path}' was trained with backbone {key}={stored.get(key)!r}, but this run uses "
-                f"{current.get(key)!r}; set model.backbone/model.weights/model.image_size to match"
-            )
 
 
 def truncate_train_log(log: Path, step: int) -> None:

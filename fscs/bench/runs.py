@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fscs.config import RunConfig, config_from_dict, config_to_dict
+from fscs.config import RunConfig, config_from_dict, config_to_dict, load_config
+from fscs.engine.checkpoint import load_checkpoint
 from fscs.errors import FSCSError
 from fscs.model.backbone import file_sha256
 from fscs.model.fscs_model import FSCSModel
+from fscs.run_dir import build_model, check_backbone_identity, resolve_checkpoint
 
 
 @dataclass
@@ -29,9 +31,6 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
     checkpoint: a head file (path, or name inside run_dir); default best.pt (the model-selection winner)
     when training wrote one, else checkpoint.pt (the newest save).
     """
-    from fscs.engine.checkpoint import load_checkpoint
-    from fscs.train import build_model, check_backbone_identity, resolve_checkpoint
-
     path = resolve_checkpoint(run_dir, checkpoint)
     if not path.is_file():
         raise FSCSError(f"no checkpoint at '{path}'; train first (fscs train name=... ) or pass the right "
@@ -54,9 +53,6 @@ def load_reference_run(checkpoint: str | os.PathLike, backbone_weights: str | os
     The backbone defaults to the paper's setting (DINO ViT-S/8, 400 px, the reference pseudo-mask rule,
     weak regime); `overrides` (key=value) set the data, the fold and the bench keys, or change the backbone.
     """
-    from fscs.config import load_config
-    from fscs.train import build_model
-
     base = ["name=reference", "model.backbone=vit_small_patch8_224.dino", "model.image_size=400",
             "model.mask_rule=reference", "model.mask_threshold=0.4", "train.regime=weak",
             f"model.weights={backbone_weights}" if backbone_weights else "model.weights=null"]

@@ -11,11 +11,12 @@ from fscs import FSCSModel
 from fscs.config import load_config
 from fscs.data.stream import TrainEpisodeStream, gt_subset, gt_subset_member, make_train_loader
 from fscs.distributed import DistEnv
+from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 from fscs.engine.ddp import DDPEngine
 from fscs.errors import FSCSError
-from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 from fscs.model.enhancer import PseudoMaskEnhancer, enhancer_loss
-from fscs.train import Trainer, build_model
+from fscs.run_dir import build_model
+from fscs.train import Trainer
 
 S = 32  # network input size in these tests (images are 96 px)
 PIXEL_KEYS = {"support_mask", "query_target", "support_has_gt", "query_has_gt"}

@@ -1,0 +1,54 @@
+"""A run directory's files and what rebuilds a run from them: the model a config describes, the head file
+to load, and the check that a head was trained on this backbone's features."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fscs.config import RunConfig
+from fscs.errors import FSCSError
+from fscs.model.fscs_model import FSCSModel
+
+CHECKPOINT = "checkpoint.pt"
+"""The head of the newest save (what `fscs bench` loads when the run has no best.pt)."""
+BEST = "best.pt"
+"""The head of the epoch with the best model-selection score (train.val_episodes > 0)."""
+SUMMARY = "train_summary.json"
+TRAIN_LOG = "train_log.jsonl"
+
+
+def build_model(cfg: RunConfig) -> FSCSModel:
+    """The model a config describes (backbone weights from cfg.model.weights; fresh head)."""
+    extra: dict[str, Any] = {}
+    if cfg.train.regime == "mixed":  # the mixed regime's enhancer lives in the head (trained + saved with it)
+        extra = {"enhancer": True, "enhancer_channels": cfg.model.enhancer_channels}
+    return FSCSModel.build(
+        backbone=cfg.model.backbone,
+        weights=cfg.model.weights,
+        image_size=cfg.model.image_size,
+        mask_rule=cfg.model.mask_rule,
+        mask_threshold=cfg.model.mask_threshold,
+        **extra,
+    )
+
+
+def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> Path:
+    """The head file `fscs bench` uses: `checkpoint` (a path, or a name inside run_dir) when given, else the
+    model-selection winner best.pt when training wrote one, else the newest checkpoint.pt."""
+    run = Path(run_dir)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        return path if path.is_file() or path.is_absolute() else run / path
+    return run / BEST if (run / BEST).is_file() else run / CHECKPOINT
+
+
+def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
+    """Refuse a head trained on other backbone features."""
+    current = model.backbone.identity
+    for key in ("name", "weights_sha256", "image_size"):
+        if stored.get(key) != current.get(key):
+            raise FSCSError(
+                f"checkpoint '{path}' was trained with backbone {key}={stored.get(key)!r}, but this run uses "
+                f"{current.get(key)!r}; set model.backbone/model.weights/model.image_size to match"
+            )
