@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fscs.data.shards import write_shards
+from fscs.data.shards import read_index, write_shards
 from fscs.data.synthetic import DATASET_NAME, SYNTH_CLASS_NAMES, SYNTH_FOLDS, generate_synthetic
 
 
@@ -15,3 +15,8 @@ def shard_dir(tmp_path_factory):
                         dataset=DATASET_NAME, class_names=SYNTH_CLASS_NAMES,
                         folds=dict(enumerate(SYNTH_FOLDS)),
                         samples_per_shard=40, params={"seed": 0, "n": 300})
+
+
+@pytest.fixture(scope="session")
+def index(shard_dir):
+    return read_index(shard_dir)

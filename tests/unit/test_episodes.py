@@ -6,21 +6,11 @@ import pytest
 import torch
 
 from fscs.data.episodes import EpisodeSampler, build_manifest, make_episode_tensors, manifest_hash
-from fscs.data.shards import load_samples, read_index
+from fscs.data.shards import load_samples
 from fscs.data.synthetic import DATASET_NAME
 from fscs.errors import FSCSError
 
 S = 32  # network input size in these tests (images are 96 px)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def index(shard_dir):
-    return read_index(shard_dir)
 
 
 def _empty_share(index, way, fold=0, n=400):

@@ -17,16 +17,6 @@ from fscs.errors import FSCSError
 S = 32  # network input size in these tests (images are 96 px)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def index(shard_dir):
-    return read_index(shard_dir)
-
-
 def _stream(shard_dir, **kw):
     args = dict(fold=0, way=2, shot=1, image_size=S, seed=0, use_masks=True, rank=0, world_size=1,
                 buffer_per_class=8)
