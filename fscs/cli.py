@@ -213,6 +213,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cfg, out = loaded.cfg, args.out or Path(args.reference_checkpoint).with_suffix("").with_name(
             Path(args.reference_checkpoint).stem + "_results")
     else:
+        ignored = [o for o in args.overrides if not o.startswith(("data.", "bench."))]
+        if ignored:
+            raise FSCSError(f"bench --run-dir: override '{ignored[0]}' would be ignored (the model and its training "
+                            "config come from the run's checkpoint); only data.* and bench.* keys apply, and "
+                            "--regime sets how the head decodes")
         loaded = load_run(args.run)
         cfg, out = load_config(None, args.overrides, base_cfg=loaded.cfg), args.out or Path(args.run) / "results"
     bench_run(loaded, cfg, env, out, regime=args.regime, save_predictions=args.save_predictions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,16 @@ def _validate(cfg: RunConfig) -> None:
     for key, value, allowed in checks:
         if value not in allowed:
             raise FSCSError(f"config key '{key}' is '{value}'; use one of: {', '.join(allowed)}")
-    for s in cfg.bench.settings:
+    b = cfg.bench
+    if not b.settings:
+        raise FSCSError("config key 'bench.settings' is empty; list at least one setting, e.g. "
+                        "bench.settings=[1w1s,2w1s]")
+    for s in b.settings:
         parse_setting(s)
+    for key, value, least in (("episodes", b.episodes, 1), ("batch_size", b.batch_size, 1),
+                              ("bootstrap", b.bootstrap, 0), ("seed", b.seed, 0)):
+        if value < least:
+            raise FSCSError(f"config key 'bench.{key}' is {value}; it must be >= {least}")
     if cfg.data.way < 1 or cfg.data.shot < 1:
         raise FSCSError("config keys 'data.way' and 'data.shot' must be >= 1")
     t = cfg.train
@@ -253,14 +262,16 @@ def _validate(cfg: RunConfig) -> None:
                         "are invalid")
 
 
+SETTING = re.compile(r"([1-9][0-9]*)w([1-9][0-9]*)s")
+
+
 def parse_setting(setting: str) -> tuple[int, int]:
-    """'2w1s' -> (2, 1)."""
-    s = setting.strip().lower()
-    try:
-        way, shot = s.rstrip("s").split("w")
-        return int(way), int(shot)
-    except ValueError:
-        raise FSCSError(f"bad setting '{setting}' in bench.settings; write it like 1w1s or 2w5s") from None
+    """'2w1s' -> (2, 1): way >= 1 and shot >= 1."""
+    m = SETTING.fullmatch(str(setting).strip().lower())
+    if m is None:
+        raise FSCSError(f"bad setting '{setting}' in bench.settings; write it <way>w<shot>s with way, shot >= 1, "
+                        "like 1w1s or 2w5s")
+    return int(m.group(1)), int(m.group(2))
 
 
 def load_config(

@@ -332,10 +332,31 @@ def _device(env: DistEnv) -> torch.device:
     return torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
 
 
+def check_unseen_fold(train_cfg: RunConfig, cfg: RunConfig, index: ShardIndex) -> None:
+    """Refuse to test a head on another fold of the dataset it was trained on: that fold's classes were among
+    its training classes. Another dataset (a cross-domain test) may use any fold."""
+    train = train_cfg.data
+    if cfg.data.fold == train.fold:
+        return
+    same = Path(cfg.data.shards).resolve() == Path(train.shards).resolve()
+    if not same:
+        try:
+            same = read_index(train.shards).dataset == index.dataset
+        except FSCSError:  # the training shards are not on this machine: datasets unknown
+            same = False
+    if same:
+        raise FSCSError(f"data.fold={cfg.data.fold}: run '{train_cfg.name}' was trained for fold {train.fold} of "
+                        f"{index.dataset}, so fold {cfg.data.fold}'s classes were among its training classes; "
+                        f"drop the data.fold override (or train a run with data.fold={cfg.data.fold})")
+
+
 def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, regime: str | None = None,
               save_predictions: Path | None = None) -> list[dict]:
     """Evaluate a run on every setting of cfg.bench; rank 0 writes a JSON per setting (+ side files)."""
     index = read_index(cfg.data.shards)
+    check_unseen_fold(loaded.cfg, cfg, index)
+    for setting in cfg.bench.settings:  # every setting's episodes exist before the first one is evaluated
+        EpisodeSampler(index, cfg.bench.role, cfg.data.fold, *parse_setting(setting), cfg.bench.seed)
     regime = regime or loaded.cfg.train.regime
     loaded.model.to(_device(env))
     results = []

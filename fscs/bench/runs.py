@@ -53,6 +53,10 @@ def load_reference_run(checkpoint: str | os.PathLike, backbone_weights: str | os
     The backbone defaults to the paper's setting (DINO ViT-S/8, 400 px, the reference pseudo-mask rule,
     weak regime); `overrides` (key=value) set the data, the fold and the bench keys, or change the backbone.
     """
+    if backbone_weights is None and not any(str(o).startswith("model.weights=") for o in overrides):
+        raise FSCSError(f"--reference-checkpoint {checkpoint}: pass --backbone-weights with the DINO weights its "
+                        "head was trained on (dino_deitsmall8_300ep_pretrain.pth for ViT-S/8); add "
+                        "model.weights=null to evaluate it on random backbone weights on purpose")
     base = ["name=reference", "model.backbone=vit_small_patch8_224.dino", "model.image_size=400",
             "model.mask_rule=reference", "model.mask_threshold=0.4", "train.regime=weak",
             f"model.weights={backbone_weights}" if backbone_weights else "model.weights=null"]

@@ -90,7 +90,8 @@ class EpisodeSampler:
         if not self.entries:
             raise FSCSError(f"{where}: no entries; rebuild the shards with {role} images")
         if not 1 <= way <= len(self.classes) or shot < 1:
-            raise FSCSError(f"{where}: way={way} shot={shot} invalid for {len(self.classes)} classes")
+            raise FSCSError(f"{where}: {way}-way {shot}-shot episodes need 1 <= way <= {len(self.classes)} (the "
+                            "fold's classes) and shot >= 1; fix bench.settings (or data.way / data.shot)")
         self.images_of = _images_per_class(self.entries, self.classes, shot, where)
 
     def episode(self, i: int) -> EpisodeSpec:

@@ -290,8 +290,16 @@ class FSCSModel(nn.Module):
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
             raise FSCSError(f"'{path}' holds no state_dict; pass a CST Lightning checkpoint (.ckpt)")
-        head_sd = {k: v for k, v in sd.items() if not k.startswith("backbone.")}
-        self.head.load_state_dict(convert_reference_state_dict(head_sd), strict=True)
+        head_sd = convert_reference_state_dict({k: v for k, v in sd.items() if not k.startswith("backbone.")})
+        mine = self.head.state_dict()
+        wrong = [k for k, v in head_sd.items() if tuple(v.shape) != tuple(mine[k].shape)]
+        if wrong:
+            k = wrong[0]
+            raise FSCSError(f"'{path}': head tensor {k} is {tuple(head_sd[k].shape)} but this backbone's head "
+                            f"needs {tuple(mine[k].shape)} (in_channels={self.head.in_channels} = layers x heads "
+                            f"of {self.backbone.spec.name}); the reference heads take 72 channels: use "
+                            "model.backbone=vit_small_patch8_224.dino (or another 12-layer 6-head ViT)")
+        self.head.load_state_dict(head_sd, strict=True)
         logger.info("loaded reference head from %s (%d backbone keys left to the frozen backbone)",
                     path, len(sd) - len(head_sd))
 

@@ -163,3 +163,42 @@ def test_bench_reference_checkpoint(shards, tmp_path):
     assert res["regime"] == "weak" and res["metrics"]["episodes"] == 6
     assert res["checkpoint"].endswith("fold0.ckpt") and len(res["checkpoint_sha256"]) == 64
     assert res["backbone"]["name"] == "vit_small_patch16_224.dino"
+
+
+def _reference_ckpt(path: Path) -> Path:
+    """A head in the authors' checkpoint format (72 input channels, 'learner.*' keys)."""
+    import torch
+
+    from fscs.model.cst import CSTHead, _reference_module_map
+
+    reverse = {ours: ref for ref, ours in _reference_module_map().items()}
+    sd = CSTHead(in_channels=72).state_dict()
+    torch.save({"state_dict": {f"learner.{reverse[k.rpartition('.')[0]]}.{k.rpartition('.')[2]}": v
+                               for k, v in sd.items()}}, path)
+    return path
+
+
+def test_bench_misuse_is_refused_before_any_episode(weak_run, shards, tmp_path, capsys):
+    """Ways that would publish a wrong number: another fold's (seen) classes, overrides the checkpoint
+    ignores, impossible settings, a reference head on random or mismatched backbone weights."""
+    from fscs.cli import main
+
+    ckpt = _reference_ckpt(tmp_path / "ref.ckpt")
+    run = ["bench", "--run-dir", str(weak_run), "--out", str(tmp_path / "out")]
+    ref = ["bench", "--reference-checkpoint", str(ckpt), "--out", str(tmp_path / "ref_out"),
+           f"data.shards={shards}", "model.image_size=64", "bench.episodes=2"]
+    cases = [
+        (run + ["data.fold=1"], "fold 1's classes were among its training classes"),
+        (run + ["model.image_size=224"], "override 'model.image_size=224' would be ignored"),
+        (run + ["train.regime=full"], "--regime sets how the head decodes"),
+        (run + ["bench.settings=[1w1s,9w1s]"], "9-way 1-shot episodes need 1 <= way <= 5"),
+        (run + ["bench.settings=[1w1]"], "bad setting '1w1'"),
+        (run + ["bench.episodes=0"], "'bench.episodes' is 0"),
+        (ref, "pass --backbone-weights"),
+        (ref + ["model.backbone=fscs_vit_mini_patch8", "model.weights=null"], "the reference heads take 72"),
+    ]
+    for args, needle in cases:
+        assert main(args) == 2, args
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("fscs ")]
+        assert len(err) == 1 and needle in err[0], (args, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ref_out").exists()

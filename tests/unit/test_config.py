@@ -1,6 +1,8 @@
 """Typed config: defaults, YAML, overrides, one-line errors, resolved config round trip."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fscs.config import RunConfig, config_from_dict, config_to_dict, load_config, parse_setting, save_config
@@ -59,6 +61,22 @@ def test_save_and_restore_roundtrip(tmp_path):
 def test_parse_setting():
     assert parse_setting("2w5s") == (2, 5)
     assert parse_setting("1W1S") == (1, 1)
+    assert parse_setting(" 10w20s ") == (10, 20)
+    for bad in ("1w1", "1w1ss", "0w1s", "1w0s", "w1s", "1x1s", "-1w1s"):
+        with pytest.raises(FSCSError, match=f"bad setting '{bad}'"):
+            parse_setting(bad)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("bench.episodes=0", "'bench.episodes' is 0; it must be >= 1"),
+    ("bench.batch_size=0", "'bench.batch_size' is 0; it must be >= 1"),
+    ("bench.bootstrap=-1", "'bench.bootstrap' is -1; it must be >= 0"),
+    ("bench.seed=-1", "'bench.seed' is -1; it must be >= 0"),
+    ("bench.settings=[]", "'bench.settings' is empty"),
+])
+def test_bench_keys_are_validated(override, needle):
+    with pytest.raises(FSCSError, match=re.escape(needle)):
+        load_config(None, [override])
 
 
 def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass():
