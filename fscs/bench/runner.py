@@ -207,8 +207,9 @@ def evaluate_jobs(
                 job = jobs[j]
                 if job.regime == "full" and masks is None:
                     masks = torch.stack([it["support_mask"] for it in items]).to(device)
+                # masks at the head's own resolution, upsampled once to each query's size in _score (cst.md)
                 out = job.model.decode_episode(feats, masks if job.regime == "full" else None,
-                                               regime=job.regime)
+                                               regime=job.regime, out_size=job.model.mask_size)
                 _score(job, tracks[j], feats, out, specs, items, samples, ignore_boundary)
     gathered = all_gather_objects([_payload(t) for t in tracks])
     seconds = round(time.time() - t0, 2)
@@ -257,8 +258,10 @@ def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs:
         it = items[j]
         gt = it.get("query_mask_abs")  # None: image-level labels only (presence from labels, ER only)
         size = tuple(samples[spec.query].image.shape[:2])  # the original query size (its mask's, if any)
-        logits = upsample_logits(out.mask_logits[j], size)  # [N, 2, H, W] at original size
-        fg = logits.softmax(1)[:, 1]
+        if out.shot_mask_logits is None:
+            fg = upsample_logits(out.mask_logits[j], size).softmax(1)[:, 1]  # [N, H, W] at original size
+        else:  # K shots: each shot's logits upsampled, then its probabilities averaged (the reference's order)
+            fg = upsample_logits(out.shot_mask_logits[j], size).softmax(2)[:, :, 1].mean(1)
         best, arg = fg.max(0)
         pred = torch.where(best >= 0.5, arg + 1, torch.zeros_like(arg)).cpu()
         target = None if gt is None else episodic_target(gt, spec.classes, ignore_boundary=ignore_boundary)

@@ -36,6 +36,8 @@ class EpisodeOutput:
     pseudo_query: [B, N, Hs, Ws] {0,1} query pseudo-masks (the weak/mixed segmentation target), else None.
     enhancer_support_logits / enhancer_query_logits: [B, N, K, gh, gw] enhancer logits on the token grid of
         each support's own map / each shot's support-CLS-vs-query map (mixed regime only; carry gradients).
+    shot_mask_logits: [B, N, K, 2, H, W] the per-shot mask logits behind mask_logits (K > 1 only), for callers
+        that upsample each shot before averaging probabilities (the reference's evaluation order).
     """
 
     cls_logits: torch.Tensor
@@ -44,6 +46,7 @@ class EpisodeOutput:
     pseudo_query: torch.Tensor | None = None
     enhancer_support_logits: torch.Tensor | None = None
     enhancer_query_logits: torch.Tensor | None = None
+    shot_mask_logits: torch.Tensor | None = None
 
 
 @dataclass
@@ -129,6 +132,13 @@ class FSCSModel(nn.Module):
     @property
     def image_size(self) -> int:
         return self.backbone.identity["image_size"]
+
+    @property
+    def mask_size(self) -> tuple[int, int]:
+        """(2h, 2w) for the h x w token grid: the resolution of the head's own mask logits (100 x 100 for
+        ViT-S/8 at 400 px), before any upsampling."""
+        gh, gw = self.backbone.grid
+        return 2 * gh, 2 * gw
 
     def features(self, images: torch.Tensor) -> BackboneOutput:
         """images [M, 3, S, S] -> frozen backbone output (tokens [M, L, 1+T, D], q/k [M, h, 1+T, dh])."""
@@ -251,7 +261,8 @@ class FSCSModel(nn.Module):
         else:  # average per-shot probabilities, return their log so softmax gives the mean back
             cls_out = cls_logits.float().softmax(-1).mean(2).clamp_min(1e-12).log()
             seg_out = seg_logits.float().softmax(3).mean(2).clamp_min(1e-12).log()
-        return EpisodeOutput(cls_out, seg_out, pseudo_support, pseudo_query, s_logits, q_logits)
+        return EpisodeOutput(cls_out, seg_out, pseudo_support, pseudo_query, s_logits, q_logits,
+                             seg_logits if k > 1 else None)
 
     def forward_episode(
         self,
