@@ -266,8 +266,9 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     index.html. Unreadable queries are logged and listed as skipped."""
     from fscs.progress import progress_bar
 
-    if not 0.0 <= threshold <= 1.0 or batch_size < 1:
-        raise FSCSError(f"--threshold {threshold} must be in [0, 1] and --batch-size {batch_size} >= 1")
+    if not 0.0 <= threshold <= 1.0 or batch_size < 1 or max_side < 0:
+        raise FSCSError(f"--threshold {threshold} must be in [0, 1], --batch-size {batch_size} >= 1 and "
+                        f"--max-side {max_side} >= 0 (0 = original size)")
     paths = expand_queries(queries)
     if not paths:
         raise FSCSError(f"--query {' '.join(queries)}: no images found; pass image files, folders or quoted "

@@ -32,7 +32,8 @@ def class_colour(i: int) -> tuple[int, int, int]:
 
 
 def work_size(h: int, w: int, max_side: int) -> tuple[int, int]:
-    scale = min(1.0, max_side / max(h, w))
+    """(h, w) scaled down so the longer side is at most max_side (0 = keep the size)."""
+    scale = 1.0 if max_side <= 0 else min(1.0, max_side / max(h, w))
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 

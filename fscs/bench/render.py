@@ -102,7 +102,7 @@ def render_markdown(title: str, tables: Sequence[Table], plot_pics: dict[str, li
     """LEADERBOARD.md: the same tables; figures and panels linked from figures/ and panels/."""
     lines = [f"# {_md(title)}", "",
              "Cells: value [95 % CI]. Fold rows: percentile bootstrap over that fold's episodes. "
-             f"\"mean of k\" rows: {MEAN_CI_METHOD}. Rows marked *(published)* are copied from "
+             f"\"mean of k\" rows: {MEAN_CI_METHOD}. Rows marked *published* are copied from "
              f"{PUBLISHED_SOURCE}, not measured here.", ""]
     for dataset in sorted({t.dataset for t in tables}):
         lines += [f"## {_md(dataset)}", ""]

@@ -109,6 +109,21 @@ def _read(path: Path) -> dict[str, Any]:
                         "bench") from None
 
 
+RESULT_FIELDS = ("dataset", "fold", "way", "shot", "regime", "seed", "manifest_hash", "metrics")
+
+
+def _check_fields(path: Path, data: dict[str, Any]) -> None:
+    """A result JSON has what the report reads: one-line error naming the file and the first missing key."""
+    missing = [k for k in RESULT_FIELDS if k not in data]
+    if not missing and not isinstance(data["metrics"], dict):
+        missing = ["metrics (an object)"]
+    if not missing and "episodes" not in data["metrics"]:
+        missing = ["metrics.episodes"]
+    if missing:
+        raise FSCSError(f"result file '{path}' has no '{missing[0]}'; it is not a complete fscs bench result: "
+                        "rerun the bench or leave the file out")
+
+
 def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
     """Result JSONs from files, suite indexes (OUT/suite-*.json) and directories.
 
@@ -129,13 +144,18 @@ def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
     seen: dict[Path, Result] = {}
     for f in files:
         data = _read(f)
+        if not isinstance(data, dict):
+            continue  # some other JSON file in a results folder
         if data.get("format") == "fscs-suite-index/1":
             for rel in data.get("results", []):
                 q = (f.parent / rel).resolve()
                 if not q.is_file():
                     raise FSCSError(f"suite index '{f}' lists '{rel}', which is missing; rerun the bench")
-                seen.setdefault(q, Result(q, _read(q)))
+                data_q = _read(q)
+                _check_fields(q, data_q)
+                seen.setdefault(q, Result(q, data_q))
         elif str(data.get("format", "")).startswith("fscs-result/"):
+            _check_fields(f, data)
             seen.setdefault(f.resolve(), Result(f.resolve(), data))
     if not seen:
         raise FSCSError(f"no fscs results found in {', '.join(map(str, paths))}; run `fscs bench` first")
@@ -147,9 +167,17 @@ def check_comparable(results: Sequence[Result]) -> None:
     two results of the same model in one cell."""
     cells: dict[tuple, Result] = {}
     models: dict[tuple, Result] = {}
+    heads: dict[tuple, Result] = {}
     for r in results:
         d = r.data
         cell = (d["dataset"], d.get("role", "test"), d["fold"], r.setting)
+        sha = d.get("checkpoint_sha256")
+        if sha:  # a fold mean needs one head per fold, each trained without its test fold's classes
+            same = heads.setdefault((d["dataset"], d.get("role", "test"), r.setting, r.model_key, sha), r)
+            if same.data["fold"] != d["fold"]:
+                raise FSCSError(f"'{same.path}' (fold {same.data['fold']}) and '{r.path}' (fold {d['fold']}) "
+                                f"evaluate one checkpoint ({sha[:12]}): a head has one test fold, the others' "
+                                "classes were its training classes; train one run per data.fold")
         first = cells.setdefault(cell, r)
         if first.data["manifest_hash"] != d["manifest_hash"]:
             raise FSCSError(
@@ -279,8 +307,8 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                                              "episodes": _episodes_cell(fm["episodes"],
                                                                         fm["segmentation_episodes"]),
                                              "manifest": "—"}))
-            rows += _published_rows(dataset, setting)
             ib = rs[0].data.get("ignore_boundary", True)
+            rows += _published_rows(dataset, setting, boundary_ignored=ib)
             note = (f"{len(rs)} results; seed {rs[0].data['seed']}; role {rs[0].data.get('role', 'test')}; "
                     f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
             if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):
@@ -290,13 +318,15 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
     return tables
 
 
-def _published_rows(dataset: str, setting: str) -> list[Row]:
-    """The published baselines of a PASCAL/COCO setting, marked as published."""
+def _published_rows(dataset: str, setting: str, boundary_ignored: bool = False) -> list[Row]:
+    """The published baselines of a PASCAL/COCO setting, marked as published (and, beside results that
+    ignore boundary pixels, as counting them as background: the published code did)."""
     rows = []
     for name, regime, entries in PUBLISHED:
         for family, s, er, miou in entries:
             if family == _family(dataset) and s == setting:
-                cells = {"model": f"{name} (published)", "train": regime, "test": regime,
+                tag = "published, boundary pixels as background" if boundary_ignored else "published"
+                cells = {"model": f"{name} ({tag})", "train": regime, "test": regime,
                          "backbone": "ViT-S/8 (DINO)" if name == "CST" else "as published",
                          "fold": "4-fold mean", "er": f"{er:.1f}", "miou": f"{miou:.1f}", "fbiou": "—",
                          "episodes": "1000 / fold", "manifest": "—"}
@@ -311,6 +341,8 @@ def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
     from fscs.bench.figures import build_panels, build_plots  # both import this module's result types
     from fscs.bench.render import render_html, render_markdown
 
+    if bootstrap < 0:
+        raise FSCSError(f"--bootstrap {bootstrap}: the number of resamples must be >= 0 (0 = no fold-mean CI)")
     results = collect_results(result_paths)
     check_comparable(results)
     out = Path(out_dir)

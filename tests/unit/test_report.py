@@ -148,7 +148,7 @@ def test_report_tables_means_published_and_escaping(tmp_path):
     assert "<script" not in text and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in text
     assert re.search(r"src=\"(?!data:image/png;base64,)", text) is None  # nothing external
     md = (tmp_path / "rep" / "LEADERBOARD.md").read_text()
-    assert "CST (published)" in md and "&amp;\\|$" not in md and "&\\|$" in md and "<script" not in md
+    assert "CST (published, boundary pixels as background)" in md and "&amp;\\|$" not in md and "&\\|$" in md and "<script" not in md
     assert len(list((tmp_path / "rep" / "figures").glob("*.png"))) == 2 + 2 * 2
     assert not [p for p in (tmp_path / "rep").rglob("*") if ".tmp-" in p.name]  # every file renamed into place
     # the mean row is the mean of the four fold values
@@ -185,6 +185,26 @@ def test_report_refuses_other_manifests_duplicates_and_missing(tmp_path):
     empty.mkdir()
     with pytest.raises(FSCSError, match="no fscs results"):
         write_report([empty], tmp_path / "rep")
+    with pytest.raises(FSCSError, match="--bootstrap -5: the number of resamples must be >= 0"):
+        write_report([a], tmp_path / "rep", bootstrap=-5)
+
+
+def test_report_refuses_one_checkpoint_in_two_folds_and_incomplete_results(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    f0, f1 = _fake_result(res, "weak", 0), _fake_result(res, "weak", 1)
+    data = json.loads(f1.read_text())
+    data["checkpoint_sha256"] = json.loads(f0.read_text())["checkpoint_sha256"]  # fold 0's head on fold 1
+    f1.write_text(json.dumps(data))
+    with pytest.raises(FSCSError, match=r"evaluate one checkpoint .*train one run per data.fold"):
+        write_report([res], tmp_path / "rep")
+    f1.unlink()
+    (res / "notes.json").write_text("[1, 2, 3]")  # another JSON file in the folder: not a result, skipped
+    assert write_report([res], tmp_path / "rep").is_file()
+    del data["manifest_hash"]
+    (res / "broken.json").write_text(json.dumps(data))
+    with pytest.raises(FSCSError, match=r"broken.json' has no 'manifest_hash'"):
+        write_report([res], tmp_path / "rep")
 
 
 def test_missing_records_means_no_mean_ci(tmp_path):
