@@ -185,6 +185,11 @@ def check_comparable(results: Sequence[Result]) -> None:
                 f"'{first.path}' ({first.data['manifest_hash'][:12]}) vs '{r.path}' "
                 f"({d['manifest_hash'][:12]}); "
                 "rerun them with one suite (fscs bench --suite) or report them separately")
+        ours, theirs = first.data.get("data_sha256"), d.get("data_sha256")
+        if ours and theirs and ours != theirs:
+            raise FSCSError(f"results for {cell[0]} fold {cell[2]} {cell[3]} share the episode manifest but read "
+                            f"other images, masks or labels (data_sha256 {ours[:12]} vs {theirs[:12]}): "
+                            f"'{first.path}' vs '{r.path}'; rerun both on the same shards")
         if first.data.get("ignore_boundary") != d.get("ignore_boundary"):
             raise FSCSError(f"results for {cell[0]} fold {cell[2]} {cell[3]} use different boundary rules "
                             f"(ignore_boundary): '{first.path}' vs '{r.path}'; report them separately")

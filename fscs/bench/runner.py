@@ -21,7 +21,7 @@ from fscs.config import RunConfig, config_to_dict, parse_setting
 from fscs.data.episodes import (
     EpisodeSampler, EpisodeSpec, build_manifest, make_episode_tensors, manifest_hash,
 )
-from fscs.data.shards import ShardIndex, load_samples, read_index
+from fscs.data.shards import ShardIndex, data_digest, load_samples, read_index, sample_digest
 from fscs.data.types import Sample
 from fscs.distributed import DistEnv, all_gather_objects
 from fscs.errors import FSCSError
@@ -180,6 +180,11 @@ def evaluate_jobs(
     my_batches = _batches(list(range(episodes)), batch_size)[env.rank :: env.world_size]
     my_specs = [all_specs[i] for b in my_batches for i in b]
     samples = _load(index, my_specs, samples)
+    mine = {k for spec in my_specs for k in (spec.query, *(x for shots in spec.support for x in shots))}
+    digests: dict[str, str] = {}
+    for part in all_gather_objects({k: sample_digest(samples[k]) for k in mine}):
+        digests.update(part)
+    data_sha256 = data_digest(digests)  # what every rank read: the same pixels, masks and labels or not
     if any(job.regime == "full" for job in jobs):
         _check_support_masks(str(index.root), my_specs, samples)
     fold_classes = sorted(index.fold_classes(role, fold))
@@ -229,6 +234,7 @@ def evaluate_jobs(
             "segmentation_episodes": metric.segmentation_episodes(),
             "manifest_hash": manifest_hash(manifest),
             "manifest": dict(manifest),
+            "data_sha256": data_sha256,
             "ignore_boundary": ignore_boundary,
             "metrics": metric.compute(),
             "ci95": metric.bootstrap_ci(bootstrap, seed) if bootstrap else None,

@@ -20,7 +20,7 @@ from fscs.bench.runner import EvalJob, _device, evaluate_jobs
 from fscs.bench.runs import LoadedRun, label_gt_fraction, load_run, regime_label, run_metadata
 from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
-from fscs.data.shards import read_index
+from fscs.data.shards import read_index, shards_fingerprint
 from fscs.data.types import Sample
 from fscs.distributed import DistEnv, all_gather_objects
 from fscs.errors import FSCSError
@@ -114,8 +114,9 @@ def cache_name(checkpoint_sha256: str, mhash: str, regime: str, ignore_boundary:
     return f"{checkpoint_sha256[:16]}-{mhash[:16]}-{regime}-{'ib' if ignore_boundary else 'bg'}"
 
 
-def _cache_hit(path: Path, sha: str, mhash: str, regime: str, ib: bool) -> bool:
-    """A cached result exists, is complete (records file present) and really has this key."""
+def _cache_hit(path: Path, sha: str, mhash: str, regime: str, ib: bool, shards: str) -> bool:
+    """A cached result exists, is complete (records file present), really has this key and was made on the
+    shards as they are now (`shards_fingerprint`: regenerated shards with the same keys are computed again)."""
     try:
         res = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -123,6 +124,7 @@ def _cache_hit(path: Path, sha: str, mhash: str, regime: str, ib: bool) -> bool:
     rec = res.get("records") or {}
     return (res.get("checkpoint_sha256") == sha and res.get("manifest_hash") == mhash
             and res.get("regime") == regime and res.get("ignore_boundary") == ib
+            and res.get("shards_fingerprint") == shards
             and bool(rec.get("file")) and (path.parent / rec["file"]).is_file())
 
 
@@ -218,6 +220,7 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
     results_dir = out / "results"
     index = read_index(suite.dataset)
     summary = SuiteSummary()
+    fingerprint = shards_fingerprint(index)
     runs = _select_runs(suite, [Path(d) for d in run_dirs], index.dataset, summary)
     summary.backbone_groups = _share_backbones(runs, _device(env))
     for fold in suite.folds:
@@ -234,7 +237,7 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
             ib = suite.ignore_boundary
             paths = [results_dir / f"{cache_name(r.checkpoint_sha256, mhash, reg, ib)}.json"
                      for r, reg in jobs]
-            hits = [_cache_hit(p, r.checkpoint_sha256, mhash, reg, ib) if env.is_main else None
+            hits = [_cache_hit(p, r.checkpoint_sha256, mhash, reg, ib, fingerprint) if env.is_main else None
                     for p, (r, reg) in zip(paths, jobs)]
             hits = all_gather_objects(hits)[0]  # rank 0's view, before anyone writes this setting
             todo = [k for k, hit in enumerate(hits) if not hit]
@@ -256,7 +259,7 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
                 env=env, panels=(suite.panels_first, suite.panels_worst), manifest=manifest, samples=samples)
             for k, res in zip(todo, evals):
                 run, reg = jobs[k]
-                res.update(run_metadata(run), suite=suite.name)
+                res.update(run_metadata(run), suite=suite.name, shards_fingerprint=fingerprint)
                 logger.info("%s [%s, test %s] fold %d %s: %s", run.cfg.name, regime_label(run.cfg), reg, fold,
                             setting, format_metrics(res["metrics"], res["segmentation_episodes"]))
                 if env.is_main:

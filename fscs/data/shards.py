@@ -1,6 +1,7 @@
 """Tar shards (`fscs-shards/1`): atomic cached writing, index.json, corrupt-tolerant reading."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -353,3 +354,29 @@ def load_samples(index: ShardIndex, keys: set[str], decode_masks: bool = True) -
         raise FSCSError(f"{index.root}: {len(missing)} samples (e.g. {missing[0]!r}) unreadable in "
                         f"{log.errors[:1] or shards}; regenerate the shards (`{_FIX}`)")
     return out
+
+
+def sample_digest(sample: Sample) -> str:
+    """sha256 of what an evaluation reads from one image: its decoded pixels, its mask (or that it has none)
+    and its image-level labels."""
+    h = hashlib.sha256(repr((sample.key, sample.image.shape, sample.labels,
+                             None if sample.mask is None else sample.mask.shape)).encode())
+    h.update(np.ascontiguousarray(sample.image).tobytes())
+    if sample.mask is not None:
+        h.update(np.ascontiguousarray(sample.mask).tobytes())
+    return h.hexdigest()
+
+
+def data_digest(digests: Mapping[str, str]) -> str:
+    """One sha256 over {key: sample_digest}: equal iff the same images, masks and labels were read."""
+    return hashlib.sha256("".join(f"{k} {digests[k]}\n" for k in sorted(digests)).encode()).hexdigest()
+
+
+def shards_fingerprint(index: ShardIndex) -> str:
+    """A cheap identity of a shard directory as it is on disk: index.json's bytes and each shard's name, size
+    and modification time (regenerated shards get a new one; a copy may too, which only costs a recompute)."""
+    h = hashlib.sha256((index.root / "index.json").read_bytes())
+    for shard in index.shards:
+        st = (index.root / shard["file"]).stat()
+        h.update(f"{shard['file']} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -124,6 +124,7 @@ def test_partly_masked_miou_pools_exactly_the_masked_episodes(world, results):
     for setting in ("1w1s", "2w1s"):
         none, part, full = (results[k][setting] for k in ("none", "part", "all"))
         assert none["manifest_hash"] == part["manifest_hash"] == full["manifest_hash"]
+        assert len({none["data_sha256"], part["data_sha256"], full["data_sha256"]}) == 3  # masks differ
         episodes = json.loads((Path(part["_path"]).parent / part["manifest_file"]).read_text())["episodes"]
         masked = [e["index"] for e in episodes if _part_masked(e["query"] + ".jpg")]
         assert 0 < len(masked) < 24 and part["segmentation_episodes"] == len(masked)

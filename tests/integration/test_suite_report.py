@@ -120,6 +120,31 @@ def test_rerun_is_served_from_the_cache(benched, setup, capsys):
         assert res["bootstrap"] == 50  # CIs refreshed from the stored records, not recomputed episodes
 
 
+def test_regenerated_shards_are_not_served_from_the_cache(benched, setup, tmp_path):
+    """Shards rewritten with the same keys (same manifest hash) must be evaluated again: a changed shard file
+    changes the shards fingerprint the cache is keyed by."""
+    import os
+    import shutil
+
+    from fscs.data.shards import read_index
+
+    out = tmp_path / "bench"
+    shutil.copytree(benched["out"], out)  # the filled cache, in a scratch copy
+    rc = main(["bench", "--suite", str(setup["suite"]), "--runs", *map(str, setup["runs"]), "--out", str(out)])
+    assert rc == 0
+    assert json.loads((out / "suite-tiny.json").read_text())["cached"] == 4
+    shard = setup["shards"] / read_index(setup["shards"]).shards[0]["file"]
+    st = shard.stat()
+    try:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as if written again
+        assert main(["bench", "--suite", str(setup["suite"]), "--runs", *map(str, setup["runs"]),
+                     "--out", str(out)]) == 0
+        again = json.loads((out / "suite-tiny.json").read_text())
+        assert again["computed"] == 4 and again["cached"] == 0
+    finally:
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def test_results_carry_presence_records_panels_and_match_a_single_run(benched, setup):
     index = json.loads((benched["out"] / "suite-tiny.json").read_text())
     assert len(index["results"]) == 4

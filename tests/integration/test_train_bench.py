@@ -78,6 +78,7 @@ def test_bench_one_and_two_ranks_bit_identical(weak_run, tmp_path):
     for name in one:
         assert one[name]["metrics"] == two[name]["metrics"]
         assert one[name]["manifest_hash"] == two[name]["manifest_hash"]
+        assert one[name]["data_sha256"] == two[name]["data_sha256"]  # gathered over the ranks' episodes
         assert one[name]["ci95"] == two[name]["ci95"]
         assert one[name]["metrics"]["episodes"] == 24
         assert one[name]["world_size"] == 1 and two[name]["world_size"] == 2

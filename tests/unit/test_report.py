@@ -175,6 +175,14 @@ def test_report_refuses_other_manifests_duplicates_and_missing(tmp_path):
     b = _fake_result(tmp_path, "full", 0, regime="full", manifest="f" * 64)
     with pytest.raises(FSCSError, match="different episode manifests"):
         write_report([a, b], tmp_path / "rep")
+    other_data = json.loads(a.read_text())
+    other_data.update(data_sha256="d" * 64, run="weak2", checkpoint_sha256="e" * 64)
+    c = tmp_path / "other_data.json"
+    c.write_text(json.dumps({**json.loads(a.read_text()), "data_sha256": "c" * 64}))
+    c2 = tmp_path / "other_data2.json"
+    c2.write_text(json.dumps(other_data))
+    with pytest.raises(FSCSError, match="share the episode manifest but read other images, masks or labels"):
+        write_report([c, c2], tmp_path / "rep")
     dup = tmp_path / "copy.json"
     dup.write_text(a.read_text())
     with pytest.raises(FSCSError, match="two results of model 'weak'"):
