@@ -199,7 +199,7 @@ def write_shards(samples: Iterable[tuple[Sample, str]], out_dir: str | Path, *, 
             h, w = sample.image.shape[:2]
             labels = [int(c) for c in sample.labels]
             index_samples[sample.key] = {"labels": labels, "split": split, "shard": shard,
-                                         "height": h, "width": w}
+                                         "height": h, "width": w, "mask": sample.mask is not None}
             records.append({"key": sample.key, "labels": labels, "split": split})
         shards = writer.close()
         lists = (lists_fn or default_lists)(records, fold_map)

@@ -19,12 +19,16 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from fscs.data.episodes import IGNORE, _images_per_class, _support_masks, _way_targets, support_class_probs
-from fscs.data.shards import CorruptShardLog, ShardReadError, decode_sample, read_index
+from fscs.data.shards import CorruptShardLog, decode_sample, read_index
 from fscs.data.transforms import resize_mask, to_tensor_image
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
+
+_FULL_NEEDS_MASKS = ("train.regime=full trains on pixel masks: rebuild the shards with masks (e.g. fscs shards "
+                     "folder --masks DIR), or train with image-level labels (train.regime=weak, or mixed with "
+                     "train.gt_fraction)")
 
 
 class _StreamGuard(CorruptShardLog):
@@ -52,6 +56,18 @@ class _StreamGuard(CorruptShardLog):
             raise FSCSError(f"{self.where}: {self.in_a_row} shard reads failed in a row (last: {exn}); "
                             "regenerate the shards")
         return True
+
+    def bad_sample(self, url: str, key: str, exn: BaseException) -> None:
+        """One image of an otherwise readable shard failed to decode: warn naming it and skip it alone (the
+        shard's other images stay in the stream); many failures in a row still raise."""
+        self.count += 1
+        self.errors.append(f"{url} {key}: {exn}")
+        logger.warning("%s: skipping training image %r of %s that cannot be decoded (%s)", self.where, key, url,
+                       exn)
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise FSCSError(f"{self.where}: {self.in_a_row} shard reads failed in a row (last: {key} in {url}: "
+                            f"{exn}); regenerate the shards")
 
     def drop_bad(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Pipeline stage over {"url"} dicts: skip shards that failed before."""
@@ -153,6 +169,13 @@ class TrainEpisodeStream(IterableDataset):
         for key, c in entries:
             allowed.setdefault(key, set()).add(c)
         self.allowed = {k: tuple(sorted(cs)) for k, cs in allowed.items()}
+        missing = [k for k in self.allowed if k not in index.samples]
+        if missing:
+            raise FSCSError(f"{where}: list entry {missing[0]!r} is not among index.json's samples; the index is "
+                            "damaged: rebuild the shards")
+        if use_masks and all(index.samples[k].get("mask") is False for k in self.allowed):
+            raise FSCSError(f"{where}: none of the {len(self.allowed)} training images has a mask.png; "
+                            f"{_FULL_NEEDS_MASKS}")
         self.urls = sorted({str(index.root / index.samples[k]["shard"]) for k in self.allowed})
         self.where = where
         self.way, self.shot, self.image_size, self.seed = way, shot, image_size, seed
@@ -192,6 +215,7 @@ class TrainEpisodeStream(IterableDataset):
                         rng=random.Random(int(rng.integers(2**31)))),
         )
         buffers: dict[int, OrderedDict[str, Sample]] = {c: OrderedDict() for c in self.train_classes}
+        no_mask_in_a_row = 0
         for raw in pipeline:
             classes = self.allowed.get(raw["__key__"])
             if not classes:
@@ -203,13 +227,18 @@ class TrainEpisodeStream(IterableDataset):
                 if self.use_masks and sample.mask is None:
                     # full regime: an image without a mask cannot be a training sample; the shard is fine
                     self._no_mask += 1
+                    no_mask_in_a_row += 1
                     if self._no_mask == 1 or self._no_mask % 1000 == 0:
                         logger.warning("%s: %d training image(s) without mask.png skipped in the full regime "
                                        "(e.g. %r)", guard.where, self._no_mask, sample.key)
+                    if no_mask_in_a_row >= max(1000, 2 * len(self.allowed)):
+                        raise FSCSError(f"{self.where}: {no_mask_in_a_row} training images in a row have no "
+                                        f"mask.png; {_FULL_NEEDS_MASKS}")
                     continue
+                no_mask_in_a_row = 0
                 # mixed: a GT-subset image without a mask on disk is simply pseudo-labelled (has_gt False)
-            except Exception as exn:  # noqa: BLE001 - a bad sample is reported and skipped
-                guard(ShardReadError(f"{raw.get('__url__')}: {exn}"))
+            except Exception as exn:  # noqa: BLE001 - a bad sample is reported and skipped, not its shard
+                guard.bad_sample(str(raw.get("__url__")), raw["__key__"], exn)
                 continue
             guard.in_a_row = 0
             episode = self._episode(sample, classes, buffers, rng)

@@ -66,6 +66,30 @@ def test_stream_determinism_and_ranks(shard_dir):
     assert first() != summary(stream)
 
 
+def test_ranks_read_disjoint_positions_of_one_shard_sequence(shard_dir, monkeypatch):
+    """Every rank resamples the same shard sequence and takes positions rank, rank + P, ... of it (the
+    per-rank episode RNG alone would also make ranks differ, so this looks at the shards themselves)."""
+    real = stream_mod._split_by_rank
+    seen: dict[tuple[int, int], list[str]] = {}
+
+    def spy(src, rank, world_size):
+        for item in real(src, rank, world_size):
+            seen.setdefault((rank, world_size), []).append(item["url"])
+            yield item
+
+    monkeypatch.setattr(stream_mod, "_split_by_rank", spy)
+    for rank, world in ((0, 2), (1, 2)):
+        for _ in zip(range(12), _stream(shard_dir, rank=rank, world_size=world)):
+            pass
+    even, odd = seen[(0, 2)], seen[(1, 2)]
+    for _ in _stream(shard_dir, rank=0, world_size=1):  # one process: read on until it passed both ranks
+        if len(seen[(0, 1)]) > 2 * max(len(even), len(odd)):
+            break
+    whole = seen[(0, 1)]
+    assert len(even) >= 3 and len(odd) >= 3 and len(set(whole)) > 1
+    assert even == whole[0::2][:len(even)] and odd == whole[1::2][:len(odd)]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_fixed_steps(shard_dir, workers):
     loader = make_train_loader(_stream(shard_dir), batch_size=3, num_workers=workers, steps_per_epoch=4)
@@ -113,3 +137,53 @@ def test_full_stream_skips_images_without_masks_not_the_shard(tmp_path, caplog):
     assert len(eps) == 8 and all("query_target" in e for e in eps)
     assert "without mask.png skipped" in caplog.text
     assert "unreadable" not in caplog.text and "bad" not in caplog.text.lower()
+
+
+def _one_shard_set(tmp_path, *, masks: bool = True):
+    from dataclasses import replace
+
+    samples = [(smp if masks else replace(smp, mask=None), split)
+               for smp, split in generate_synthetic(seed=0, num_images=300, size=96, workers=1)]
+    return write_shards(samples, tmp_path / ("one" if masks else "nomask"), dataset=DATASET_NAME,
+                        class_names=SYNTH_CLASS_NAMES, folds=dict(enumerate(SYNTH_FOLDS)),
+                        samples_per_shard=400, params={"one": int(masks)})
+
+
+def test_one_undecodable_image_is_skipped_alone(tmp_path, caplog):
+    """A shard with one broken image keeps streaming its other images (it used to be dropped whole: with a
+    single shard the stream then stopped with 'all shards are unreadable')."""
+    import io
+    import tarfile
+
+    out = _one_shard_set(tmp_path)
+    index = read_index(out)
+    train_keys = {k for k, _ in index.fold_entries("train", 0)}
+    (tar_path,) = index.shard_paths("trn")
+    broken = None
+    with tarfile.open(tar_path) as tin, tarfile.open(f"{tar_path}.new", "w", format=tarfile.USTAR_FORMAT) as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            key, _, ext = member.name.partition(".")
+            if broken is None and key in train_keys and ext in ("jpg", "png"):
+                broken, data = key, b"not an image" * 10
+            member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    shutil.move(f"{tar_path}.new", tar_path)
+    with caplog.at_level(logging.WARNING):
+        eps = [e for _, e in zip(range(60), _stream(out))]
+    assert len(eps) == 60
+    warned = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert warned and all(repr(broken) in w for w in warned)
+
+
+def test_full_regime_without_any_mask_is_refused(tmp_path, monkeypatch):
+    out = _one_shard_set(tmp_path, masks=False)
+    with pytest.raises(FSCSError, match="none of the .* training images has a mask.png"):
+        _stream(out)
+    assert next(iter(_stream(out, use_masks=False)))["support_img"].shape == (2, 1, 3, S, S)  # weak is fine
+    raw = read_index(out)
+    for meta in raw.samples.values():  # an index written before samples[*].mask existed: caught while streaming
+        meta.pop("mask")
+    monkeypatch.setattr(stream_mod, "read_index", lambda _dir: raw)
+    with pytest.raises(FSCSError, match="training images in a row have no mask.png"):
+        next(iter(_stream(out)))
