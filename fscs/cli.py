@@ -22,6 +22,17 @@ EXAMPLES = {
 }
 
 
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds, counts); anything else is a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; pass 0 or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fscs", description="Weakly-supervised few-shot classification & segmentation (CST) harness.",
@@ -41,10 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                            epilog="example:\n  fscs shards synth --out data/synthetic-5i",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     syn.add_argument("--out", required=True, type=Path, help="output shard directory")
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--seed", type=_non_negative, default=0)
     syn.add_argument("--num-images", type=int, default=6000)
     syn.add_argument("--size", type=int, default=128, help="image side in pixels")
-    syn.add_argument("--workers", type=int, default=2)
+    syn.add_argument("--workers", type=_non_negative, default=2)
     for name, root_help, example in (
             ("pascal", "VOCdevkit/VOC2012 (JPEGImages/, SBD's SegmentationClassAug/)",
              "fscs shards pascal --root VOCdevkit/VOC2012 --out data/pascal5i --workers 8"),
@@ -57,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
         real.add_argument("--out", required=True, type=Path, help="output shard directory")
         real.add_argument("--splits", type=Path, default=None,
                           help=f"split-list directory (default: the shipped shards/splits/{name})")
-        real.add_argument("--workers", type=int, default=2, help="decoding processes")
+        real.add_argument("--workers", type=_non_negative, default=2, help="decoding processes")
         real.add_argument("--select-fraction", type=float, default=0.1,
                           help="share of training images held out for model selection (split val)")
-        real.add_argument("--seed", type=int, default=0, help="seed of the model-selection hold-out")
+        real.add_argument("--seed", type=_non_negative, default=0, help="seed of the model-selection hold-out")
         if name == "coco":
             real.add_argument("--mask-source", choices=["auto", "png", "json"], default="auto",
                               help="semantic PNGs under annotations/<subset>/ or the instances JSON "
@@ -84,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     fo_novel.add_argument("--novel", default=None, help="comma-separated held-out classes (fold 0)")
     fo_novel.add_argument("--novel-count", type=int, default=None,
                           help="hold out this many classes chosen with --seed (default about C/4; 0 = none)")
-    fo.add_argument("--seed", type=int, default=0, help="seed of the novel-class choice and the val split")
+    fo.add_argument("--seed", type=_non_negative, default=0,
+                    help="seed of the novel-class choice and the val split")
     fo.add_argument("--select-fraction", type=float, default=0.15,
                     help="share of base-class images held out for model selection")
     fo.add_argument("--max-side", type=int, default=1024, help="downscale larger images (0 = keep size)")

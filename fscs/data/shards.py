@@ -28,7 +28,19 @@ ROLES = ("train", "select", "test")
 _ROLE_OF_SPLIT = {"trn": "train", "val": "select", "test": "test"}
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _IMAGE_EXTS = ("jpg", "jpeg", "png")
-_FIX = "fscs shards synth --out DIR"
+_REBUILD = {"synthetic": "fscs shards synth --out DIR",
+            "pascal": "fscs shards pascal --root VOCdevkit/VOC2012 --out DIR",
+            "coco": "fscs shards coco --root COCO2014 --out DIR"}
+
+
+def rebuild_hint(dataset: str | None, root: str | Path) -> str:
+    """The command that (re)creates a shard set of `dataset` at `root` (all of them when it is unknown)."""
+    low = (dataset or "").lower()
+    cmd = next((c for name, c in _REBUILD.items() if name in low), None)
+    if cmd is None:
+        cmd = ("fscs shards folder --images ... --out DIR" if dataset else
+               "fscs shards synth|pascal|coco|folder ... --out DIR")
+    return f"`{cmd}` with DIR={root}"
 
 ListsFn = Callable[[list[dict[str, Any]], dict[int, list[int]]], dict[str, dict[int, list[tuple[str, int]]]]]
 
@@ -253,11 +265,19 @@ def read_index(shard_dir: str | Path) -> ShardIndex:
     root = Path(shard_dir)
     path = root / "index.json"
     if not path.is_file():
-        raise FSCSError(f"{path}: no shard index; create the shards first, e.g. `{_FIX}` with DIR={root}")
+        raise FSCSError(f"{path}: no shard index; create the shards first: {rebuild_hint(None, root)}")
+    raw: Any = None
     try:
         raw = json.loads(path.read_text())
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r} != {FORMAT!r}")
+        broken = next((k for k, m in raw["samples"].items() if not isinstance(m, dict) or "shard" not in m), None)
+        if broken is not None:
+            raise ValueError(f"sample {broken!r} names no shard")
+        unknown = next((k for fl in raw.get("lists", {}).values() for es in fl.values() for k, _ in es
+                        if k not in raw["samples"]), None)
+        if unknown is not None:
+            raise ValueError(f"list entry {unknown!r} is not among the samples")
         return ShardIndex(
             root=root.resolve(), dataset=raw["dataset"], num_classes=int(raw["num_classes"]),
             class_names={int(c): n for c, n in raw["class_names"].items()},
@@ -267,7 +287,9 @@ def read_index(shard_dir: str | Path) -> ShardIndex:
                    for r, fl in raw.get("lists", {}).items()},
             params=dict(raw.get("params", {})))
     except (ValueError, KeyError, TypeError, AttributeError) as exn:
-        raise FSCSError(f"{path}: invalid shard index ({exn}); delete {root} and rerun `{_FIX}`") from None
+        dataset = raw.get("dataset") if isinstance(raw, dict) else None
+        raise FSCSError(f"{path}: invalid shard index ({exn}); delete {root} and rerun "
+                        f"{rebuild_hint(dataset, root)}") from None
 
 
 def decode_sample(key: str, files: Mapping[str, bytes], decode_masks: bool = True) -> Sample:
@@ -352,7 +374,8 @@ def load_samples(index: ShardIndex, keys: set[str], decode_masks: bool = True) -
     missing = [k for k in keys if k not in out]
     if missing:
         raise FSCSError(f"{index.root}: {len(missing)} samples (e.g. {missing[0]!r}) unreadable in "
-                        f"{log.errors[:1] or shards}; regenerate the shards (`{_FIX}`)")
+                        f"{log.errors[:1] or shards}; regenerate the shards "
+                        f"({rebuild_hint(index.dataset, index.root)})")
     return out
 
 

@@ -169,10 +169,6 @@ class TrainEpisodeStream(IterableDataset):
         for key, c in entries:
             allowed.setdefault(key, set()).add(c)
         self.allowed = {k: tuple(sorted(cs)) for k, cs in allowed.items()}
-        missing = [k for k in self.allowed if k not in index.samples]
-        if missing:
-            raise FSCSError(f"{where}: list entry {missing[0]!r} is not among index.json's samples; the index is "
-                            "damaged: rebuild the shards")
         if use_masks and all(index.samples[k].get("mask") is False for k in self.allowed):
             raise FSCSError(f"{where}: none of the {len(self.allowed)} training images has a mask.png; "
                             f"{_FULL_NEEDS_MASKS}")

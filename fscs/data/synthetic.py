@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from types import MappingProxyType
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ import numpy as np
 
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
+from fscs.parallel import ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -265,13 +265,7 @@ def generate_synthetic(seed: int = 0, num_images: int = 6000, size: int = 128, w
     if size < MIN_SIZE:
         raise FSCSError(f"synthetic image size {size} < {MIN_SIZE}; pass --size {MIN_SIZE} or more")
     jobs = ((i, seed, size) for i in range(num_images))
-    if workers <= 1:
-        yield from map(_render, jobs)
-        return
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers) as pool:
-        yield from pool.imap(_render, jobs, chunksize=32)
+    yield from ordered_map(_render, jobs, workers, chunksize=32, what="image generator")
 
 
 def build_synthetic_shards(out_dir: str | Path, seed: int = 0, num_images: int = 6000, size: int = 128,

@@ -156,7 +156,7 @@ def test_bad_samples_rejected(tmp_path):
 
 
 def test_read_index_missing(tmp_path):
-    with pytest.raises(FSCSError, match="fscs shards synth --out"):
+    with pytest.raises(FSCSError, match=r"fscs shards synth\|pascal\|coco\|folder \.\.\. --out DIR"):
         read_index(tmp_path / "nowhere")
     (tmp_path / "index.json").write_text("{not json")
     with pytest.raises(FSCSError, match="invalid shard index"):
@@ -195,3 +195,25 @@ def test_load_samples(shard_dir):
     assert load_samples(index, {"synth_000001"}, decode_masks=False)["synth_000001"].mask is None
     with pytest.raises(FSCSError, match="not in the index"):
         load_samples(index, {"nope"})
+
+
+def test_index_cross_references_and_rebuild_hints(shard_dir, tmp_path):
+    """A sample without its shard or a list entry without its sample is an invalid index (one line, with the
+    converter that rebuilds this dataset), not a KeyError later."""
+    from fscs.data.shards import rebuild_hint
+
+    assert "fscs shards pascal --root" in rebuild_hint("pascal-5i", "d")
+    assert "fscs shards coco --root" in rebuild_hint("coco-20i", "d")
+    assert "fscs shards folder" in rebuild_hint("my-photos", "d")
+    for damage, needle in (("shard", "names no shard"), ("list", "is not among the samples")):
+        bad = tmp_path / damage
+        shutil.copytree(shard_dir, bad)
+        raw = json.loads((bad / "index.json").read_text())
+        key = next(iter(raw["samples"]))
+        if damage == "shard":
+            del raw["samples"][key]["shard"]
+        else:
+            del raw["samples"][raw["lists"]["test"]["0"][0][0]]
+        (bad / "index.json").write_text(json.dumps(raw))
+        with pytest.raises(FSCSError, match=f"invalid shard index .*{needle}.*fscs shards synth --out DIR"):
+            read_index(bad)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -204,6 +205,19 @@ def test_bad_list_lines_name_file_and_line(voc, tmp_path, line, reason):
         convert_pascal(root, tmp_path / "out", splits=splits, workers=1)
 
 
+def test_undecodable_list_is_refused_and_an_empty_one_is_loud(voc, tmp_path, caplog):
+    root, splits = voc
+    (splits / "val_fold0.txt").write_bytes(b"\xff\xfe2008")
+    with pytest.raises(FSCSError, match=r"val_fold0\.txt: unreadable list"):
+        convert_pascal(root, tmp_path / "out", splits=splits, workers=1)
+    assert not (tmp_path / "out").exists()
+    (splits / "val_fold0.txt").write_text("\n")
+    with caplog.at_level(logging.WARNING):
+        report = convert_pascal(root, tmp_path / "out", splits=splits, workers=1)
+    assert "val_fold0.txt: the list has no entries (fold 0 gets none" in caplog.text
+    assert "fold0 0" in " ".join(report.lines())
+
+
 def test_missing_list_file(voc, tmp_path):
     root, splits = voc
     (splits / "trn_fold3.txt").unlink()
@@ -252,6 +266,10 @@ def test_cli_reports_counts_and_one_line_errors(voc, tmp_path, capsys):
     assert main(["shards", "pascal", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope: not a directory; pass --root VOCdevkit/VOC2012" in err
+    for flag in ("--seed", "--workers"):  # argparse usage error (exit 2), not a numpy traceback later
+        with pytest.raises(SystemExit) as exit_:
+            main(["shards", "pascal", "--root", str(root), "--out", str(tmp_path / "q"), flag, "-1"])
+        assert exit_.value.code == 2 and f"argument {flag}: -1 is negative" in capsys.readouterr().err
 
 
 def test_shipped_lists_give_the_published_empty_episode_shares():

@@ -81,6 +81,9 @@ def parse_list(path: Path, fold: int, test: bool, paths: dict[str, str]) -> Entr
     except (OSError, EOFError, UnicodeDecodeError) as exn:
         raise FSCSError(f"{path}: unreadable list ({exn}); restore shards/splits/coco") from None
     rows = _ROW.findall(text)
+    if not rows:
+        logger.warning("%s: the list has no entries (fold %d gets none of these images); the standard list is "
+                       "in shards/splits/coco", path, fold)
     lines = text.splitlines()
     if len(rows) != len(lines) - lines.count(""):
         n, bad = next((n, ln) for n, ln in enumerate(lines, start=1) if ln and not _ROW.fullmatch(ln))

@@ -5,7 +5,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -15,11 +14,12 @@ from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
-from fscs.progress import progress_bar
 
 from fscs.data.shards import ROLES, ShardIndex, read_index, write_shards
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
+from fscs.parallel import ordered_map
+from fscs.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -306,17 +306,9 @@ def _samples(jobs: Sequence[Job], workers: int, desc: str) -> Iterator[tuple[Sam
     """Decoded, validated samples in job order; a worker's FSCSError aborts the whole conversion."""
     bar = progress_bar(total=len(jobs), desc=desc, unit="img")
     try:
-        if workers <= 1:
-            for job in jobs:
-                yield load_job(job)
-                bar.update()
-            return
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(workers) as pool:
-            for item in pool.imap(load_job, jobs, chunksize=8):
-                yield item
-                bar.update()
+        for item in ordered_map(load_job, jobs, workers, chunksize=8, what="conversion worker"):
+            yield item
+            bar.update()
     finally:
         bar.close()
 

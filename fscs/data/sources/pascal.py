@@ -49,8 +49,12 @@ def list_files(splits_dir: Path) -> list[Path]:
 
 def parse_list(path: Path, fold: int) -> Entries:
     """(VOC id, class 1..20) entries of one list file; every class must belong to `fold`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exn:
+        raise FSCSError(f"{path}: unreadable list ({exn}); restore it from shards/splits/pascal") from None
     entries = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line:
             continue
@@ -62,6 +66,9 @@ def parse_list(path: Path, fold: int) -> Entries:
             raise FSCSError(f"{path}:{n}: class {c} is not one of fold {fold}'s {PASCAL_FOLDS[fold]}; "
                             "use the standard lists")
         entries.append((m.group(1), c))
+    if not entries:
+        logger.warning("%s: the list has no entries (fold %d gets none of these images); the standard list is "
+                       "in shards/splits/pascal", path, fold)
     return entries
 
 

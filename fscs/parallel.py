@@ -1,0 +1,62 @@
+"""Order-preserving parallel map over worker processes, with a bounded number of results in flight.
+
+`multiprocessing.Pool.imap` decodes as far ahead as its workers can go while the consumer (a single-threaded
+tar writer) lags, so memory grows with the dataset; and when a worker is killed (the out-of-memory killer)
+it waits forever. `ordered_map` submits a few chunks per worker ahead of the consumer only, and turns a dead
+worker into a one-line error.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
+from typing import Any, TypeVar
+
+from fscs.errors import FSCSError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _apply(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
+    return [fn(item) for item in chunk]
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunksize: int = 8, ahead: int = 2,
+                what: str = "worker") -> Iterator[R]:
+    """fn over items in `workers` processes (fork where available), results in input order.
+
+    At most workers * ahead chunks of `chunksize` items are submitted beyond what the caller has taken; the
+    items iterable is read lazily. An exception raised by fn is re-raised here (the rest is cancelled); a
+    worker process that dies raises FSCSError naming `what`. workers <= 1 maps in this process.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    source = iter(items)
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        try:
+            while True:
+                while len(pending) < workers * ahead:
+                    chunk = list(islice(source, chunksize))
+                    if not chunk:
+                        break
+                    pending.append(pool.submit(_apply, fn, chunk))
+                if not pending:
+                    return
+                yield from pending.popleft().result()
+        except BrokenProcessPool:
+            raise FSCSError(f"a {what} process died (killed by the system, e.g. out of memory); rerun with fewer "
+                            "--workers") from None
+        finally:
+            for fut in pending:
+                fut.cancel()
