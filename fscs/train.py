@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import random
 import time
 from pathlib import Path
@@ -81,6 +82,18 @@ def truncate_train_log(log: Path, step: int) -> None:
     write_text_atomic(log, "".join(ln + "\n" for ln in keep))
 
 
+def end_new_children(known: set[int]) -> None:
+    """Kill the child processes started since `known` was taken (the loader's workers) and reap them.
+
+    After an error the workers must go now: they ignore SIGTERM (`ignore_in_worker`), and multiprocessing's
+    exit handler, which sends SIGTERM and then joins them, would wait for them forever.
+    """
+    for proc in multiprocessing.active_children():
+        if proc.pid not in known:
+            proc.kill()
+            proc.join(10)
+
+
 class Trainer:
     """Trains the CST head of one run directory; resumes exactly from its newest checkpoint when one exists.
 
@@ -95,6 +108,12 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.run_dir = cfg.run_dir
+        if env.is_main:  # before any slow set-up: an unusable out_dir is a one-line error, not a late traceback
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FSCSError(f"out_dir={cfg.out_dir}: cannot create the run directory {self.run_dir} "
+                                f"({exc.strerror or exc}); pick a writable out_dir") from None
         self.device = resolve_device(cfg.train.device, env)
         cfg.train.precision = resolve_precision(cfg.train.precision, self.device)
         seed_all(cfg.train.seed)
@@ -288,16 +307,18 @@ class Trainer:
         stop request / train.stop_after_steps); returns the summary (also written as train_summary.json)."""
         from fscs.progress import progress_bar
 
+        self._resume()  # a refused resume leaves config.yaml and tb/ as they were
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tb"))
-        self._resume()
+            # a resumed run drops the events a killed attempt logged after its checkpoint
+            purge = self.step + 1 if self.step else None
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
         t0 = time.time()
         total = self.cfg.train.epochs * self.cfg.train.steps_per_epoch
         with CheckpointRequests() as requests:  # installed before the loader forks its workers
+            known = {p.pid for p in multiprocessing.active_children()}
             loader = self._loader()
             bar = progress_bar(total=total, initial=self.step, disable=not self.env.is_main,
                        desc=f"train {self.cfg.name}")
@@ -305,6 +326,7 @@ class Trainer:
                 status, decision = self._run(loader, requests, bar)
             except Exception as exc:  # noqa: BLE001
                 if not requests.stop_signum:
+                    end_new_children(known)
                     raise
                 decision = Decision(stop=True, signum=requests.stop_signum)
                 logger.warning("%s arrived and the step in progress failed (%s: %s); stopping without a new "

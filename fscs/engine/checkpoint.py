@@ -160,6 +160,10 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str,
     warnings = [f"{key} changed from {old[key]!r} to {new.get(key)!r}" for key in sorted(old)
                 if not key.startswith("bench.") and key not in RESUME_FREE and key not in RESUME_MUST_MATCH
                 and key in new and old[key] != new[key]]
+    length = [c.get("train.epochs", 0) * c.get("train.steps_per_epoch", 0) for c in (old, new)]
+    if new.get("train.schedule") == "cosine" and length[0] != length[1]:
+        warnings.append(f"the cosine schedule's length changes from {length[0]} to {length[1]} steps: the "
+                        "learning rate follows the new length from this step on")
     saved_ws = int(state.get("world_size", world_size))
     if saved_ws != world_size:
         if new.get("train.engine") == "deepspeed" and new.get("train.zero_stage", 0):

@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fscs.config import TrainConfig
 from fscs.distributed import DistEnv
-from fscs.engine.base import Engine, build_optimizer, build_schedule
+from fscs.engine.base import Engine, build_optimizer, build_schedule, follow_config
 from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class DDPEngine(Engine):
             self.module = self.head
         self.optimizer = build_optimizer([p for p in self.head.parameters() if p.requires_grad], cfg)
         total = total_steps if total_steps is not None else cfg.epochs * cfg.steps_per_epoch
+        self.cfg, self.total_steps = cfg, total
         self.scheduler = build_schedule(self.optimizer, cfg, total)
         self.micro = 0
         self.stepped = False
@@ -77,6 +78,7 @@ class DDPEngine(Engine):
         self.optimizer.load_state_dict(state["optimizer"])
         if "schedule" in state:
             self.scheduler.load_state_dict(state["schedule"])
+            follow_config(self.scheduler, self.cfg, self.total_steps)
 
     def save(self, directory: Path) -> None:
         """Rank 0 writes directory/engine.pt (the state is replicated; other ranks write nothing)."""

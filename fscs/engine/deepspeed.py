@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from fscs.config import TrainConfig
 from fscs.distributed import DistEnv
-from fscs.engine.base import Engine, build_optimizer, build_schedule
+from fscs.engine.base import Engine, build_optimizer, build_schedule, follow_config
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class DeepSpeedEngine(Engine):
         self.head = head.to(device)
         optimizer = build_optimizer([p for p in self.head.parameters() if p.requires_grad], cfg)
         total = total_steps if total_steps is not None else cfg.epochs * cfg.steps_per_epoch
+        self.cfg, self.total_steps = cfg, total
 
         def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return build_schedule(opt, cfg, total)
@@ -152,6 +153,7 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise FSCSError(f"no DeepSpeed checkpoint under '{directory / TAG}'; delete the run's state/ "
                             "folder to restart, or resume with train.engine=ddp if it was trained with DDP")
+        follow_config(self.scheduler, self.cfg, self.total_steps)
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 head weights: DeepSpeed's ZeRO/bf16 master copies when it keeps them (collective), else

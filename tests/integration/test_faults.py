@@ -94,12 +94,28 @@ def test_gpu_config_on_cpu_machine_is_one_line_error(shards, tmp_path):
 
 
 def test_checkpoint_of_another_backbone_or_config_is_refused(shards, trained):
+    recorded = (trained / "base" / "config.yaml").read_text()
     with pytest.raises(FSCSError) as err:  # other input size = other backbone features
         Trainer(_cfg(shards, trained, "base", "model.image_size=96"), DistEnv()).fit()
     _one_line(err, "image_size=64", "96", "model.image_size")
     with pytest.raises(FSCSError) as err:  # trained for another test fold: its classes were seen in training
         Trainer(_cfg(shards, trained, "base", "data.fold=1"), DistEnv()).fit()
     _one_line(err, "data.fold=0", "set data.fold=0", "name=")
+    assert (trained / "base" / "config.yaml").read_text() == recorded  # a refused resume rewrites nothing
+
+
+def test_unusable_out_dir_is_one_line_error_before_the_backbone_loads(shards, tmp_path, monkeypatch):
+    import fscs.train as train_mod
+
+    def no_model(cfg):
+        raise AssertionError("the backbone was built before out_dir was checked")
+
+    monkeypatch.setattr(train_mod, "build_model", no_model)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(FSCSError) as err:
+        Trainer(_cfg(shards, blocker, "x"), DistEnv())
+    _one_line(err, f"out_dir={blocker}", "cannot create the run directory", "pick a writable out_dir")
 
 
 class _Payload:
@@ -128,3 +144,37 @@ def test_hostile_checkpoints_are_refused_without_running_code(shards, trained, t
         load_run(run)  # bench prefers best.pt
     _one_line(err, "best.pt", "unsafe")
     assert not marker.exists()
+
+
+def test_an_error_in_a_loader_worker_ends_the_process(shards, tmp_path):
+    """Loader workers ignore SIGTERM (so a job's SIGTERM reaches the checkpoint); after an error the trainer
+    must end them itself, or the interpreter's exit waits for them forever."""
+    import subprocess
+    import sys
+
+    overrides = [f"data.shards={shards}", f"out_dir={tmp_path}", "name=boom", *COMMON, "data.num_workers=1"]
+    script = (
+        "import fscs.data.stream as s\n"
+        "from fscs.config import load_config\nfrom fscs.distributed import DistEnv\nfrom fscs.train import Trainer\n"
+        "def boom(self, *a, **k):\n    raise RuntimeError('episode assembly failed')\n"
+        "s.TrainEpisodeStream._episode = boom\n"
+        f"Trainer(load_config(None, {overrides!r}), DistEnv()).fit()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "episode assembly failed" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_resume_drops_tensorboard_events_logged_after_the_checkpoint(shards, tmp_path):
+    """A killed attempt may have logged steps after its last checkpoint; the resumed run logs them again, so
+    TensorBoard must not show both."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    assert Trainer(_cfg(shards, tmp_path, "tb", "train.stop_after_steps=1"), DistEnv()).fit()["steps"] == 1
+    with SummaryWriter(str(tmp_path / "tb" / "tb")) as stale:  # what a killed attempt logged after step 1
+        stale.add_scalar("train/loss", 999.0, 2)
+    assert Trainer(_cfg(shards, tmp_path, "tb"), DistEnv()).fit()["status"] == "completed"
+    events = EventAccumulator(str(tmp_path / "tb" / "tb"))
+    events.Reload()
+    loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in loss] == [1, 2] and 999.0 not in [v for _, v in loss]

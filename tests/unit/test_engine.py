@@ -134,6 +134,49 @@ def test_resume_refuses_other_backbone_or_engine_and_warns_on_soft_changes(tmp_p
         "train.lr changed from 0.001 to 0.5"]
 
 
+def test_resumed_schedule_follows_the_current_config(tmp_path):
+    """The schedule's step count comes from the checkpoint, its shape and base lr from the config: a cosine
+    run resumed with more epochs goes on along the longer cosine (it stayed at lr 0 before)."""
+    import math
+
+    from fscs.config import config_to_dict
+
+    def engine(epochs: int, *extra: str) -> DDPEngine:
+        torch.manual_seed(0)
+        cfg = _cfg("train.schedule=cosine", f"train.epochs={epochs}", "train.steps_per_epoch=4", *extra)
+        return DDPEngine(nn.Linear(2, 1), cfg.train, DistEnv(), torch.device("cpu"))
+
+    first = engine(1)
+    for _ in range(4):
+        first.step(first.module(torch.ones(1, 2)).sum())
+    assert first.lr() == 0.0  # the end of a 4-step cosine
+    again = engine(1)
+    again.load_state_dict(first.state_dict())
+    assert again.lr() == first.lr()  # unchanged config: the uninterrupted run's value
+    mid = engine(1)
+    mid.load_state_dict(first.state_dict() | {"schedule": dict(first.state_dict()["schedule"], last_epoch=2)})
+    mid_ref = engine(1)
+    for _ in range(2):
+        mid_ref.step(mid_ref.module(torch.ones(1, 2)).sum())
+    assert mid.lr() == mid_ref.lr()  # bitwise, mid-schedule too
+    longer = engine(2)
+    longer.load_state_dict(first.state_dict())
+    lr = _cfg().train.lr
+    assert longer.lr() == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    longer.step(longer.module(torch.ones(1, 2)).sum())
+    assert longer.lr() == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 5 / 8)))
+    higher = engine(1, "train.lr=0.01")
+    higher.load_state_dict(dict(first.state_dict(), schedule=dict(first.state_dict()["schedule"], last_epoch=0)))
+    assert higher.lr() == pytest.approx(0.01)  # a changed train.lr is used, not the stored base lr
+    saved = {"step": 4, "dataset": "d", "world_size": 1,
+             "config": config_to_dict(_cfg("train.schedule=cosine", "train.epochs=1", "train.steps_per_epoch=4"))}
+    warnings = check_resume(saved, config_to_dict(_cfg("train.schedule=cosine", "train.epochs=2",
+                                                       "train.steps_per_epoch=4")),
+                            dataset="d", world_size=1, where=tmp_path)
+    assert warnings == ["the cosine schedule's length changes from 4 to 8 steps: the learning rate follows the "
+                        "new length from this step on"]
+
+
 def test_new_config_keys_validate():
     cfg = _cfg("train.engine=deepspeed", "train.zero_stage=2", "train.grad_accum=4", "train.save_every=10")
     assert (cfg.train.zero_stage, cfg.train.grad_accum, cfg.train.save_every) == (2, 4, 10)
