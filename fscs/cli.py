@@ -307,6 +307,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if env.is_main and "export" in summary:
         print(f"backbone exported: {summary['export']}")
     distributed.finish(0)
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -317,7 +318,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `key=value` overrides after an option (`train a=1 --config c.yaml b=2`) land here
+        if not isinstance(getattr(args, "overrides", None), list) or any(
+                "=" not in t or t.startswith("-") for t in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     _setup_logging(args.verbose)
     handlers = {"shards": _cmd_shards, "train": _cmd_train, "bench": _cmd_bench, "demo": _cmd_demo,
                 "predict": _cmd_predict}

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -208,6 +209,11 @@ def load_structured(schema: Any, path: str | os.PathLike | None = None, override
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise _one_line(exc, source, schema_type, what) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise FSCSError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the file "
+                        "(see configs/ for examples)") from None
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -236,6 +242,17 @@ def _validate(cfg: RunConfig) -> None:
             raise FSCSError(f"config key 'bench.{key}' is {value}; it must be >= {least}")
     if cfg.data.way < 1 or cfg.data.shot < 1:
         raise FSCSError("config keys 'data.way' and 'data.shot' must be >= 1")
+    d = cfg.data
+    for key, value, least in (("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
+                              ("model.image_size", cfg.model.image_size, 16), ("train.epochs", cfg.train.epochs, 1)):
+        if value < least:
+            raise FSCSError(f"config key '{key}' is {value}; it must be >= {least}")
+    if d.buffer_per_class <= d.shot:
+        raise FSCSError(f"config key 'data.buffer_per_class' is {d.buffer_per_class}; it must exceed data.shot "
+                        f"({d.shot}): the supports of a class come from its buffer, the query excluded")
+    if not cfg.train.lr > 0 or cfg.train.weight_decay < 0 or cfg.train.cls_weight < 0:
+        raise FSCSError(f"config keys 'train.lr' ({cfg.train.lr}) must be > 0, 'train.weight_decay' "
+                        f"({cfg.train.weight_decay}) and 'train.cls_weight' ({cfg.train.cls_weight}) >= 0")
     t = cfg.train
     for key, value in (("grad_accum", t.grad_accum), ("steps_per_epoch", t.steps_per_epoch),
                        ("keep_checkpoints", t.keep_checkpoints), ("log_every", t.log_every)):

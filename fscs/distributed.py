@@ -61,20 +61,28 @@ def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", 29500)),
             source="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+    # Only an srun step's tasks are ranks: a batch script (or salloc shell) sees the allocation's SLURM_NTASKS
+    # and SLURM_PROCID=0 too, and would wait forever for ranks nobody starts. srun sets SLURM_STEP_NUM_TASKS.
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    if "SLURM_PROCID" in env and step_tasks > 1:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
         job_id = int(env.get("SLURM_JOB_ID", "0"))
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
+        tasks_per_node = (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE")
+                          or env.get("SLURM_TASKS_PER_NODE", "1"))
         local_ws = int(re.match(r"\d+", tasks_per_node).group(0))  # type: ignore[union-attr]
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
+            world_size=step_tasks,
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             local_world_size=local_ws,
             master_addr=env.get("MASTER_ADDR") or first_slurm_host(nodelist),
             master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
             source="slurm",
         )
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        logger.info("SLURM job %s has %s tasks, but this process is not a task of an srun step: running as one "
+                    "process (start the ranks with srun, or launchers/slurm.py)", env["SLURM_JOB_ID"],
+                    env["SLURM_NTASKS"])
     return DistEnv()
 
 
@@ -88,6 +96,9 @@ def init(env: DistEnv, backend: str | None = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     store = _restart_store(env)
+    if env.is_main:
+        logger.info("waiting for %d ranks at %s:%s (%s)", env.world_size, os.environ["MASTER_ADDR"],
+                    os.environ["MASTER_PORT"], env.source)
     dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, store=store)
     logger.info("process group up: rank %d/%d (%s, %s)", env.rank, env.world_size, backend, env.source)
 

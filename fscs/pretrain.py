@@ -28,13 +28,13 @@ from fscs.atomic import write_text_atomic
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
+from fscs.engine.checkpoint import flat_config, load_checkpoint, save_checkpoint
 from fscs.errors import FSCSError
 from fscs.model.backbone import get_spec
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit
 from fscs.pretrain_config import PretrainConfig
-from fscs.engine.checkpoint import load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,8 @@ class Pretrainer:
         state = load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise FSCSError(f"{path} is not a pretraining checkpoint; pick another run name or delete it")
+        for warning in check_pretrain_resume(state.get("config", {}), asdict(self.cfg), path):
+            logger.warning("resuming %s: %s; the result will differ from an uninterrupted run", path, warning)
         self.student.load_state_dict(state["student"])
         self.teacher_vit.load_state_dict(state["teacher_vit"])
         if self.teacher_head is not None:
@@ -291,11 +293,13 @@ class Pretrainer:
         cfg = self.cfg
         if self.env.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        self._resume()  # a refused resume leaves pretrain_config.yaml and tb/ as they were
+        if self.env.is_main:
             write_text_atomic(cfg.run_dir / "pretrain_config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(cfg.run_dir / "tb"))
-        self._resume()
+            purge = self.step + 1 if self.step else None  # events of a killed attempt after its checkpoint
+            self.writer = SummaryWriter(str(cfg.run_dir / "tb"), purge_step=purge)
         end = min(cfg.optim.steps, cfg.stop_at) if cfg.stop_at else cfg.optim.steps
         t0, start, last = time.time(), self.step, {}
         bar = progress_bar(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main, desc=f"pretrain {cfg.name}")
@@ -324,6 +328,30 @@ class Pretrainer:
             if self.writer is not None:
                 self.writer.close()
         return summary
+
+
+PRETRAIN_RESUME_FREE = ("name", "out_dir", "export", "log_every", "image_every", "ckpt_every", "stop_at",
+                        "optim.steps", "data.shards")
+"""Keys a resumed pretraining may change (data.shards: the same images may have moved)."""
+PRETRAIN_RESUME_MUST_MATCH = ("model.", "dino.", "labels.", "data.exclude_folds", "data.split", "data.max_images")
+"""Keys (or prefixes) whose change breaks the checkpoint (other architecture) or what the backbone may have
+seen (a fold excluded so that its classes stay novel): an error."""
+
+
+def check_pretrain_resume(saved: dict[str, Any], config: dict[str, Any], where: Path) -> list[str]:
+    """Refuse a pretraining checkpoint made with another architecture, label fold or excluded folds (one-line
+    FSCSError naming the key and the fix); return warnings for other changed keys."""
+    old, new = flat_config(saved), flat_config(config)
+    warnings = []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] == new[key] or key in PRETRAIN_RESUME_FREE:
+            continue
+        if key.startswith(PRETRAIN_RESUME_MUST_MATCH):
+            raise FSCSError(f"pretraining checkpoint '{where}' was made with {key}={old[key]!r}, but the config "
+                            f"says {new[key]!r}; set {key}={old[key]} to resume it, or start a new run (another "
+                            "name= or out_dir=)")
+        warnings.append(f"{key} changed from {old[key]!r} to {new[key]!r}")
+    return warnings
 
 
 def run_pretrain(cfg: PretrainConfig, env: DistEnv) -> dict[str, Any]:

@@ -130,6 +130,9 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
                                           example="optim.steps=500", not_found="pass configs/pretrain.yaml")
     if out.optim.precision not in ("fp32", "bf16"):
         raise FSCSError(f"pretrain config key 'optim.precision' is '{out.optim.precision}'; use fp32 or bf16")
+    for key, value in (("log_every", out.log_every), ("ckpt_every", out.ckpt_every)):
+        if value < 1:
+            raise FSCSError(f"pretrain config key '{key}' is {value}; it must be >= 1")
     if out.dino.weight <= 0 and out.labels.fold is None:
         raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
                         "set dino.weight > 0 or labels.fold")

@@ -275,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     cli = {k: getattr(args, k) for k in keys}
     from fscs.errors import FSCSError
 
+    import subprocess
+
     try:
         settings = merge_settings(load_preset(args.preset) if args.preset else None, cli)
         job = submit(command, settings, args.folder, name=args.name)
     except FSCSError as exc:
         print(f"launchers/slurm.py: error: {exc}", file=sys.stderr)
+        return 2
+    except (subprocess.CalledProcessError, OSError) as exc:  # sbatch refused the job, or is missing
+        said = getattr(exc, "stderr", None) or getattr(exc, "output", None) or exc
+        said = said.decode(errors="replace") if isinstance(said, bytes) else str(said)
+        line = " ".join(said.split())[:300]
+        print(f"launchers/slurm.py: error: sbatch could not submit the job ({line}); check --partition, "
+              "--account, --qos and that the SLURM controller answers (sinfo)", file=sys.stderr)
         return 2
     print(f"submitted job {job.job_id}: {settings['nodes']} node(s) x {settings['tasks_per_node']} task(s); "
           f"logs in {job.paths.folder}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One node, several processes (GPUs, or CPU processes with gloo):
 #   launchers/torchrun.sh 4 train --config configs/default.yaml name=weak train.regime=weak
-#   launchers/torchrun.sh 4 bench --run runs/weak
+#   launchers/torchrun.sh 4 bench --run-dir runs/weak
 # The first argument is the number of processes; the rest is an `fscs` command line.
 set -euo pipefail
 NPROC=${1:?usage: launchers/torchrun.sh NPROC fscs-subcommand [args...]}

@@ -132,11 +132,12 @@ RESUME_FREE = ("name", "out_dir", "data.shards", "train.epochs", "train.log_ever
 """Keys a resumed run may change freely (bench.* too); any other change only breaks bitwise exactness."""
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_config(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -146,7 +147,7 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str,
                  where: Path) -> list[str]:
     """Refuse a checkpoint another configuration made (one-line FSCSError naming key and fix); return warnings
     for changes that still load but make the resumed run differ from an uninterrupted one."""
-    old, new = _flat(state.get("config", {})), _flat(config)
+    old, new = flat_config(state.get("config", {})), flat_config(config)
     step = state.get("step", "?")
     if state.get("dataset") not in (None, dataset):
         raise FSCSError(f"checkpoint '{where}' (step {step}) was trained on dataset '{state['dataset']}', "

@@ -67,6 +67,29 @@ def test_parse_setting():
             parse_setting(bad)
 
 
+def test_malformed_yaml_is_one_line_error_with_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(FSCSError, match=rf"{re.escape(str(bad))}:\d+: not valid YAML") as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.lr=-1", "'train.lr' (-1.0) must be > 0"),
+    ("train.weight_decay=-1", "'train.weight_decay' (-1.0) and 'train.cls_weight' (0.1) >= 0"),
+    ("train.cls_weight=-5", "'train.cls_weight' (-5.0) >= 0"),
+    ("train.epochs=0", "'train.epochs' is 0; it must be >= 1"),
+    ("data.batch_size=0", "'data.batch_size' is 0; it must be >= 1"),
+    ("data.num_workers=-1", "'data.num_workers' is -1; it must be >= 0"),
+    ("model.image_size=0", "'model.image_size' is 0; it must be >= 16"),
+    ("data.shot=200", "'data.buffer_per_class' is 64; it must exceed data.shot (200)"),
+])
+def test_train_and_data_keys_are_validated(override, needle):
+    with pytest.raises(FSCSError, match=re.escape(needle)):
+        load_config(None, [override])
+
+
 @pytest.mark.parametrize("override,needle", [
     ("bench.episodes=0", "'bench.episodes' is 0; it must be >= 1"),
     ("bench.batch_size=0", "'bench.batch_size' is 0; it must be >= 1"),
@@ -88,3 +111,22 @@ def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass():
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_cli_takes_overrides_on_both_sides_of_an_option(tmp_path, monkeypatch):
+    """`fscs train a=1 --config c.yaml b=2`: both overrides apply (argparse alone rejected b=2)."""
+    import fscs.cli as cli
+
+    seen = {}
+
+    def fake_train(args):
+        seen["overrides"], seen["config"] = list(args.overrides), str(args.config)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_train", fake_train)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.005\n")
+    assert cli.main(["train", "data.fold=1", "--config", str(cfg), "name=y"]) == 0
+    assert seen == {"overrides": ["data.fold=1", "name=y"], "config": str(cfg)}
+    with pytest.raises(SystemExit):
+        cli.main(["train", "data.fold=1", "--config", str(cfg), "--bogus"])

@@ -22,6 +22,7 @@ def test_slurm_two_nodes_four_tasks_each():
         for local in range(4):
             envs.append(resolve_env({
                 "SLURM_PROCID": str(node * 4 + local), "SLURM_NTASKS": "8", "SLURM_LOCALID": str(local),
+                "SLURM_STEP_NUM_TASKS": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
                 "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_ID": "4242",
             }))
     assert [e.rank for e in envs] == list(range(8))
@@ -29,6 +30,16 @@ def test_slurm_two_nodes_four_tasks_each():
     assert {e.master_port for e in envs} == {20000 + 4242}
     assert {e.world_size for e in envs} == {8} and {e.local_world_size for e in envs} == {4}
     assert [e.local_rank for e in envs] == [0, 1, 2, 3] * 2
+
+
+def test_slurm_allocation_outside_an_srun_step_is_one_process():
+    """A batch script or salloc shell of a 2-task job (no srun step) must not wait for a second rank."""
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "localhost",
+             "SLURM_TASKS_PER_NODE": "2"}
+    assert resolve_env(batch) == DistEnv()
+    step = resolve_env({**batch, "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_TASKS_PER_NODE": "2"})
+    assert (step.world_size, step.local_world_size, step.source) == (2, 2, "slurm")
+    assert resolve_env({**batch, "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2"}).world_size == 2  # the step's
 
 
 def test_first_slurm_host():

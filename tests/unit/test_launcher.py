@@ -27,7 +27,8 @@ def _slurm_task_env(monkeypatch, procid: int, nodes: int = 2, per_node: int = 4)
            "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NODEID": str(procid // per_node),
            "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % per_node),
            "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_STEP_NODELIST": "gpu[003-004]",
-           "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})"}
+           "SLURM_NTASKS_PER_NODE": str(per_node), "SLURM_TASKS_PER_NODE": f"{per_node}(x{nodes})",
+           "SLURM_STEP_NUM_TASKS": str(nodes * per_node), "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{nodes})"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
 
@@ -162,3 +163,16 @@ def test_slurm_py_without_the_project_is_a_one_line_error(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "cannot import" in proc.stderr
+
+
+def test_a_refused_submission_is_one_line(slurm_launcher, monkeypatch, capsys):
+    import subprocess
+
+    def refuse(*args, **kwargs):
+        raise subprocess.CalledProcessError(1, ["sbatch", "job.sh"],
+                                            stderr=b"sbatch: error: invalid partition specified: nope\n")
+
+    monkeypatch.setattr(slurm_launcher, "submit", refuse)
+    assert slurm_launcher.main(["--nodes", "1", "--partition", "nope", "--", "train", "name=z"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "invalid partition specified: nope" in err and "check --partition" in err

@@ -166,6 +166,26 @@ def test_pretrain_config_errors_are_one_line(tmp_path) -> None:
         load_pretrain_config(tmp_path / "missing.yaml")
     cfg = load_pretrain_config(None, ["optim.steps=7", "labels.fold=0"])
     assert isinstance(cfg, PretrainConfig) and cfg.optim.steps == 7 and cfg.labels.fold == 0
+    for key in ("ckpt_every", "log_every"):  # a ZeroDivisionError mid-run before
+        with pytest.raises(FSCSError, match=f"'{key}' is 0; it must be >= 1"):
+            load_pretrain_config(None, [f"{key}=0"])
+
+
+def test_pretrain_resume_refuses_other_architecture_or_novel_folds(tmp_path) -> None:
+    from dataclasses import asdict
+
+    from fscs.pretrain import check_pretrain_resume
+
+    saved = asdict(load_pretrain_config(None, ["optim.steps=2"]))
+    longer = asdict(load_pretrain_config(None, ["optim.steps=3", "ckpt_every=1"]))
+    assert check_pretrain_resume(saved, longer, tmp_path) == []
+    assert check_pretrain_resume(saved, asdict(load_pretrain_config(None, ["optim.lr=0.1"])), tmp_path) == [
+        f"optim.lr changed from {saved['optim']['lr']!r} to 0.1"]
+    for change, key in ((["dino.out_dim=128"], "dino.out_dim"), (["model.image_size=64"], "model.image_size"),
+                        (["labels.fold=1", "data.exclude_folds=[1]"], "data.exclude_folds")):
+        with pytest.raises(FSCSError, match=rf"made with {key}=.*set {key}=") as err:
+            check_pretrain_resume(saved, asdict(load_pretrain_config(None, change)), tmp_path)
+        assert "\n" not in str(err.value)
 
 
 def test_export_loads_through_fscs_model_build(tmp_path) -> None:
