@@ -37,13 +37,12 @@ def shards(tmp_path_factory) -> Path:
 def test_two_plus_two_steps_equal_four_straight_and_export_loads(shards, tmp_path):
     common = [f"out_dir={tmp_path}", f"data.shards={shards}", *TINY]
     _pretrain(["name=straight", *common])
-    interrupted = _pretrain(["name=resumed", "stop_at=2", *common])
+    _pretrain(["name=resumed", "stop_at=2", *common])
     assert not (tmp_path / "resumed" / "backbone.safetensors").exists()  # interrupted runs do not export
     first = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert first["step"] == 2
     again = _pretrain(["name=resumed", *common])
     assert "resumed" in again.stderr + again.stdout and "step 2" in again.stderr + again.stdout
-    assert interrupted.returncode == 0
 
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)

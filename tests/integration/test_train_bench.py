@@ -60,9 +60,17 @@ def test_training_writes_checkpoint_config_and_tensorboard(weak_run):
 
 
 def test_rerun_resumes_instead_of_retraining(weak_run, shards):
+    import torch
+
+    before = torch.load(weak_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    log = (weak_run / "train_log.jsonl").read_text()
     proc = _fscs(["train", f"out_dir={weak_run.parent}", "name=weak", f"data.shards={shards}",
                   "train.regime=weak", *COMMON])
     assert "resumed" in proc.stderr + proc.stdout
+    after = torch.load(weak_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert after["step"] == before["step"] == 6  # nothing trained again
+    assert all(torch.equal(before["engine"]["head"][k], v) for k, v in after["engine"]["head"].items())
+    assert (weak_run / "train_log.jsonl").read_text() == log
 
 
 def _bench(run: Path, out: Path, nproc: int) -> dict:
