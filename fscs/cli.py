@@ -306,8 +306,9 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     summary = run_pretrain(cfg, env)
     if env.is_main and "export" in summary:
         print(f"backbone exported: {summary['export']}")
-    distributed.finish(0)
-    return 0
+    code = int(summary["exit_code"])  # 128 + signal number when a signal stopped it (after a checkpoint)
+    distributed.finish(code)
+    return code
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

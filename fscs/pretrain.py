@@ -35,6 +35,7 @@ from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, 
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit
 from fscs.pretrain_config import PretrainConfig
+from fscs.signals import CheckpointRequests, Decision
 
 logger = logging.getLogger(__name__)
 
@@ -302,25 +303,36 @@ class Pretrainer:
             self.writer = SummaryWriter(str(cfg.run_dir / "tb"), purge_step=purge)
         end = min(cfg.optim.steps, cfg.stop_at) if cfg.stop_at else cfg.optim.steps
         t0, start, last = time.time(), self.step, {}
-        bar = progress_bar(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main, desc=f"pretrain {cfg.name}")
-        while self.step < end:
-            last = self.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", area=f"{last['mask_area']:.2f}")
-            if self.writer is not None:
-                if self.step % cfg.log_every == 0 or self.step == end:
-                    for key, value in last.items():
-                        self.writer.add_scalar(f"pretrain/{key}", value, self.step)
-                if cfg.image_every and (self.step % cfg.image_every == 0 or self.step == end):
-                    self.writer.add_images("attention/teacher_cls_key_cosine", self.attention_images(), self.step)
-            if self.step % cfg.ckpt_every == 0 or self.step == end:
-                self._save()
+        bar = progress_bar(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main,
+                           desc=f"pretrain {cfg.name}")
+        decision = Decision()
+        with CheckpointRequests() as requests:  # SIGUSR1: checkpoint; SIGTERM/SIGUSR2: checkpoint, then stop
+            while self.step < end:
+                last = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", area=f"{last['mask_area']:.2f}")
+                if self.writer is not None:
+                    if self.step % cfg.log_every == 0 or self.step == end:
+                        for key, value in last.items():
+                            self.writer.add_scalar(f"pretrain/{key}", value, self.step)
+                    if cfg.image_every and (self.step % cfg.image_every == 0 or self.step == end):
+                        self.writer.add_images("attention/teacher_cls_key_cosine", self.attention_images(),
+                                               self.step)
+                decision = requests.poll(self.device)  # collective: every rank acts on any rank's request
+                if decision.save or self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self._save()
+                if decision.stop:
+                    logger.warning("%s received: checkpoint at step %d, then stop", decision.signal_name,
+                                   self.step)
+                    break
         bar.close()
         seconds = time.time() - t0
         summary = {"steps": self.step, "steps_this_run": self.step - start, "seconds": round(seconds, 1),
                    "images_per_second": round((self.step - start) * cfg.optim.batch_size * self.env.world_size
                                               / max(seconds, 1e-9), 1),
-                   "world_size": self.env.world_size, "last": last}
+                   "world_size": self.env.world_size, "last": last,
+                   "status": "interrupted" if decision.stop else "completed" if self.step >= cfg.optim.steps
+                   else "stopped", "exit_code": 128 + decision.signum if decision.stop else 0}
         if self.step >= cfg.optim.steps and self.env.is_main:
             summary["export"] = str(self.export())
         if self.env.is_main:

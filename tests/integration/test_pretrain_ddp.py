@@ -71,3 +71,32 @@ def test_two_plus_two_steps_equal_four_straight_and_export_loads(shards, tmp_pat
                             image_size=32, mask_rule="otsu")
     loaded = model.backbone.model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in a["teacher_vit"].items())
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_finishes(shards, tmp_path, monkeypatch):
+    """Under SLURM a preempted pretraining gets SIGTERM/SIGUSR2: it must save at the next step (not lose up to
+    ckpt_every steps) and exit 128 + signal, so the launcher requeues it; the rerun resumes and exports."""
+    import signal
+
+    from fscs.cli import main
+    from fscs.distributed import IN_PROCESS_ENV
+    from fscs.pretrain import Pretrainer
+
+    monkeypatch.setenv(IN_PROCESS_ENV, "1")  # fscs' finish() returns instead of ending pytest
+    args = ["pretrain", f"out_dir={tmp_path}", f"data.shards={shards}", "name=sig", *TINY]
+    real = Pretrainer.train_step
+
+    def step_then_signal(self):
+        out = real(self)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run; ckpt_every=100 would not save before step 4
+        return out
+
+    monkeypatch.setattr(Pretrainer, "train_step", step_then_signal)
+    assert main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(Pretrainer, "train_step", real)
+    assert torch.load(tmp_path / "sig" / "checkpoint.pt", weights_only=True)["step"] == 1
+    assert not (tmp_path / "sig" / "backbone.safetensors").exists()
+    assert main(args) == 0
+    assert (tmp_path / "sig" / "backbone.safetensors").is_file()
+    assert json.loads((tmp_path / "sig" / "pretrain_summary.json").read_text())["steps_this_run"] == 3
