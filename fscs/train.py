@@ -308,6 +308,10 @@ class Trainer:
         from fscs.progress import progress_bar
 
         self._resume()  # a refused resume leaves config.yaml and tb/ as they were
+        d, t = self.cfg.data, self.cfg.train
+        logger.info("%d episodes per optimizer step (data.batch_size %d x %d process(es) x train.grad_accum %d)",
+                    d.batch_size * self.env.world_size * t.grad_accum, d.batch_size, self.env.world_size,
+                    t.grad_accum)
         if self.env.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             from torch.utils.tensorboard import SummaryWriter

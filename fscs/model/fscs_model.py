@@ -163,7 +163,8 @@ class FSCSModel(nn.Module):
         self, feats: EpisodeFeatures, query_presence: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention pseudo-masks: support [B, N, K, S, S] (own CLS vs own keys) and query [B, N, S, S]
-        (each shot's support CLS vs the query keys, majority over shots, zeroed where query_presence == 0)."""
+        (each shot's support CLS vs the query keys, strict majority over shots, zeroed where
+        query_presence == 0)."""
         b, n, k, size, grid = feats.batch, feats.way, feats.shot, feats.size, self.backbone.grid
         support = self.distiller.support_masks(feats.support_q, feats.support_k, grid, size).view(b, n, k, *size)
         k_query = feats.query_k if n * k == 1 else feats.query_k.repeat_interleave(n * k, dim=0)
@@ -171,7 +172,8 @@ class FSCSModel(nn.Module):
         per_shot = self.distiller.query_masks(feats.support_q, k_query, grid, size, present)
         if k == 1:
             return support, per_shot.view(b, n, *size)
-        query = (per_shot.view(b, n, k, *size).mean(dim=2) >= 0.5).to(per_shot.dtype)
+        # strict majority of the shots (as the mixed path): with K = 2 both shots must agree
+        query = (per_shot.view(b, n, k, *size).mean(dim=2) > 0.5).to(per_shot.dtype)
         return support, query
 
     def enhancer_logits(self, q: torch.Tensor, k_img: torch.Tensor) -> torch.Tensor:

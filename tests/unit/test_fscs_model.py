@@ -70,6 +70,20 @@ def test_k_shot_averages_probabilities(model):
     assert torch.allclose(both.mask_logits.softmax(2), expect_seg, atol=1e-5)
 
 
+def test_k_shot_query_pseudo_mask_is_the_strict_majority_of_the_shots(model, monkeypatch):
+    q, s = _episode(b=1, n=1, k=2)
+    with torch.no_grad():
+        feats = model.encode_episode(q, s)
+    shots = torch.zeros(2, SIZE, SIZE)
+    shots[0, :, : SIZE // 2] = 1  # shot 0: left half; shot 1: top half; they agree on the top-left quarter
+    shots[1, : SIZE // 2] = 1
+    monkeypatch.setattr(model.distiller, "query_masks", lambda *a, **k: shots.clone())
+    _, query = model.pseudo_masks(feats)
+    expect = torch.zeros(SIZE, SIZE)
+    expect[: SIZE // 2, : SIZE // 2] = 1
+    assert torch.equal(query[0, 0], expect)  # a 1-of-2 tie is background (the mixed path's rule too)
+
+
 def test_predict_decisions(model):
     q, s = _episode()
     with torch.no_grad():
