@@ -277,13 +277,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import subprocess
 
+    from submitit.core.utils import FailedJobError
+
     try:
         settings = merge_settings(load_preset(args.preset) if args.preset else None, cli)
         job = submit(command, settings, args.folder, name=args.name)
     except FSCSError as exc:
         print(f"launchers/slurm.py: error: {exc}", file=sys.stderr)
         return 2
-    except (subprocess.CalledProcessError, OSError) as exc:  # sbatch refused the job, or is missing
+    # sbatch refused the job (submitit wraps its stderr in FailedJobError), or sbatch is missing
+    except (FailedJobError, subprocess.CalledProcessError, OSError) as exc:
         said = getattr(exc, "stderr", None) or getattr(exc, "output", None) or exc
         said = said.decode(errors="replace") if isinstance(said, bytes) else str(said)
         line = " ".join(said.split())[:300]

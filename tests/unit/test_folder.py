@@ -275,3 +275,36 @@ def test_cli_shards_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("fscs shards: error: labels.csv line") and "\n" not in err
+
+
+def test_unchanged_images_are_stored_byte_for_byte(tmp_path):
+    """PNG/JPEG files used as they are go into the shards unchanged (no JPEG re-encoding of the pixels);
+    EXIF-rotated or downscaled ones are re-encoded, and every stored image decodes to the converted pixels."""
+    import tarfile
+
+    rows = _rows()
+    images, csv = _dataset(tmp_path, rows)
+    big = np.random.default_rng(9).integers(0, 255, (H, 3 * W, 3), dtype=np.uint8)
+    Image.fromarray(big).save(images / "a" / "a0.png")  # wider than max_side below: downscaled
+    rotated = Image.fromarray(np.random.default_rng(8).integers(0, 255, (H, W, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees" on display
+    rotated.save(images / "a" / "a1.jpg", exif=exif, quality=90)
+    (images / "a" / "a1.png").unlink()
+    csv.write_text(csv.read_text().replace("a/a1.png", "a/a1.jpg"))
+    Image.fromarray(np.random.default_rng(7).integers(0, 255, (H, W, 3), dtype=np.uint8)).save(
+        images / "b" / "b1.jpg", quality=90)
+    (images / "b" / "b1.png").unlink()
+    csv.write_text(csv.read_text().replace("b/b1.png", "b/b1.jpg"))
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"], max_side=2 * W)
+    members = {}
+    for tar in out.glob("*.tar"):
+        with tarfile.open(tar) as tf:
+            members.update({m.name: tf.extractfile(m).read() for m in tf.getmembers()})
+    assert members["b_b0.png"] == (images / "b" / "b0.png").read_bytes()  # PNG kept
+    assert members["b_b1.jpg"] == (images / "b" / "b1.jpg").read_bytes()  # JPEG kept, not re-encoded
+    assert "a_a0.jpg" in members and "a_a0.png" not in members  # downscaled: re-encoded
+    assert "a_a1.jpg" in members and members["a_a1.jpg"] != (images / "a" / "a1.jpg").read_bytes()  # rotated
+    samples = load_samples(read_index(out), {"a_a1", "b_b0"})
+    assert samples["a_a1"].image.shape == (W, H, 3)  # upright after the EXIF rotation
+    np.testing.assert_array_equal(samples["b_b0"].image, np.asarray(Image.open(images / "b" / "b0.png")))

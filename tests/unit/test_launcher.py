@@ -166,13 +166,18 @@ def test_slurm_py_without_the_project_is_a_one_line_error(tmp_path):
 
 
 def test_a_refused_submission_is_one_line(slurm_launcher, monkeypatch, capsys):
+    """What submitit 1.5.4 raises when sbatch fails (FailedJobError with sbatch's stderr), and a failing
+    sbatch called directly (CalledProcessError)."""
     import subprocess
 
-    def refuse(*args, **kwargs):
-        raise subprocess.CalledProcessError(1, ["sbatch", "job.sh"],
-                                            stderr=b"sbatch: error: invalid partition specified: nope\n")
+    from submitit.core.utils import FailedJobError
 
-    monkeypatch.setattr(slurm_launcher, "submit", refuse)
-    assert slurm_launcher.main(["--nodes", "1", "--partition", "nope", "--", "train", "name=z"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "invalid partition specified: nope" in err and "check --partition" in err
+    said = "sbatch: error: invalid partition specified: nope\nsbatch: error: Batch job submission failed\n"
+    for exc in (FailedJobError(said), subprocess.CalledProcessError(1, ["sbatch"], stderr=said.encode())):
+        def refuse(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(slurm_launcher, "submit", refuse)
+        assert slurm_launcher.main(["--nodes", "1", "--partition", "nope", "--", "train", "name=z"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "invalid partition specified: nope" in err and "check --partition" in err

@@ -19,8 +19,9 @@ class _Stream(io.StringIO):
 def test_log_file_gets_sparse_updates(monkeypatch):
     monkeypatch.setattr(sys, "stderr", _Stream(tty=False))
     bar = progress_bar(total=1000, desc="t")
-    for _ in range(1000):
+    for i in range(1000):
         bar.update(1)
+        bar.set_postfix(loss=f"{i / 1000:.3f}")  # as the trainers do every step: no redraw of its own
     bar.close()
     assert bar.mininterval == NON_TTY_INTERVAL_S
     # start + close (+ at most one timed refresh): not one line per update

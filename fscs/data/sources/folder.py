@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -263,10 +264,20 @@ def _warn_small(plan: FolderPlan, shots: Sequence[int]) -> None:
         logger.warning("no novel classes: every class is trained on and `fscs bench` has nothing to test")
 
 
-def _read_image(path: Path, where: str) -> np.ndarray:
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}
+"""Source formats stored byte for byte when the pixels are used unchanged (shards decode them the same way)."""
+
+
+def _read_image(path: Path, where: str) -> tuple[np.ndarray, tuple[str, bytes] | None]:
+    """RGB uint8 [H, W, 3] (EXIF orientation applied) and, for a JPEG/PNG that needed no rotation, its
+    file bytes (`Sample.encoded`: the shard then holds the original file, not a re-encoded JPEG)."""
     try:
-        with Image.open(path) as im:
-            return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+        raw = path.read_bytes()
+        with Image.open(io.BytesIO(raw)) as im:
+            upright = im.getexif().get(0x0112, 1) in (0, 1)  # EXIF orientation: 1 (or none) = as stored
+            ext = _KEEP_FORMATS.get(im.format or "") if upright else None
+            return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8), (
+                (ext, raw) if ext else None)
     except _READ_ERRORS as exn:
         raise FSCSError(f"{path}: unreadable image ({_one_line(exn)}; {where}); re-save it as JPEG/PNG or "
                         "remove it") from None
@@ -362,14 +373,17 @@ def iter_folder_samples(plan: FolderPlan, max_side: int = 1024) -> Iterator[tupl
     """(Sample, split) per planned image; FSCSError naming the file on any unreadable/inconsistent input."""
     ids = plan.class_id
     for item in plan.items:
-        image = _read_image(item.path, item.where)
+        image, encoded = _read_image(item.path, item.where)
         mask = _read_mask(item, image, plan) if item.mask is not None else None
         if mask is not None:
             empty = [c for c in item.labels if not (mask == ids[c]).any()]
             if empty:
                 logger.warning("%s: labelled %s but its mask has no pixels of it", item.mask, empty)
-        image, mask = _shrink(image, mask, max_side)
-        yield Sample(item.key, image, mask, tuple(sorted(ids[c] for c in item.labels))), plan.split[item.key]
+        shrunk, mask = _shrink(image, mask, max_side)
+        if shrunk is not image:
+            encoded = None  # resized pixels: written as JPEG quality 95
+        yield (Sample(item.key, shrunk, mask, tuple(sorted(ids[c] for c in item.labels)), encoded=encoded),
+               plan.split[item.key])
 
 
 def folder_lists(plan: FolderPlan) -> dict[str, dict[int, list[tuple[str, int]]]]:
