@@ -23,7 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fscs.atomic import write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
-from fscs.data.transforms import resize_mask, to_tensor_image
+from fscs.data.transforms import pil_rgb, resize_mask, to_tensor_image
 from fscs.errors import FSCSError
 from fscs.model.correlation import correlation
 from fscs.model.fscs_model import EpisodeFeatures, EpisodeOutput, FSCSModel
@@ -40,7 +40,7 @@ _READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, V
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 [H, W, 3] (EXIF orientation applied); raises the PIL/OS error for unreadable files."""
     with Image.open(path) as im:
-        return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+        return pil_rgb(ImageOps.exif_transpose(im))
 
 
 def _is_image(p: Path) -> bool:
@@ -57,6 +57,16 @@ class SupportClass:
     masks: list[np.ndarray | None] = field(default_factory=list)
 
 
+def _mask_pixels(im: Image.Image) -> np.ndarray:
+    """uint8 {0,1} [H, W], nonzero = object: the grey level, or the alpha channel of an RGBA/LA mask whose
+    colour is the same everywhere (objects drawn only in transparency)."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = np.asarray(im.convert("RGBA"))
+        if (rgba[..., :3] == rgba[0, 0, :3]).all():
+            return (rgba[..., 3] > 0).astype(np.uint8)
+    return (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+
+
 def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """`<stem>.mask.png` beside the image or `masks/<stem>.png` in its class folder (nonzero = object)."""
     stem = img_path.stem
@@ -64,12 +74,15 @@ def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         if cand.is_file():
             try:
                 with Image.open(cand) as im:
-                    mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+                    mask = _mask_pixels(im)
             except _READ_ERRORS as exn:
                 logger.warning("%s: unreadable support mask (%s); ignored", cand, exn)
                 return None
             if mask.shape != shape[:2]:
                 logger.warning("%s: mask %s differs from its image %s; ignored", cand, mask.shape, shape[:2])
+                return None
+            if not mask.any():  # a support image shows its class: an empty mask is a broken file, not a label
+                logger.warning("%s: the mask marks no pixel; ignored (pseudo-mask used instead)", cand)
                 return None
             return mask
     return None
@@ -141,7 +154,7 @@ class FeatureCache:
             return None
 
     def put(self, file: Path, feats: dict[str, torch.Tensor]) -> None:
-        cpu = {k: v.detach().cpu().contiguous() for k, v in feats.items()}
+        cpu = {k: v.detach().cpu().clone() for k, v in feats.items()}  # own storage: not the whole batch's
         write_atomic_with(self._path(file), lambda fh: torch.save(cpu, fh))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
 
@@ -298,7 +299,7 @@ def decode_sample(key: str, files: Mapping[str, bytes], decode_masks: bool = Tru
     if ext is None or "json" not in files:
         raise ShardReadError(f"sample {key!r} lacks an image or its json (has {sorted(files)})")
     with Image.open(io.BytesIO(files[ext])) as im:
-        image = np.array(im.convert("RGB"), dtype=np.uint8)
+        image = pil_rgb(im)
     meta = json.loads(files["json"])
     mask = None
     if decode_masks and "mask.png" in files:

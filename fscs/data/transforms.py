@@ -6,8 +6,31 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 logger = logging.getLogger(__name__)
+
+
+def pil_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image -> uint8 [H, W, 3] RGB, also for high-bit-depth grayscale (modes I;16*, I, F).
+
+    PIL's convert("RGB") clips those modes at 255, so a 16-bit PNG became a white image: 16-bit data is
+    scaled by 1/257 (exact for 8-bit data stored in 16 bits), float data in [0, 1] by 255, other integer or
+    float data by its maximum.
+    """
+    mode = im.mode
+    if not (mode.startswith("I") or mode == "F"):
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(im).astype(np.float64)
+    if mode.startswith("I;16"):
+        scale = 65535.0
+    elif mode == "F" and arr.size and arr.max() <= 1.0:
+        scale = 1.0
+    else:
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    grey = np.clip(np.rint(arr * (255.0 / scale)), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

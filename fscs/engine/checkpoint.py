@@ -125,7 +125,7 @@ class CheckpointStore:
 
 
 RESUME_MUST_MATCH = ("model.backbone", "model.image_size", "data.fold", "train.regime", "train.engine",
-                     "train.zero_stage", "train.optimizer")
+                     "train.zero_stage", "train.optimizer", "model.enhancer_channels")
 """Keys whose change makes a checkpoint unusable (other features, classes, state layout): an error."""
 RESUME_FREE = ("name", "out_dir", "data.shards", "train.epochs", "train.log_every", "train.save_every",
                "train.keep_checkpoints", "train.stop_after_steps", "train.val_episodes")
@@ -154,6 +154,8 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str,
                         f"but data.shards holds '{dataset}'; point data.shards at the original shards or "
                         "start a new run (another name= or out_dir=)")
     for key in RESUME_MUST_MATCH:
+        if key == "model.enhancer_channels" and old.get("train.regime") != "mixed":
+            continue  # only the mixed regime's head holds an enhancer
         if key in old and old[key] != new.get(key):
             raise FSCSError(f"checkpoint '{where}' (step {step}) was made with {key}={old[key]!r}, but the "
                             f"config says {new.get(key)!r}; set {key}={old[key]} to resume it, or start a "

@@ -129,6 +129,15 @@ def test_resume_refuses_other_backbone_or_engine_and_warns_on_soft_changes(tmp_p
         check_resume(saved, same, dataset="pascal-5i", world_size=2, where=tmp_path)
     with pytest.raises(FSCSError, match="resume with 2 processes"):
         check_resume(saved, same, dataset="synthetic-5i", world_size=4, where=tmp_path)
+    mixed = {"step": 4, "dataset": "d", "world_size": 1,
+             "config": config_to_dict(_cfg("train.regime=mixed", "train.gt_fraction=0.1"))}
+    with pytest.raises(FSCSError, match="model.enhancer_channels=128"):  # the enhancer's shapes change
+        check_resume(mixed, config_to_dict(_cfg("train.regime=mixed", "train.gt_fraction=0.1",
+                                                "model.enhancer_channels=16")),
+                     dataset="d", world_size=1, where=tmp_path)
+    weak = {"step": 4, "dataset": "d", "world_size": 1, "config": config_to_dict(_cfg())}
+    assert check_resume(weak, config_to_dict(_cfg("model.enhancer_channels=16")), dataset="d", world_size=1,
+                        where=tmp_path) == []  # no enhancer in a weak head
     soft = config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1", "train.lr=0.5"))
     assert check_resume(saved, soft, dataset="synthetic-5i", world_size=2, where=tmp_path) == [
         "train.lr changed from 0.001 to 0.5"]

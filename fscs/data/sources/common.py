@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from fscs.data.shards import ROLES, ShardIndex, read_index, write_shards
+from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
 from fscs.parallel import ordered_map
@@ -60,7 +61,7 @@ def read_rgb(path: Path) -> tuple[np.ndarray, tuple[str, bytes] | None]:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             original = (_KEEP_FORMATS[im.format], data) if im.format in _KEEP_FORMATS else None
-            return np.asarray(im.convert("RGB"), dtype=np.uint8), original
+            return pil_rgb(im), original
     except FileNotFoundError:
         raise FSCSError(f"{path}: image missing; restore it (layout in {DOCS})") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exn:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fscs.data.shards import ROLES, write_shards
+from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
 
@@ -276,7 +277,7 @@ def _read_image(path: Path, where: str) -> tuple[np.ndarray, tuple[str, bytes] |
         with Image.open(io.BytesIO(raw)) as im:
             upright = im.getexif().get(0x0112, 1) in (0, 1)  # EXIF orientation: 1 (or none) = as stored
             ext = _KEEP_FORMATS.get(im.format or "") if upright else None
-            return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8), (
+            return pil_rgb(ImageOps.exif_transpose(im)), (
                 (ext, raw) if ext else None)
     except _READ_ERRORS as exn:
         raise FSCSError(f"{path}: unreadable image ({_one_line(exn)}; {where}); re-save it as JPEG/PNG or "

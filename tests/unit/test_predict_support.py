@@ -1,0 +1,36 @@
+"""fscs predict's support side: mask files (grey, alpha-only, empty) and the on-disk feature cache."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fscs.predict import FeatureCache, _mask_pixels, _support_mask
+
+
+def test_mask_pixels_grey_alpha_and_empty(tmp_path, caplog):
+    obj = np.zeros((6, 8), dtype=np.uint8)
+    obj[2:4, 3:6] = 1
+    assert np.array_equal(_mask_pixels(Image.fromarray(obj * 255)), obj)
+    alpha_only = np.zeros((6, 8, 4), dtype=np.uint8)  # black everywhere, the object drawn in transparency
+    alpha_only[..., 3] = obj * 255
+    assert np.array_equal(_mask_pixels(Image.fromarray(alpha_only, "RGBA")), obj)
+    img = tmp_path / "x.jpg"
+    Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(img)
+    Image.fromarray(np.zeros((6, 8), dtype=np.uint8)).save(tmp_path / "x.mask.png")
+    assert _support_mask(img, (6, 8, 3)) is None  # an empty mask is not a label: pseudo-mask instead
+    assert "marks no pixel" in caplog.text
+    Image.fromarray(obj * 255).save(tmp_path / "x.mask.png")
+    assert np.array_equal(_support_mask(img, (6, 8, 3)), obj)
+
+
+def test_cache_entry_holds_one_image_not_its_batch(tmp_path):
+    batch = torch.randn(8, 3, 50, 64)  # features of an encode batch of 8 images
+    cache = FeatureCache(tmp_path / "cache", {"name": "b", "weights_sha256": "w", "image_size": 64})
+    src = tmp_path / "img.png"
+    src.write_bytes(b"pixels")
+    cache.put(src, {"tokens": batch[3]})
+    stored = cache.get(src)["tokens"]
+    assert torch.equal(stored, batch[3])
+    assert stored.untyped_storage().nbytes() == batch[3].numel() * 4  # not the 8-image storage
+    assert cache._path(src).stat().st_size < 2 * batch[3].numel() * 4
