@@ -20,7 +20,7 @@ def pil_rgb(im: Image.Image) -> np.ndarray:
     """
     mode = im.mode
     if not (mode.startswith("I") or mode == "F"):
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.array(im.convert("RGB"), dtype=np.uint8)  # writable (torch.from_numpy needs that)
     arr = np.asarray(im).astype(np.float64)
     if mode.startswith("I;16"):
         scale = 65535.0
