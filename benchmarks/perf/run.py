@@ -34,6 +34,8 @@ from report_md import render  # noqa: E402
 from setups import Setting, ensure_shards, offline_default, vit_s8_400  # noqa: E402
 from timing import Clock, load_average, machine_info, set_threads  # noqa: E402
 
+from fscs.atomic import write_text_atomic  # noqa: E402
+
 logger = logging.getLogger("benchmarks.perf")
 
 ALL = ("eq", "1", "2", "3", "4", "5", "6", "7")
@@ -92,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         "shards": shards, "errors": {},
     }
 
+    out = Path(args.out)
+    json_path = Path(args.json) if args.json else out.with_suffix(".json")
+
+    def flush() -> None:
+        """Write what is measured so far (atomically): a run killed by its time budget keeps its tables."""
+        write_text_atomic(json_path, json.dumps(results, indent=2, default=str))
+        write_text_atomic(out, render(results))
+
     def attempt(key: str, fn, *a, **kw) -> Any:
         logger.info("=== %s", key)
         try:
@@ -100,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("%s failed: %s", key, exc)
             results["errors"][key] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+        flush()
         return results.get(key)
 
     if "eq" in only:
@@ -138,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         attempt("memory", bench_memory, vit_s8_400, shards, batches=prof["mem_batches"],
                 reference_batches=prof["mem_ref"], precision=device_default, device=device.type)
     results["machine"]["load average at end"] = load_average()
-    out = Path(args.out)
-    json_path = Path(args.json) if args.json else out.with_suffix(".json")
-    json_path.write_text(json.dumps(results, indent=2, default=str))
-    out.write_text(render(results))
+    flush()
     logger.info("wrote %s and %s", out, json_path)
     return 1 if results["errors"] else 0
 

@@ -140,14 +140,19 @@ def load_average() -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (+ a note when files differ), else $FSCS_COMMIT (a copy without .git), else
+    'unknown'."""
+    given = os.environ.get("FSCS_COMMIT", "").strip()
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=10).stdout.strip()
+        if not head:
+            return given or "unknown"
         return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return given or "unknown"
 
 
 def machine_info(device: torch.device) -> dict[str, str]:

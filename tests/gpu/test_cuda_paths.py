@@ -140,3 +140,40 @@ def test_precision_auto_is_bf16_on_cuda():
     from fscs.train import resolve_precision
 
     assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
+
+
+def test_ddp_nccl_bf16_step_of_the_head(tmp_path):
+    """A 1-GPU machine runs one rank, and the trainer wraps the head in DDP only for several: here a 1-rank
+    NCCL group wraps it anyway, so DistributedDataParallel, NCCL's gradient all-reduce and bf16 autocast are
+    exercised together on CUDA; the gradients must match the unwrapped head's."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = FSCSModel.build("fscs_vit_tiny_patch8", image_size=64).cuda()
+        plain = copy.deepcopy(model.head)
+        wrapped = DistributedDataParallel(model.head, device_ids=[torch.cuda.current_device()])
+        query = torch.randn(2, 3, 64, 64, device="cuda")
+        support = torch.randn(2, 2, 1, 3, 64, 64, device="cuda")
+        masks = (torch.rand(2, 2, 1, 64, 64, device="cuda") > 0.5).float()
+        presence = torch.tensor([[1.0, 0.0], [1.0, 1.0]], device="cuda")
+        target = torch.randint(0, 2, (2, 2, 64, 64), device="cuda")
+        grads = {}
+        for name, head in (("ddp", wrapped), ("plain", plain)):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                feats = model.encode_episode(query, support)
+                out = model.decode_episode(feats, masks, "full", head=head)
+                loss, _ = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target)
+            loss.backward()
+            module = head.module if isinstance(head, DistributedDataParallel) else head
+            grads[name] = [p.grad.float() for p in module.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads["ddp"])
+        assert sum(float(g.abs().sum()) for g in grads["ddp"]) > 0
+        for a, b in zip(grads["ddp"], grads["plain"]):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+    finally:
+        dist.destroy_process_group()
