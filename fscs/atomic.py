@@ -1,10 +1,14 @@
 """Atomic file writes: a temporary sibling, then a rename, so a reader never sees a partial file."""
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
 
 
 def fsync_dir(path: Path) -> None:
@@ -52,3 +56,38 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = 
 def write_text_atomic(path: str | os.PathLike, text: str, *, durable: bool = False) -> None:
     """`text` (UTF-8) at `path`, atomically (see write_atomic_with)."""
     write_bytes_atomic(path, text.encode("utf-8"), durable=durable)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (this process counts as gone: its own leftovers are stale)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Remove the `<prefix>*.tmp-<pid>` files and folders in `directory` whose process is gone: what a killed
+    atomic write (or shard conversion) leaves behind. Those of live processes are kept. Returns the removed."""
+    removed = []
+    folder = Path(directory)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f"{prefix}*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    if removed:
+        logger.info("removed %d temporary file(s) left by interrupted writes in %s (e.g. %s)", len(removed),
+                    folder, removed[0].name)
+    return removed

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,6 +30,19 @@ def _apply(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     return [fn(item) for item in chunk]
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux the kernel kills the worker when the process that started it dies, so a
+    killed conversion leaves no orphaned workers holding their memory (PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.debug("prctl(PR_SET_PDEATHSIG) unavailable; workers may outlive a killed parent")
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunksize: int = 8, ahead: int = 2,
                 what: str = "worker") -> Iterator[R]:
     """fn over items in `workers` processes (fork where available), results in input order.
@@ -43,7 +58,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunk
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     source = iter(items)
     pending: deque[Future] = deque()
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
         try:
             while True:
                 while len(pending) < workers * ahead:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fscs.atomic import write_atomic_with, write_text_atomic
+from fscs.atomic import remove_stale_tmp, write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
 from fscs.data.transforms import pil_rgb, resize_mask, to_tensor_image
 from fscs.errors import FSCSError
@@ -291,6 +291,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
                      batch_size=batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)  # files of a killed earlier run
     colours = [class_colour(i) for i in range(len(pred.classes))]
     palette = np.array([(0, 0, 0), *colours] + [(0, 0, 0)] * (255 - len(colours)), dtype=np.uint8)
     classes = [{"id": i, "name": sc.name, "color": "#{:02x}{:02x}{:02x}".format(*colours[i - 1]),

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from fscs.atomic import write_text_atomic
+from fscs.atomic import remove_stale_tmp, write_bytes_atomic, write_text_atomic
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
@@ -125,15 +125,11 @@ def param_groups(module: nn.Module) -> list[dict[str, Any]]:
 
 def export_backbone(vit: nn.Module, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
     """Write the ViT's state dict (timm keys, fp32) as safetensors atomically; FrozenBackbone loads it."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().clone() for k, v in vit.state_dict().items()}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(state, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, save(state, metadata=metadata))  # the temporary goes away on any error
     return path
 
 
@@ -294,13 +290,14 @@ class Pretrainer:
         cfg = self.cfg
         if self.env.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(cfg.run_dir)
         self._resume()  # a refused resume leaves pretrain_config.yaml and tb/ as they were
         if self.env.is_main:
             write_text_atomic(cfg.run_dir / "pretrain_config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = self.step + 1 if self.step else None  # events of a killed attempt after its checkpoint
-            self.writer = SummaryWriter(str(cfg.run_dir / "tb"), purge_step=purge)
+            # events of a killed attempt after its checkpoint (all of them without one)
+            self.writer = SummaryWriter(str(cfg.run_dir / "tb"), purge_step=self.step + 1)
         end = min(cfg.optim.steps, cfg.stop_at) if cfg.stop_at else cfg.optim.steps
         t0, start, last = time.time(), self.step, {}
         bar = progress_bar(total=cfg.optim.steps, initial=self.step, disable=not self.env.is_main,

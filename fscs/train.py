@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fscs.atomic import write_text_atomic
+from fscs.atomic import remove_stale_tmp, write_text_atomic
 from fscs.config import RunConfig, config_to_dict, save_config
 from fscs.data.stream import TrainEpisodeStream, make_train_loader
 from fscs.data.shards import read_index
@@ -111,6 +111,7 @@ class Trainer:
         if env.is_main:  # before any slow set-up: an unusable out_dir is a one-line error, not a late traceback
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
+                remove_stale_tmp(self.run_dir)
             except OSError as exc:
                 raise FSCSError(f"out_dir={cfg.out_dir}: cannot create the run directory {self.run_dir} "
                                 f"({exc.strerror or exc}); pick a writable out_dir") from None
@@ -157,6 +158,8 @@ class Trainer:
             if (self.run_dir / CHECKPOINT).is_file():
                 logger.warning("%s has %s but no resumable state/ folder: training from scratch",
                                self.run_dir, CHECKPOINT)
+            if self.env.is_main:  # a killed attempt before its first checkpoint: its log lines go too
+                truncate_train_log(self.run_dir / TRAIN_LOG, 0)
             return
         state = load_checkpoint(path / TRAINER_FILE)
         check_backbone_identity(state["backbone"], self.model, path)
@@ -201,9 +204,9 @@ class Trainer:
                 "selection": self.selection,
                 "config": config_to_dict(self.cfg), "backbone": self.model.backbone.identity,
                 "dataset": self.index.dataset, "world_size": self.env.world_size, "engine": self.engine.name})
-        self.store.publish(path)
-        if self.env.is_main:
+        if self.env.is_main:  # before `latest` moves: a kill in between retrains from the previous save
             save_checkpoint(self.run_dir / CHECKPOINT, self._export(head))
+        self.store.publish(path)
         self._saved_step = self.step
         logger.debug("checkpoint %s published", path)
 
@@ -317,8 +320,8 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run drops the events a killed attempt logged after its checkpoint
-            purge = self.step + 1 if self.step else None
-            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+            # drop what a killed attempt logged after the checkpoint resumed from (everything without one)
+            self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1)
         t0 = time.time()
         total = self.cfg.train.epochs * self.cfg.train.steps_per_epoch
         with CheckpointRequests() as requests:  # installed before the loader forks its workers

@@ -19,6 +19,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
+def clear_predictions(out_dir: Path) -> int:
+    """Remove the episode files an earlier `--save-predictions` run left in `out_dir` (so the folder holds
+    one run's predictions only); returns how many episodes were removed."""
+    old = sorted(Path(out_dir).glob("episode_*.json")) if Path(out_dir).is_dir() else []
+    for f in old:
+        f.unlink(missing_ok=True)
+        f.with_suffix(".png").unlink(missing_ok=True)
+    return len(old)
+
+
 def save_prediction(out_dir: Path, spec: EpisodeSpec, prob: torch.Tensor, decision: torch.Tensor,
                     pred: torch.Tensor) -> None:
     """episode_NNNNNN.json (manifest entry, presence probability and decision per way) + episode_NNNNNN.png
@@ -57,6 +67,10 @@ def write_result(result: dict[str, Any], path: Path, manifest_dir: Path | None =
                                                                    columns=np.array(art["record_columns"])))
         res["records"] = {"file": rec_path.name, "columns": list(art["record_columns"])}
         pdir = path.with_name(path.stem + ".panels")
+        keep = {f"{p['kind']}-{p['index']:06d}.png" for p in art["panels"]}
+        for old in pdir.glob("*.png") if pdir.is_dir() else []:  # panels of an earlier result at this path
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
         listed = []
         for p in art["panels"]:
             name = f"{p['kind']}-{p['index']:06d}.png"

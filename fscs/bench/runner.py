@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from fscs.atomic import remove_stale_tmp
 from fscs.bench.metrics import FSCSMetric, episodic_target, format_metrics
 from fscs.bench.plots import episode_panel, png_bytes, ways_to_labels
-from fscs.bench.results_io import save_prediction, write_result
+from fscs.bench.results_io import clear_predictions, save_prediction, write_json_atomic, write_result
 from fscs.bench.runs import LoadedRun, run_metadata
 from fscs.config import RunConfig, config_to_dict, parse_setting
 from fscs.data.episodes import (
@@ -23,7 +24,7 @@ from fscs.data.episodes import (
 )
 from fscs.data.shards import ShardIndex, data_digest, load_samples, read_index, sample_digest
 from fscs.data.types import Sample
-from fscs.distributed import DistEnv, all_gather_objects
+from fscs.distributed import DistEnv, all_gather_objects, barrier
 from fscs.errors import FSCSError
 from fscs.model.fscs_model import EpisodeFeatures, FSCSModel, upsample_logits
 
@@ -367,6 +368,17 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
     for setting in cfg.bench.settings:  # every setting's episodes exist before the first one is evaluated
         EpisodeSampler(index, cfg.bench.role, cfg.data.fold, *parse_setting(setting), cfg.bench.seed)
     regime = regime or loaded.cfg.train.regime
+    if save_predictions is not None:  # one run's predictions per folder, and which run made them
+        if env.is_main:
+            for setting in cfg.bench.settings:
+                folder = Path(save_predictions) / setting
+                if clear_predictions(folder):
+                    logger.warning("%s: removed the episode files of an earlier --save-predictions run", folder)
+                write_json_atomic(folder / "predictions.json", {
+                    "run": loaded.cfg.name, "checkpoint": str(loaded.checkpoint),
+                    "checkpoint_sha256": loaded.checkpoint_sha256, "setting": setting, "regime": regime,
+                    "fold": cfg.data.fold, "episodes": cfg.bench.episodes, "seed": cfg.bench.seed})
+        barrier()
     loaded.model.to(_device(env))
     results = []
     samples: dict[str, Sample] = {}
@@ -385,6 +397,7 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
                     format_metrics(res["metrics"], res["segmentation_episodes"]))
         if env.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(out_dir)  # files of a killed earlier attempt
             path = out_dir / f"{loaded.cfg.name}_{regime}_fold{cfg.data.fold}_{setting}.json"
             res = write_result(res, path)
         results.append(res)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
+from fscs.atomic import remove_stale_tmp
 from fscs.bench.metrics import FSCSMetric, format_metrics
 from fscs.bench.results_io import write_json_atomic, write_result
 from fscs.bench.runner import EvalJob, _device, evaluate_jobs
@@ -223,6 +224,12 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
     fingerprint = shards_fingerprint(index)
     runs = _select_runs(suite, [Path(d) for d in run_dirs], index.dataset, summary)
     summary.backbone_groups = _share_backbones(runs, _device(env))
+    if env.is_main:  # only rank 0 writes here (other hosts cannot tell whether its pids are alive)
+        remove_stale_tmp(results_dir)  # files of a killed earlier attempt
+    for fold in suite.folds:  # every setting of every fold with runs exists before the first is evaluated
+        if any(r.cfg.data.fold == fold for r in runs):
+            for setting in suite.settings:
+                EpisodeSampler(index, suite.role, fold, *parse_setting(setting), suite.seed)
     for fold in suite.folds:
         fold_runs = [r for r in runs if r.cfg.data.fold == fold]
         if not fold_runs:

@@ -3,6 +3,7 @@ GPU configs on CPU machines. (Killed ranks under torchrun and killed saves: test
 from __future__ import annotations
 
 import faulthandler
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -178,3 +179,43 @@ def test_resume_drops_tensorboard_events_logged_after_the_checkpoint(shards, tmp
     events.Reload()
     loss = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert [s for s, _ in loss] == [1, 2] and 999.0 not in [v for _, v in loss]
+
+
+def test_killed_while_writing_the_last_checkpoint_pt_retrains_it(shards, tmp_path, monkeypatch):
+    """checkpoint.pt (what bench loads) is written before state/latest moves: a kill in between makes the
+    rerun redo the last steps and write it, instead of reporting 'completed' next to a stale head."""
+    import fscs.train as train_mod
+
+    real = train_mod.save_checkpoint
+
+    def dies_on_final_export(path, state, **kw):
+        if Path(path).name == "checkpoint.pt" and state.get("step") == 4:
+            raise KeyboardInterrupt("killed while writing checkpoint.pt")
+        return real(path, state, **kw)
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", dies_on_final_export)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(_cfg(shards, tmp_path, "k", "train.epochs=2"), DistEnv()).fit()
+    monkeypatch.setattr(train_mod, "save_checkpoint", real)
+    summary = Trainer(_cfg(shards, tmp_path, "k", "train.epochs=2"), DistEnv()).fit()
+    assert summary["status"] == "completed" and summary["resumed_from"] == 2
+    assert torch.load(tmp_path / "k" / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_a_fresh_start_drops_what_a_killed_attempt_logged(shards, tmp_path):
+    """Killed before its first checkpoint, an attempt leaves log lines and TensorBoard events; the rerun
+    starts at step 0 and must not show them next to its own."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "fresh"
+    run.mkdir()
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 999.0}\n{"step": 2, "loss": 999.0}\n{"st')
+    with SummaryWriter(str(run / "tb")) as stale:
+        stale.add_scalar("train/loss", 999.0, 1)
+    Trainer(_cfg(shards, tmp_path, "fresh"), DistEnv()).fit()
+    lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2] and all(r["loss"] != 999.0 for r in lines)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [(e.step, e.value != 999.0) for e in events.Scalars("train/loss")] == [(1, True), (2, True)]

@@ -145,6 +145,12 @@ def test_saved_predictions_recompute_the_metrics(weak_run, shards, tmp_path):
         metric.update(pred, episodic_target(gt, ep["classes"]), ep["classes"], np.array(e["presence"]),
                       np.array(true, dtype=bool), episode_index=ep["index"])
     assert json.loads(json.dumps(metric.compute())) == result["metrics"]
+    made_by = json.loads((preds / "2w1s" / "predictions.json").read_text())
+    assert made_by["run"] == "weak" and made_by["checkpoint_sha256"] == result["checkpoint_sha256"]
+    _fscs(["bench", "--run-dir", str(weak_run), "--out", str(tmp_path / "res6"), "--save-predictions", str(preds),
+           "bench.settings=[2w1s]", "bench.episodes=6", "bench.bootstrap=0"])
+    assert len(list((preds / "2w1s").glob("episode_*.json"))) == 6  # the earlier run's 12 do not linger
+    assert len(list((preds / "2w1s").glob("episode_*.png"))) == 6
 
 
 def test_bench_reference_checkpoint(shards, tmp_path):

@@ -28,3 +28,25 @@ def test_a_failing_write_keeps_the_previous_file(tmp_path):
         write_atomic_with(target, half_then_fail)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    """What a SIGKILL leaves (`name.tmp-<pid>` files and folders) goes; a live writer's temporary stays."""
+    import os
+    import subprocess
+    import sys
+
+    from fscs.atomic import remove_stale_tmp
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / f"checkpoint.pt.tmp-{dead}").write_bytes(b"partial")
+    (tmp_path / f"shards.tmp-{dead}").mkdir()
+    (tmp_path / f"shards.tmp-{dead}" / "a.tar").write_bytes(b"x")
+    live = tmp_path / f"best.pt.tmp-{os.getppid()}"  # pytest's parent: alive
+    live.write_bytes(b"being written")
+    (tmp_path / "notes.tmp-draft").write_text("not ours")
+    removed = remove_stale_tmp(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([f"checkpoint.pt.tmp-{dead}", f"shards.tmp-{dead}"])
+    assert live.exists() and (tmp_path / "notes.tmp-draft").exists()
+    assert remove_stale_tmp(tmp_path / "missing") == []

@@ -50,3 +50,55 @@ def test_worker_error_is_raised_and_a_dead_worker_is_a_one_line_error():
         list(ordered_map(_fail_at_5, range(20), 2, chunksize=2))
     with pytest.raises(FSCSError, match="a test worker process died .* fewer --workers"):
         list(ordered_map(_die_at_5, range(20), 2, chunksize=2, what="test worker"))
+
+
+def _slow(x: int) -> int:
+    import time
+
+    time.sleep(60)
+    return x
+
+
+def test_workers_die_with_a_killed_parent():
+    """SIGKILL of the process running ordered_map must not leave its workers running (they held ~300 MB
+    each, forever, after a killed `fscs shards synth`)."""
+    import subprocess
+    import sys
+    import time
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = ("import sys\n"
+              f"sys.path.insert(0, {here!r})\n"
+              "import test_parallel as t\n"
+              "from fscs.parallel import ordered_map\n"
+              "next(ordered_map(t._slow, range(8), 2, chunksize=1))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    kids: list[int] = []
+    deadline = time.time() + 30
+    while time.time() < deadline and len(kids) < 2:
+        time.sleep(0.2)
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        kids = [int(k) for k in out.split()]
+    try:
+        assert len(kids) >= 2, "the pool's workers did not start"
+        proc.kill()
+        proc.wait()
+
+        def running(pid: int) -> bool:
+            try:
+                return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+            except OSError:
+                return False
+
+        deadline = time.time() + 10
+        while time.time() < deadline and any(running(k) for k in kids):
+            time.sleep(0.2)
+        alive = [k for k in kids if running(k)]
+        assert not alive, f"workers {alive} outlived their killed parent"
+    finally:
+        proc.kill()
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass

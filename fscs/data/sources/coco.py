@@ -4,7 +4,9 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import re
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fscs.atomic import remove_stale_tmp
 from fscs.data.shards import ShardIndex
 from fscs.data.sources.common import (
     CONVERTER_VERSION,
@@ -188,9 +191,21 @@ def render_coco_pngs(root: str | Path, subset: str, keys: set[str] | None = None
     root = Path(root)
     specs = load_instances(root / "annotations" / f"instances_{subset}.json", keys)
     out = root / "annotations" / subset
-    out.mkdir(parents=True, exist_ok=True)
-    for key, spec in specs.items():
-        Image.fromarray(spec.load((spec.height, spec.width)), "L").save(out / f"{key}.png")
+    # rendered into a temporary folder, renamed at the end: an interrupted run leaves no partial folder that
+    # --mask-source auto would take for the PNG route
+    remove_stale_tmp(out.parent, out.name)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if out.is_dir():
+        shutil.copytree(out, tmp, dirs_exist_ok=True)  # extend an existing folder (keys= renders a subset)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        for key, spec in specs.items():
+            Image.fromarray(spec.load((spec.height, spec.width)), "L").save(tmp / f"{key}.png")
+        if out.is_dir():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

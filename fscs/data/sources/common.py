@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from fscs.atomic import remove_stale_tmp
 from fscs.data.shards import ROLES, ShardIndex, read_index, write_shards
 from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
@@ -198,26 +198,6 @@ def assign_splits(train: Mapping[int, Entries], test: Mapping[int, Entries], fra
     return splits, lists, len(both)
 
 
-def clean_stale_tmp(out: Path) -> None:
-    """Remove `out.tmp-<pid>` directories left by interrupted conversions (their process is gone)."""
-    for tmp in out.parent.glob(f"{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        alive = False
-        if pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-                alive = int(pid) != os.getpid()
-            except ProcessLookupError:
-                alive = False
-            except PermissionError:
-                alive = True
-        if alive:
-            logger.warning("%s: another conversion (pid %s) seems to be running; leaving it alone", tmp, pid)
-            continue
-        logger.info("removing %s left by an interrupted conversion", tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @dataclass
 class ConversionPlan:
     """Everything a conversion writes, decided before any image is read."""
@@ -326,7 +306,7 @@ def run_conversion(plan: ConversionPlan, out: str | Path, workers: int = 2, samp
         raise FSCSError(f"{out}: exists but is not a complete {plan.dataset!r} shard set made with these "
                         "parameters (other root, lists, --seed or --select-fraction?); delete it or pass another "
                         "--out")
-    clean_stale_tmp(out)
+    remove_stale_tmp(out.parent, out.name)  # folders of killed conversions
     jobs = sorted(plan.jobs_fn(), key=lambda j: (_SPLIT_ORDER[j.split], j.key))
     check_files(jobs, plan.missing_hint)
 
