@@ -270,6 +270,22 @@ class Predictor:
         return self.model.decode_episode(feats, None, self.regime)
 
 
+def _remove_previous_outputs(out: Path) -> None:
+    """Remove the per-query files an earlier `fscs predict` into `out` listed in its summary.json, so the
+    folder holds one run's predictions (other files there are left alone)."""
+    try:
+        previous = json.loads((out / "summary.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    gone = 0
+    for name in previous:
+        if isinstance(name, str) and Path(name).name == name and (out / name).is_file():
+            (out / name).unlink()
+            gone += 1
+    if gone:
+        logger.info("%s: removed %d files of the previous prediction run", out, gone)
+
+
 def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str], out_dir: str | Path, *,
                 batch_size: int = 8, threshold: float = 0.5, device: str = "auto", regime: str = "auto",
                 cache_dir: str | Path | None = None, max_side: int = 1024, progress: bool = True
@@ -292,6 +308,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)  # files of a killed earlier run
+    _remove_previous_outputs(out)
     colours = [class_colour(i) for i in range(len(pred.classes))]
     palette = np.array([(0, 0, 0), *colours] + [(0, 0, 0)] * (255 - len(colours)), dtype=np.uint8)
     classes = [{"id": i, "name": sc.name, "color": "#{:02x}{:02x}{:02x}".format(*colours[i - 1]),
@@ -335,7 +352,8 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     write_text_atomic(out / "predictions.csv", table.getvalue())
     write_index_html(out, records, classes, skipped, meta)
     summary = {"queries": len(paths), "predicted": len(records), "skipped": skipped,
-               "seconds": round(time.time() - t0, 2), "device": str(pred.device), "out": str(out)}
+               "seconds": round(time.time() - t0, 2), "device": str(pred.device), "out": str(out),
+               "files": sorted({f for r in records for f in (f"{r['name']}.json", r["mask"], r["overlay"])})}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     logger.info("predicted %d images (%d skipped) in %.1f s -> %s", len(records), len(skipped),
                 summary["seconds"], out / "index.html")

@@ -88,6 +88,13 @@ def test_predict_writes_sane_outputs(world, tmp_path):
     rows = (out / "predictions.csv").read_text().strip().splitlines()
     assert rows[0] == "image,present,cross,disk,ring" and len(rows) == 6
     assert not [f.name for f in out.iterdir() if ".tmp-" in f.name]  # every file written atomically
+    (out / "mine.txt").write_text("a user's own file")
+    again = run_predict(world["run"], world["support"], [str(world["queries"] / "q1.jpg")], out,
+                        progress=False)
+    left = sorted(f.name for f in out.iterdir())
+    assert again["files"] == ["q1.json", "q1.mask.png", "q1.overlay.png"]
+    assert left == sorted(["classes.json", "index.html", "predictions.csv", "summary.json", "mine.txt",
+                           *again["files"]])  # the first run's other queries are gone, the user's file stays
 
 
 def test_chunked_ways_equal_one_episode_and_forward_episode(world):
