@@ -154,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--regime", choices=["auto", "weak", "full", "mixed"], default="auto",
                     help="support masks: auto = the run's regime (weak: pseudo-masks; full/mixed: the given)")
     pr.add_argument("--cache", type=Path, default=None, help="cache support features on disk here")
-    pr.add_argument("--max-side", type=int, default=1024, help="longest side of overlays / mask computation (0 = original size)")
+    pr.add_argument("--max-side", type=int, default=1024,
+                    help="longest side of overlays / mask computation (0 = original size)")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     de = add("demo", "End to end on the offline default: shards, weak+full training, evaluation, table.")

@@ -236,15 +236,14 @@ def _validate(cfg: RunConfig) -> None:
                         "bench.settings=[1w1s,2w1s]")
     for s in b.settings:
         parse_setting(s)
-    for key, value, least in (("episodes", b.episodes, 1), ("batch_size", b.batch_size, 1),
-                              ("bootstrap", b.bootstrap, 0), ("seed", b.seed, 0)):
-        if value < least:
-            raise FSCSError(f"config key 'bench.{key}' is {value}; it must be >= {least}")
     if cfg.data.way < 1 or cfg.data.shot < 1:
         raise FSCSError("config keys 'data.way' and 'data.shot' must be >= 1")
     d = cfg.data
-    for key, value, least in (("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
-                              ("model.image_size", cfg.model.image_size, 16), ("train.epochs", cfg.train.epochs, 1)):
+    for key, value, least in (("bench.episodes", b.episodes, 1), ("bench.batch_size", b.batch_size, 1),
+                              ("bench.bootstrap", b.bootstrap, 0), ("bench.seed", b.seed, 0),
+                              ("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
+                              ("model.image_size", cfg.model.image_size, 16),
+                              ("train.epochs", cfg.train.epochs, 1)):
         if value < least:
             raise FSCSError(f"config key '{key}' is {value}; it must be >= {least}")
     if d.buffer_per_class <= d.shot:
@@ -286,8 +285,8 @@ def parse_setting(setting: str) -> tuple[int, int]:
     """'2w1s' -> (2, 1): way >= 1 and shot >= 1."""
     m = SETTING.fullmatch(str(setting).strip().lower())
     if m is None:
-        raise FSCSError(f"bad setting '{setting}' in bench.settings; write it <way>w<shot>s with way, shot >= 1, "
-                        "like 1w1s or 2w5s")
+        raise FSCSError(f"bad setting '{setting}' in bench.settings; write it <way>w<shot>s with way, "
+                        "shot >= 1, like 1w1s or 2w5s")
     return int(m.group(1)), int(m.group(2))
 
 

@@ -28,7 +28,7 @@ from fscs.atomic import remove_stale_tmp, write_bytes_atomic, write_text_atomic
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
-from fscs.engine.checkpoint import flat_config, load_checkpoint, save_checkpoint
+from fscs.engine.checkpoint import compare_configs, flat_config, load_checkpoint, save_checkpoint
 from fscs.errors import FSCSError
 from fscs.model.backbone import get_spec
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
@@ -342,25 +342,16 @@ class Pretrainer:
 PRETRAIN_RESUME_FREE = ("name", "out_dir", "export", "log_every", "image_every", "ckpt_every", "stop_at",
                         "optim.steps", "data.shards")
 """Keys a resumed pretraining may change (data.shards: the same images may have moved)."""
-PRETRAIN_RESUME_MUST_MATCH = ("model.", "dino.", "labels.", "data.exclude_folds", "data.split", "data.max_images")
-"""Keys (or prefixes) whose change breaks the checkpoint (other architecture) or what the backbone may have
+PRETRAIN_RESUME_MUST_MATCH = ("data.exclude_folds", "data.max_images", "data.split", "dino.", "labels.", "model.")
+"""Keys (or sections) whose change breaks the checkpoint (other architecture) or what the backbone may have
 seen (a fold excluded so that its classes stay novel): an error."""
 
 
 def check_pretrain_resume(saved: dict[str, Any], config: dict[str, Any], where: Path) -> list[str]:
     """Refuse a pretraining checkpoint made with another architecture, label fold or excluded folds (one-line
     FSCSError naming the key and the fix); return warnings for other changed keys."""
-    old, new = flat_config(saved), flat_config(config)
-    warnings = []
-    for key in sorted(old.keys() & new.keys()):
-        if old[key] == new[key] or key in PRETRAIN_RESUME_FREE:
-            continue
-        if key.startswith(PRETRAIN_RESUME_MUST_MATCH):
-            raise FSCSError(f"pretraining checkpoint '{where}' was made with {key}={old[key]!r}, but the config "
-                            f"says {new[key]!r}; set {key}={old[key]} to resume it, or start a new run (another "
-                            "name= or out_dir=)")
-        warnings.append(f"{key} changed from {old[key]!r} to {new[key]!r}")
-    return warnings
+    return compare_configs(flat_config(saved), flat_config(config), what=f"pretraining checkpoint '{where}'",
+                           must_match=PRETRAIN_RESUME_MUST_MATCH, free=PRETRAIN_RESUME_FREE)
 
 
 def run_pretrain(cfg: PretrainConfig, env: DistEnv) -> dict[str, Any]:

@@ -158,8 +158,6 @@ class Trainer:
             if (self.run_dir / CHECKPOINT).is_file():
                 logger.warning("%s has %s but no resumable state/ folder: training from scratch",
                                self.run_dir, CHECKPOINT)
-            if self.env.is_main:  # a killed attempt before its first checkpoint: its log lines go too
-                truncate_train_log(self.run_dir / TRAIN_LOG, 0)
             return
         state = load_checkpoint(path / TRAINER_FILE)
         check_backbone_identity(state["backbone"], self.model, path)
@@ -174,7 +172,6 @@ class Trainer:
         self.selection = state["selection"]
         self.resumed_from = self._saved_step = self.step
         if self.env.is_main:
-            truncate_train_log(self.run_dir / TRAIN_LOG, self.step)
             logger.info("resumed %s at epoch %d, step %d (%d of the epoch done)", path, self.epoch, self.step,
                         self.step_in_epoch)
 
@@ -312,15 +309,15 @@ class Trainer:
 
         self._resume()  # a refused resume leaves config.yaml and tb/ as they were
         d, t = self.cfg.data, self.cfg.train
-        logger.info("%d episodes per optimizer step (data.batch_size %d x %d process(es) x train.grad_accum %d)",
-                    d.batch_size * self.env.world_size * t.grad_accum, d.batch_size, self.env.world_size,
-                    t.grad_accum)
+        logger.info("%d episodes per optimizer step (data.batch_size %d x %d process(es) x "
+                    "train.grad_accum %d)", d.batch_size * self.env.world_size * t.grad_accum, d.batch_size,
+                    self.env.world_size, t.grad_accum)
         if self.env.is_main:
             save_config(self.cfg, self.run_dir / "config.yaml")
             from torch.utils.tensorboard import SummaryWriter
 
-            # a resumed run drops the events a killed attempt logged after its checkpoint
-            # drop what a killed attempt logged after the checkpoint resumed from (everything without one)
+            # what a killed attempt logged after the checkpoint resumed from goes (everything, without one)
+            truncate_train_log(self.run_dir / TRAIN_LOG, self.step)
             self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1)
         t0 = time.time()
         total = self.cfg.train.epochs * self.cfg.train.steps_per_epoch

@@ -342,6 +342,13 @@ def _device(env: DistEnv) -> torch.device:
     return torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
 
 
+def check_settings(index: ShardIndex, role: str, fold: int, settings: Sequence[str], seed: int) -> None:
+    """Every setting's episodes can be drawn from the fold (one-line FSCSError otherwise): checked before the
+    first episode is evaluated, not after hours of the settings before it."""
+    for setting in settings:
+        EpisodeSampler(index, role, fold, *parse_setting(setting), seed)
+
+
 def check_unseen_fold(train_cfg: RunConfig, cfg: RunConfig, index: ShardIndex) -> None:
     """Refuse to test a head on another fold of the dataset it was trained on: that fold's classes were among
     its training classes. Another dataset (a cross-domain test) may use any fold."""
@@ -365,8 +372,7 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
     """Evaluate a run on every setting of cfg.bench; rank 0 writes a JSON per setting (+ side files)."""
     index = read_index(cfg.data.shards)
     check_unseen_fold(loaded.cfg, cfg, index)
-    for setting in cfg.bench.settings:  # every setting's episodes exist before the first one is evaluated
-        EpisodeSampler(index, cfg.bench.role, cfg.data.fold, *parse_setting(setting), cfg.bench.seed)
+    check_settings(index, cfg.bench.role, cfg.data.fold, cfg.bench.settings, cfg.bench.seed)
     regime = regime or loaded.cfg.train.regime
     if save_predictions is not None:  # one run's predictions per folder, and which run made them
         if env.is_main:

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from fscs.atomic import remove_stale_tmp
 from fscs.bench.metrics import FSCSMetric, format_metrics
 from fscs.bench.results_io import write_json_atomic, write_result
-from fscs.bench.runner import EvalJob, _device, evaluate_jobs
+from fscs.bench.runner import EvalJob, _device, check_settings, evaluate_jobs
 from fscs.bench.runs import LoadedRun, label_gt_fraction, load_run, regime_label, run_metadata
 from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
@@ -226,10 +226,9 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
     summary.backbone_groups = _share_backbones(runs, _device(env))
     if env.is_main:  # only rank 0 writes here (other hosts cannot tell whether its pids are alive)
         remove_stale_tmp(results_dir)  # files of a killed earlier attempt
-    for fold in suite.folds:  # every setting of every fold with runs exists before the first is evaluated
-        if any(r.cfg.data.fold == fold for r in runs):
-            for setting in suite.settings:
-                EpisodeSampler(index, suite.role, fold, *parse_setting(setting), suite.seed)
+    run_folds = {r.cfg.data.fold for r in runs}
+    for fold in (f for f in suite.folds if f in run_folds):  # before the first episode of any fold
+        check_settings(index, suite.role, fold, suite.settings, suite.seed)
     for fold in suite.folds:
         fold_runs = [r for r in runs if r.cfg.data.fold == fold]
         if not fold_runs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,29 @@ def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    """Whether `key` is one of `patterns` or lies under one ending in '.' (a whole section)."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def compare_configs(old: dict[str, Any], new: dict[str, Any], *, what: str, must_match: Sequence[str],
+                    free: Sequence[str], skip: Sequence[str] = ()) -> list[str]:
+    """Compare the flattened config a checkpoint was made with (`old`) and the current one (`new`).
+
+    A changed key matching `must_match` (keys, or sections ending in '.'; checked in that order, keys sorted
+    within each) is a one-line FSCSError naming `what`, the key and the fix. Changed keys matching none of
+    `must_match`, `free` and `skip` come back as warnings, sorted; `skip` keys are neither refused nor warned.
+    """
+    for pattern in must_match:
+        for key in sorted(k for k in old if _matches(k, (pattern,)) and not _matches(k, skip)):
+            if old[key] != new.get(key):
+                raise FSCSError(f"{what} was made with {key}={old[key]!r}, but the config says {new.get(key)!r}; "
+                                f"set {key}={old[key]} to resume it, or start a new run (another name= or "
+                                "out_dir=)")
+    return [f"{key} changed from {old[key]!r} to {new[key]!r}" for key in sorted(old)
+            if key in new and old[key] != new[key] and not _matches(key, (*must_match, *free, *skip))]
+
+
 def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str, world_size: int,
                  where: Path) -> list[str]:
     """Refuse a checkpoint another configuration made (one-line FSCSError naming key and fix); return warnings
@@ -153,16 +177,9 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str,
         raise FSCSError(f"checkpoint '{where}' (step {step}) was trained on dataset '{state['dataset']}', "
                         f"but data.shards holds '{dataset}'; point data.shards at the original shards or "
                         "start a new run (another name= or out_dir=)")
-    for key in RESUME_MUST_MATCH:
-        if key == "model.enhancer_channels" and old.get("train.regime") != "mixed":
-            continue  # only the mixed regime's head holds an enhancer
-        if key in old and old[key] != new.get(key):
-            raise FSCSError(f"checkpoint '{where}' (step {step}) was made with {key}={old[key]!r}, but the "
-                            f"config says {new.get(key)!r}; set {key}={old[key]} to resume it, or start a "
-                            "new run (another name= or out_dir=)")
-    warnings = [f"{key} changed from {old[key]!r} to {new.get(key)!r}" for key in sorted(old)
-                if not key.startswith("bench.") and key not in RESUME_FREE and key not in RESUME_MUST_MATCH
-                and key in new and old[key] != new[key]]
+    no_enhancer = () if old.get("train.regime") == "mixed" else ("model.enhancer_channels",)  # weak/full heads
+    warnings = compare_configs(old, new, what=f"checkpoint '{where}' (step {step})", must_match=RESUME_MUST_MATCH,
+                               free=(*RESUME_FREE, "bench."), skip=no_enhancer)
     length = [c.get("train.epochs", 0) * c.get("train.steps_per_epoch", 0) for c in (old, new)]
     if new.get("train.schedule") == "cosine" and length[0] != length[1]:
         warnings.append(f"the cosine schedule's length changes from {length[0]} to {length[1]} steps: the "
