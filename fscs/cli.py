@@ -103,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--shots", default="1,5", help="shots you plan to use (warns about too-small classes)")
     fo.add_argument("--name", default=None, help="dataset name in index.json (default folder-<dir name>)")
 
+    ve = shsub.add_parser(
+        "verify", help="check a shard directory against its index.json (sizes, sha256, tar contents)",
+        epilog="example:\n  fscs shards verify data/pascal5i --decode",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ve.set_defaults(handler=_cmd_shards_verify)
+    ve.add_argument("dir", type=Path, help="shard directory (holds index.json)")
+    ve.add_argument("--decode", action="store_true", help="also decode every image and mask (slower)")
+
     tr = add("train", "Train the CST head (run under torchrun for several processes).")
     tr.add_argument("--config", type=Path, default=None, help="YAML config (see configs/)")
     tr.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=5e-4")
@@ -235,6 +243,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         cfg, out = load_config(None, args.overrides, base_cfg=loaded.cfg), args.out or Path(args.run) / "results"
     bench_run(loaded, cfg, env, out, regime=args.regime, save_predictions=args.save_predictions)
     distributed.finish(0)
+    return 0
+
+
+def _cmd_shards_verify(args: argparse.Namespace) -> int:
+    from fscs.data.shards import read_index, rebuild_hint, verify_shards
+
+    index = read_index(args.dir)
+    problems, checked = verify_shards(index, decode=args.decode)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        raise FSCSError(f"{args.dir}: {len(problems)} problem(s) above; delete the directory and rebuild it "
+                        f"({rebuild_hint(index.dataset, args.dir)})")
+    hashed = sum("sha256" in s for s in index.shards)
+    decoded = ", every image decoded" if args.decode else ""
+    print(f"{args.dir}: {len(index.shards)} shards, {checked} samples as index.json lists them "
+          f"(sha256 checked for {hashed} of {len(index.shards)} shards{decoded})")
     return 0
 
 

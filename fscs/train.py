@@ -162,7 +162,8 @@ class Trainer:
         state = load_checkpoint(path / TRAINER_FILE)
         check_backbone_identity(state["backbone"], self.model, path)
         for warning in check_resume(state, config_to_dict(self.cfg), dataset=self.index.dataset,
-                                    world_size=self.env.world_size, where=path):
+                                    index_sha256=self.index.sha256, world_size=self.env.world_size,
+                                    where=path):
             logger.warning("resuming %s: %s; the result will differ from an uninterrupted run", path, warning)
         self.engine.load(path / ENGINE_DIR)
         rng = path / rng_file(self.env.rank)
@@ -184,7 +185,7 @@ class Trainer:
         """The head file bench/predict load (checkpoint.pt, best.pt): no optimizer, no backbone weights."""
         return {"format": EXPORT_FORMAT, "engine": {"head": head}, "epoch": self.epoch, "step": self.step,
                 "config": config_to_dict(self.cfg), "backbone": self.model.backbone.identity,
-                "dataset": self.index.dataset, "selection": self.selection}
+                "dataset": self.index.dataset, "index_sha256": self.index.sha256, "selection": self.selection}
 
     def _save(self) -> None:
         """Every rank: write a resumable checkpoint of this step boundary and publish it atomically."""
@@ -200,7 +201,8 @@ class Trainer:
                 "step_in_epoch": self.step_in_epoch, "sums": self.sums, "history": self.history,
                 "selection": self.selection,
                 "config": config_to_dict(self.cfg), "backbone": self.model.backbone.identity,
-                "dataset": self.index.dataset, "world_size": self.env.world_size, "engine": self.engine.name})
+                "dataset": self.index.dataset, "index_sha256": self.index.sha256,
+                "world_size": self.env.world_size, "engine": self.engine.name})
         if self.env.is_main:  # before `latest` moves: a kill in between retrains from the previous save
             save_checkpoint(self.run_dir / CHECKPOINT, self._export(head))
         self.store.publish(path)

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from fscs.config import RunConfig, config_from_dict, config_to_dict, load_config
+from fscs.digest import file_sha256
 from fscs.engine.checkpoint import load_checkpoint
 from fscs.errors import FSCSError
-from fscs.model.backbone import file_sha256
 from fscs.model.fscs_model import FSCSModel
 from fscs.run_dir import build_model, check_backbone_identity, resolve_checkpoint
 

@@ -20,6 +20,7 @@ from PIL import Image
 from fscs.atomic import remove_stale_tmp
 from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
+from fscs.digest import file_sha256
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -54,17 +55,19 @@ class ShardReadError(Exception):
 class CorruptShardLog:
     """Exception handler (webdataset protocol: `handler(exn) -> True` = skip and continue).
 
-    Logs a warning naming the file, counts the skips in `count` and remembers the messages in `errors`.
+    Logs a warning naming the file (unless `quiet`), counts the skips in `count` and remembers the messages in
+    `errors`.
     """
 
-    def __init__(self) -> None:
-        self.count = 0
+    def __init__(self, quiet: bool = False) -> None:
+        self.count, self.quiet = 0, quiet
         self.errors: list[str] = []
 
     def __call__(self, exn: BaseException) -> bool:
         self.count += 1
         self.errors.append(str(exn))
-        logger.warning("skipping unreadable shard data: %s", exn)
+        if not self.quiet:
+            logger.warning("skipping unreadable shard data: %s", exn)
         return True
 
 
@@ -82,6 +85,8 @@ class ShardIndex:
     lists: dict[str, dict[int, list[tuple[str, int]]]]
     params: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    sha256: str = ""
+    """sha256 of index.json's bytes: with the shards' own checksums in it, an identity of the data."""
 
     def fold_entries(self, role: str, fold: int) -> list[tuple[str, int]]:
         """(key, class) entries: train/select = union over folds j != fold; test = the fold's own list."""
@@ -162,6 +167,7 @@ class _SplitWriter:
         tf, entry = self.open.pop(split)
         tf.close()
         entry["bytes"] = (self.root / entry["file"]).stat().st_size
+        entry["sha256"] = file_sha256(self.root / entry["file"])
 
     def close(self) -> list[dict[str, Any]]:
         for split in list(self.open):
@@ -271,7 +277,8 @@ def read_index(shard_dir: str | Path) -> ShardIndex:
         raise FSCSError(f"{path}: no shard index; create the shards first: {rebuild_hint(None, root)}")
     raw: Any = None
     try:
-        raw = json.loads(path.read_text())
+        data = path.read_bytes()
+        raw = json.loads(data)
         if raw.get("format") != FORMAT:
             raise ValueError(f"format {raw.get('format')!r} != {FORMAT!r}")
         broken = next((k for k, m in raw["samples"].items() if not isinstance(m, dict) or "shard" not in m), None)
@@ -288,7 +295,7 @@ def read_index(shard_dir: str | Path) -> ShardIndex:
             shards=list(raw["shards"]), samples=dict(raw["samples"]),
             lists={r: {int(f): [(str(k), int(c)) for k, c in es] for f, es in fl.items()}
                    for r, fl in raw.get("lists", {}).items()},
-            params=dict(raw.get("params", {})))
+            params=dict(raw.get("params", {})), sha256=hashlib.sha256(data).hexdigest())
     except (ValueError, KeyError, TypeError, AttributeError) as exn:
         dataset = raw.get("dataset") if isinstance(raw, dict) else None
         raise FSCSError(f"{path}: invalid shard index ({exn}); delete {root} and rerun "
@@ -406,3 +413,58 @@ def shards_fingerprint(index: ShardIndex) -> str:
         st = (index.root / shard["file"]).stat()
         h.update(f"{shard['file']} {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()
+
+
+def verify_shards(index: ShardIndex, *, decode: bool = False) -> tuple[list[str], int]:
+    """Check a shard directory against its index.json -> (problems, samples checked); problems name the file.
+
+    Each shard: present, of the recorded size and sha256 (shard sets written before checksums were recorded
+    are checked by size alone), a complete tar holding exactly the samples the index assigns to it. With
+    `decode`, every image and mask is decoded too (catches files that were bad before they were sharded).
+    """
+    problems: list[str] = []
+    expected: dict[str, set[str]] = {}
+    for key, meta in index.samples.items():
+        expected.setdefault(meta["shard"], set()).add(key)
+    listed = {s["file"] for s in index.shards}
+    problems += [f"{index.root / f}: named by {len(ks)} samples but not listed among the shards"
+                 for f, ks in sorted(expected.items()) if f not in listed]
+    checked = 0
+    for shard in index.shards:
+        path = index.root / shard["file"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            problems.append(f"{path}: {size} bytes, index.json says {shard['bytes']}")
+            continue
+        if "sha256" in shard and file_sha256(path) != shard["sha256"]:
+            problems.append(f"{path}: content differs from index.json (sha256 mismatch)")
+            continue
+        errors: list[str] = []
+        seen = _shard_keys(path, errors)
+        want = expected.get(shard["file"], set())
+        if not errors and seen != want:
+            extra, lost = sorted(seen - want), sorted(want - seen)
+            errors.append(f"{path}: holds {len(seen)} samples, index.json assigns {len(want)} "
+                          f"(missing e.g. {lost[:1]}, unexpected e.g. {extra[:1]})")
+        if decode and not errors:
+            log = CorruptShardLog(quiet=True)
+            for _ in iter_shard_samples([path], handler=log):
+                pass
+            errors += log.errors
+        problems += errors
+        checked += len(seen & want)
+    return problems, checked
+
+
+def _shard_keys(path: Path, errors: list[str]) -> set[str]:
+    """Sample keys of one complete tar (appends a message to `errors` when it is not one)."""
+    try:
+        with tarfile.open(path, "r:") as tf:
+            return {os.path.basename(m.name).partition(".")[0] for m in _checked_members(tf, str(path))
+                    if m.isfile()}
+    except (OSError, tarfile.TarError, ShardReadError) as exn:
+        errors.append(str(exn) if isinstance(exn, ShardReadError) else f"{path}: not a readable tar ({exn})")
+        return set()

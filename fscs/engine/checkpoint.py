@@ -168,18 +168,26 @@ def compare_configs(old: dict[str, Any], new: dict[str, Any], *, what: str, must
 
 
 def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str, world_size: int,
-                 where: Path) -> list[str]:
+                 where: Path, index_sha256: str | None = None) -> list[str]:
     """Refuse a checkpoint another configuration made (one-line FSCSError naming key and fix); return warnings
-    for changes that still load but make the resumed run differ from an uninterrupted one."""
+    for changes that still load but make the resumed run differ from an uninterrupted one.
+
+    `dataset` and `index_sha256` identify the shards data.shards points at now (ShardIndex.dataset, .sha256).
+    """
     old, new = flat_config(state.get("config", {})), flat_config(config)
     step = state.get("step", "?")
     if state.get("dataset") not in (None, dataset):
         raise FSCSError(f"checkpoint '{where}' (step {step}) was trained on dataset '{state['dataset']}', "
                         f"but data.shards holds '{dataset}'; point data.shards at the original shards or "
                         "start a new run (another name= or out_dir=)")
+    warnings = []
+    if index_sha256 and state.get("index_sha256") not in (None, index_sha256):
+        warnings.append(f"data.shards' index.json differs from the one the checkpoint was trained with "
+                        f"(sha256 {state['index_sha256'][:12]} vs {index_sha256[:12]}): the shards were "
+                        "rebuilt or replaced, so the resumed run reads other data")
     no_enhancer = () if old.get("train.regime") == "mixed" else ("model.enhancer_channels",)  # weak/full heads
-    warnings = compare_configs(old, new, what=f"checkpoint '{where}' (step {step})", must_match=RESUME_MUST_MATCH,
-                               free=(*RESUME_FREE, "bench."), skip=no_enhancer)
+    warnings += compare_configs(old, new, what=f"checkpoint '{where}' (step {step})",
+                                must_match=RESUME_MUST_MATCH, free=(*RESUME_FREE, "bench."), skip=no_enhancer)
     length = [c.get("train.epochs", 0) * c.get("train.steps_per_epoch", 0) for c in (old, new)]
     if new.get("train.schedule") == "cosine" and length[0] != length[1]:
         warnings.append(f"the cosine schedule's length changes from {length[0]} to {length[1]} steps: the "

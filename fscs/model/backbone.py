@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from fscs.assets import resolve_weights
+from fscs.digest import file_sha256
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -132,15 +132,6 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
         raise RuntimeError(f"DINO pos_embed interpolation gave {tuple(grid.shape[-2:])}, wanted {(gh, gw)}")
     patch = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1).to(pos_embed.dtype)
     return torch.cat([prefix, patch], dim=1)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes (streamed)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _strip(key: str, prefix: str) -> str:

@@ -234,6 +234,7 @@ def test_model_selection_keeps_best_on_training_classes_and_bench_uses_it(shards
     run = tmp_path / "sel"
     best = load_checkpoint(run / "best.pt")
     assert best["epoch"] == sel["epoch"] and best["selection"]["value"] == sel["value"]
+    assert best["index_sha256"] == read_index(shards).sha256  # which shards it was trained on
     assert load_run(run).checkpoint.name == "best.pt"  # fscs bench evaluates the selected checkpoint
     assert load_run(run, checkpoint="checkpoint.pt").checkpoint.name == "checkpoint.pt"
     index = read_index(shards)  # the selection episodes never touch the test fold's classes

@@ -141,6 +141,12 @@ def test_resume_refuses_other_backbone_or_engine_and_warns_on_soft_changes(tmp_p
     soft = config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1", "train.lr=0.5"))
     assert check_resume(saved, soft, dataset="synthetic-5i", world_size=2, where=tmp_path) == [
         "train.lr changed from 0.001 to 0.5"]
+    rebuilt = check_resume(saved | {"index_sha256": "a" * 64}, same, dataset="synthetic-5i", world_size=2,
+                           where=tmp_path, index_sha256="b" * 64)  # same dataset name, other shards
+    assert len(rebuilt) == 1 and "index.json differs" in rebuilt[0]
+    assert "aaaaaaaaaaaa vs bbbbbbbbbbbb" in rebuilt[0]
+    assert check_resume(saved | {"index_sha256": "a" * 64}, same, dataset="synthetic-5i", world_size=2,
+                        where=tmp_path, index_sha256="a" * 64) == []
 
 
 def test_resumed_schedule_follows_the_current_config(tmp_path):

@@ -1,8 +1,10 @@
 """Tests of shard writing (atomic, cached), index reading and corrupt-tolerant shard iteration."""
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 
@@ -217,3 +219,63 @@ def test_index_cross_references_and_rebuild_hints(shard_dir, tmp_path):
         (bad / "index.json").write_text(json.dumps(raw))
         with pytest.raises(FSCSError, match=f"invalid shard index .*{needle}.*fscs shards synth --out DIR"):
             read_index(bad)
+
+
+def _rewrite_tar(path, change):
+    """Rewrite the tar at `path` with `change(name, data) -> data | None` (None drops the member)."""
+    with tarfile.open(path) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            data = change(name, data)
+            if data is not None:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+def test_verify_shards(shard_dir, tmp_path, capsys):
+    """`fscs shards verify` passes a fresh set and names each damaged shard: altered bytes of the same size
+    (sha256), a truncated file (size), a missing file, a member dropped from a set without checksums, and
+    with --decode an image that no longer decodes."""
+    from fscs.cli import main
+    from fscs.data.shards import verify_shards
+
+    index = read_index(shard_dir)
+    assert all(len(s["sha256"]) == 64 for s in index.shards)
+    assert verify_shards(index, decode=True) == ([], N)
+    assert main(["shards", "verify", str(shard_dir)]) == 0
+    assert f"{N} samples" in capsys.readouterr().out
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    paths = read_index(bad).shard_paths("trn")
+    data = bytearray(open(paths[0], "rb").read())
+    data[700] ^= 0xFF
+    open(paths[0], "wb").write(bytes(data))
+    whole = open(paths[1], "rb").read()
+    open(paths[1], "wb").write(whole[:-1024])
+    os.remove(paths[2])
+    problems, _ = verify_shards(read_index(bad))
+    assert [p.split(": ", 1) for p in problems] == [
+        [paths[0], "content differs from index.json (sha256 mismatch)"],
+        [paths[1], f"{os.path.getsize(paths[1])} bytes, index.json says {os.path.getsize(paths[1]) + 1024}"],
+        [paths[2], "missing"]]
+    assert main(["shards", "verify", str(bad)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and "3 problem(s) above" in err[3] and "fscs shards synth --out DIR" in err[3]
+
+    old = tmp_path / "old"  # a set written before checksums: sizes, tar structure and members are checked
+    shutil.copytree(shard_dir, old)
+    raw = json.loads((old / "index.json").read_text())
+    for s in raw["shards"]:
+        del s["sha256"], s["bytes"]
+    (old / "index.json").write_text(json.dumps(raw))
+    paths = read_index(old).shard_paths("trn")
+    _rewrite_tar(paths[0], lambda name, data: None if name.startswith("synth_000003.") else data)
+    _rewrite_tar(paths[1], lambda name, data: b"\xff\xd8 not a jpeg" if name.endswith(".jpg") else data)
+    assert verify_shards(read_index(old))[0] == [
+        f"{paths[0]}: holds 24 samples, index.json assigns 25 "
+        "(missing e.g. ['synth_000003'], unexpected e.g. [])"]
+    problems, _ = verify_shards(read_index(old), decode=True)
+    assert len(problems) == 26 and all(p.startswith(paths[1]) for p in problems[1:])
