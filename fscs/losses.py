@@ -1,13 +1,20 @@
-"""FS-CS training loss: weighted 2-class classification CE plus pixel-averaged 2-class segmentation CE."""
+"""FS-CS training loss: weighted 2-class classification CE plus pixel-averaged 2-class segmentation CE, and
+the loss of a batch of episodes in each supervision regime."""
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from fscs.errors import FSCSError
+
+if TYPE_CHECKING:
+    from fscs.config import TrainConfig
+    from fscs.model.fscs_model import FSCSModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +84,40 @@ def fscs_loss(
         seg_loss = seg_in.sum() * 0.0
     loss = cls_weight * cls_loss + seg_weight * seg_loss
     return loss, {"cls": cls_loss.detach(), "seg": seg_loss.detach()}
+
+
+PIXEL_KEYS = frozenset({"support_mask", "query_target", "support_has_gt", "query_has_gt"})
+"""Batch entries that carry pixel labels (the weak regime must never see them)."""
+
+
+def batch_loss(model: FSCSModel, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+               head: Callable | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training loss of one batch of episodes in the regime cfg.regime (`head`: the engine's wrapped head).
+
+    batch (TrainEpisodeStream, batched over B): query_img [B,3,S,S], support_img [B,N,K,3,S,S],
+    presence [B,N]; full regime also support_mask [B,N,K,S,S], query_target [B,N,S,S] (255 = boundary);
+    mixed: see fscs.model.enhancer.mixed_step_loss. Weak: the segmentation target is the query's pseudo-mask
+    from the frozen backbone; full: its GT (boundary pixels ignored, or background when
+    cfg.loss_ignore_boundary is off). Returns (loss, detached terms {"cls", "seg", ...}).
+    """
+    from fscs.model.enhancer import mixed_step_loss
+
+    if cfg.regime == "mixed":
+        return mixed_step_loss(model, batch, cfg, head=head)
+    pixel_keys = sorted(PIXEL_KEYS & batch.keys())
+    if cfg.regime == "weak" and pixel_keys:
+        raise FSCSError(f"train.regime=weak got pixel labels {pixel_keys} in its batch; the weak regime "
+                        "uses image-level labels only (build the stream with use_masks=False, gt_fraction=0)")
+    full = cfg.regime == "full"
+    presence = batch["presence"]
+    out = model.forward_episode(batch["query_img"], batch["support_img"],
+                                support_masks=batch.get("support_mask") if full else None,
+                                regime=cfg.regime, query_presence=presence, head=head)
+    if full:
+        target = batch["query_target"]
+        if not cfg.loss_ignore_boundary:
+            target = torch.where(target == 255, torch.zeros_like(target), target)
+    else:
+        target = out.pseudo_query.long()  # type: ignore[union-attr]
+    return fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
+                     cls_weight=cfg.cls_weight, fg_weight=cfg.seg_fg_weight)

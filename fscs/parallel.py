@@ -3,7 +3,7 @@
 `multiprocessing.Pool.imap` decodes as far ahead as its workers can go while the consumer (a single-threaded
 tar writer) lags, so memory grows with the dataset; and when a worker is killed (the out-of-memory killer)
 it waits forever. `ordered_map` submits a few chunks per worker ahead of the consumer only, and turns a dead
-worker into a one-line error.
+worker into a one-line error. `end_new_children` ends a data loader's workers after an error.
 """
 from __future__ import annotations
 
@@ -75,3 +75,15 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunk
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+def end_new_children(known: set[int]) -> None:
+    """Kill the child processes started since `known` was taken (the loader's workers) and reap them.
+
+    After an error the workers must go now: they ignore SIGTERM (`ignore_in_worker`), and multiprocessing's
+    exit handler, which sends SIGTERM and then joins them, would wait for them forever.
+    """
+    for proc in multiprocessing.active_children():
+        if proc.pid not in known:
+            proc.kill()
+            proc.join(10)

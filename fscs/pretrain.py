@@ -35,6 +35,7 @@ from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, 
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit
 from fscs.pretrain_config import PretrainConfig
+from fscs.runtime import resolve_device
 from fscs.signals import CheckpointRequests, Decision
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
-        self.device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto", env)
         self.images, self.labels, self.classes = load_images(cfg)
         torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
         spec = get_spec(cfg.model.backbone)

@@ -2,13 +2,18 @@
 to load, and the check that a head was trained on this backbone's features."""
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from fscs.atomic import write_text_atomic
 from fscs.config import RunConfig
 from fscs.errors import FSCSError
 from fscs.model.fscs_model import FSCSModel
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 """The head of the newest save (what `fscs bench` loads when the run has no best.pt)."""
@@ -52,3 +57,24 @@ def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
                 f"checkpoint '{path}' was trained with backbone {key}={stored.get(key)!r}, but this run uses "
                 f"{current.get(key)!r}; set model.backbone/model.weights/model.image_size to match"
             )
+
+
+def truncate_train_log(log: Path, step: int) -> None:
+    """Keep the lines of train_log.jsonl up to `step` (a resumed run trains the later steps again).
+
+    A line cut short by the crash or kill being resumed from is dropped with a warning; the file is
+    rewritten atomically, so a second interruption here loses nothing.
+    """
+    if not log.is_file():
+        return
+    keep = []
+    for ln in log.read_text().splitlines():
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError:
+            if ln.strip():
+                logger.warning("%s: dropping an unreadable line (%r)", log, ln[:80])
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(ln)
+    write_text_atomic(log, "".join(ln + "\n" for ln in keep))

@@ -4,12 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import random
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fscs.atomic import remove_stale_tmp, write_text_atomic
@@ -21,77 +18,17 @@ from fscs.engine import build_engine
 from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, capture_rng, check_resume,
                                     load_checkpoint, restore_rng, rng_file, save_checkpoint)
 from fscs.errors import FSCSError
-from fscs.losses import CHANCE_CE, at_chance, fscs_loss
+from fscs.losses import CHANCE_CE, at_chance, batch_loss
+from fscs.parallel import end_new_children
 from fscs.run_dir import (BEST, CHECKPOINT, SUMMARY, TRAIN_LOG, build_model, check_backbone_identity,
-                          resolve_checkpoint)
+                          resolve_checkpoint, truncate_train_log)
+from fscs.runtime import resolve_device, resolve_precision, seed_all
 from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "fscs-checkpoint/1"
 STATE_FORMAT = "fscs-train-state/1"
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str, env: DistEnv) -> torch.device:
-    """train.device -> a torch device; asking for a GPU on a machine without one is a one-line error."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FSCSError("config key 'train.device' is 'cuda' but this machine has no usable CUDA GPU "
-                        "(torch.cuda.is_available() is False); set train.device=cpu (or auto), or run on a "
-                        "GPU node")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if env.local_rank >= torch.cuda.device_count():
-        raise FSCSError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                        "start at most one process per GPU (torchrun --nproc_per_node, --gpus-per-node)")
-    return torch.device(f"cuda:{env.local_rank}")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """train.precision -> fp32 | bf16: `auto` is bf16 on a CUDA device with bf16 support, else fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def truncate_train_log(log: Path, step: int) -> None:
-    """Keep the lines of train_log.jsonl up to `step` (a resumed run trains the later steps again).
-
-    A line cut short by the crash or kill being resumed from is dropped with a warning; the file is
-    rewritten atomically, so a second interruption here loses nothing.
-    """
-    if not log.is_file():
-        return
-    keep = []
-    for ln in log.read_text().splitlines():
-        try:
-            record = json.loads(ln)
-        except json.JSONDecodeError:
-            if ln.strip():
-                logger.warning("%s: dropping an unreadable line (%r)", log, ln[:80])
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            keep.append(ln)
-    write_text_atomic(log, "".join(ln + "\n" for ln in keep))
-
-
-def end_new_children(known: set[int]) -> None:
-    """Kill the child processes started since `known` was taken (the loader's workers) and reap them.
-
-    After an error the workers must go now: they ignore SIGTERM (`ignore_in_worker`), and multiprocessing's
-    exit handler, which sends SIGTERM and then joins them, would wait for them forever.
-    """
-    for proc in multiprocessing.active_children():
-        if proc.pid not in known:
-            proc.kill()
-            proc.join(10)
 
 
 class Trainer:
@@ -274,33 +211,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step on a batch of episodes; returns the loss terms."""
-        from fscs.model.enhancer import mixed_step_loss
-
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        presence = batch["presence"]
-        regime = self.cfg.train.regime
-        pixel_keys = sorted({"support_mask", "query_target", "support_has_gt", "query_has_gt"} & batch.keys())
-        if regime == "weak" and pixel_keys:
-            raise FSCSError(f"train.regime=weak got pixel labels {pixel_keys} in its batch; the weak regime "
-                            "uses image-level labels only (build the stream with use_masks=False, gt_fraction=0)")
         with self.engine.autocast():
-            if regime == "mixed":
-                loss, parts = mixed_step_loss(self.model, batch, self.cfg.train, head=self.engine.module)
-            else:
-                out = self.model.forward_episode(
-                    batch["query_img"], batch["support_img"],
-                    support_masks=batch.get("support_mask") if self.use_masks else None,
-                    regime=regime, query_presence=presence, head=self.engine.module,
-                )
-                if self.use_masks:
-                    target = batch["query_target"]
-                    if not self.cfg.train.loss_ignore_boundary:
-                        target = torch.where(target == 255, torch.zeros_like(target), target)
-                else:
-                    target = out.pseudo_query.long()  # type: ignore[union-attr]
-                loss, parts = fscs_loss(out.cls_logits.float(), out.mask_logits.float(), presence, target,
-                                        cls_weight=self.cfg.train.cls_weight,
-                                        fg_weight=self.cfg.train.seg_fg_weight)
+            loss, parts = batch_loss(self.model, batch, self.cfg.train, head=self.engine.module)
         self.engine.step(loss)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
 

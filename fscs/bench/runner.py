@@ -27,6 +27,7 @@ from fscs.data.types import Sample
 from fscs.distributed import DistEnv, all_gather_objects, barrier
 from fscs.errors import FSCSError
 from fscs.model.fscs_model import EpisodeFeatures, FSCSModel, upsample_logits
+from fscs.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -338,10 +339,6 @@ def evaluate(
                          bootstrap=bootstrap, env=env, panels=panels, artifacts=artifacts)[0]
 
 
-def _device(env: DistEnv) -> torch.device:
-    return torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
-
-
 def check_settings(index: ShardIndex, role: str, fold: int, settings: Sequence[str], seed: int) -> None:
     """Every setting's episodes can be drawn from the fold (one-line FSCSError otherwise): checked before the
     first episode is evaluated, not after hours of the settings before it."""
@@ -385,7 +382,7 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
                     "checkpoint_sha256": loaded.checkpoint_sha256, "setting": setting, "regime": regime,
                     "fold": cfg.data.fold, "episodes": cfg.bench.episodes, "seed": cfg.bench.seed})
         barrier()
-    loaded.model.to(_device(env))
+    loaded.model.to(resolve_device("auto", env))
     results = []
     samples: dict[str, Sample] = {}
     for setting in cfg.bench.settings:

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 from fscs.atomic import remove_stale_tmp
 from fscs.bench.metrics import FSCSMetric, format_metrics
 from fscs.bench.results_io import write_json_atomic, write_result
-from fscs.bench.runner import EvalJob, _device, check_settings, evaluate_jobs
+from fscs.bench.runner import EvalJob, check_settings, evaluate_jobs
 from fscs.bench.runs import LoadedRun, label_gt_fraction, load_run, regime_label, run_metadata
 from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
@@ -25,6 +25,7 @@ from fscs.data.shards import read_index, shards_fingerprint
 from fscs.data.types import Sample
 from fscs.distributed import DistEnv, all_gather_objects
 from fscs.errors import FSCSError
+from fscs.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
     summary = SuiteSummary()
     fingerprint = shards_fingerprint(index)
     runs = _select_runs(suite, [Path(d) for d in run_dirs], index.dataset, summary)
-    summary.backbone_groups = _share_backbones(runs, _device(env))
+    summary.backbone_groups = _share_backbones(runs, resolve_device("auto", env))
     if env.is_main:  # only rank 0 writes here (other hosts cannot tell whether its pids are alive)
         remove_stale_tmp(results_dir)  # files of a killed earlier attempt
     run_folds = {r.cfg.data.fold for r in runs}

@@ -137,7 +137,7 @@ def test_bf16_forward_backward_of_the_model(regime: str) -> None:
 
 
 def test_precision_auto_is_bf16_on_cuda():
-    from fscs.train import resolve_precision
+    from fscs.runtime import resolve_precision
 
     assert resolve_precision("auto", torch.device("cuda")) == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
 

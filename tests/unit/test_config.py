@@ -105,7 +105,7 @@ def test_bench_keys_are_validated(override, needle):
 def test_precision_auto_is_fp32_on_cpu_and_explicit_values_pass():
     import torch
 
-    from fscs.train import resolve_precision
+    from fscs.runtime import resolve_precision
 
     assert load_config(None, []).train.precision == "auto"
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"

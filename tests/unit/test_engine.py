@@ -205,7 +205,7 @@ def test_new_config_keys_validate():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_gpu_config_on_cpu_machine_is_one_line_error():
-    from fscs.train import resolve_device
+    from fscs.runtime import resolve_device
 
     with pytest.raises(FSCSError) as err:
         resolve_device("cuda", DistEnv())
@@ -213,8 +213,23 @@ def test_gpu_config_on_cpu_machine_is_one_line_error():
     assert resolve_device("auto", DistEnv()).type == "cpu"
 
 
+def test_more_ranks_than_gpus_is_one_line_error_everywhere(monkeypatch):
+    """Training, pretraining and evaluation pick their GPU through resolve_device: a ninth process on an
+    8-GPU node is told to start fewer processes (CUDA said 'invalid device ordinal' deep inside before)."""
+    from fscs.bench import runner, suite
+    from fscs.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device("auto", DistEnv(local_rank=7)) == torch.device("cuda:7")
+    with pytest.raises(FSCSError, match="local rank 8 has no GPU .*start at most one process per GPU"):
+        resolve_device("auto", DistEnv(local_rank=8))
+    import fscs.pretrain as pretrain
+    assert all(m.resolve_device is resolve_device for m in (runner, suite, pretrain))
+
+
 def test_truncate_train_log_keeps_resumed_steps_and_drops_a_cut_line(tmp_path, caplog):
-    from fscs.train import truncate_train_log
+    from fscs.run_dir import truncate_train_log
 
     log = tmp_path / "train_log.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3, 4)]
