@@ -163,14 +163,21 @@ def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
 
 
 def check_comparable(results: Sequence[Result]) -> None:
-    """Refuse results of one (dataset, role, fold, setting) made on different manifests or boundary rules, and
-    two results of the same model in one cell."""
+    """Refuse results of one (dataset, role, fold, setting) made on different manifests or boundary rules, two
+    results of the same model in one cell, and test and select results of one dataset (a model's fold mean
+    and the dataset's plots would pool validation episodes with test episodes)."""
     cells: dict[tuple, Result] = {}
+    roles: dict[str, Result] = {}
     models: dict[tuple, Result] = {}
     heads: dict[tuple, Result] = {}
     for r in results:
         d = r.data
         cell = (d["dataset"], d.get("role", "test"), d["fold"], r.setting)
+        same_ds = roles.setdefault(d["dataset"], r)
+        if same_ds.data.get("role", "test") != cell[1]:
+            raise FSCSError(f"results for {cell[0]} mix role {same_ds.data.get('role', 'test')} and role {cell[1]} "
+                            f"episodes: '{same_ds.path}' vs '{r.path}'; validation (select) and test results "
+                            "are not averaged together: report them separately")
         sha = d.get("checkpoint_sha256")
         if sha:  # a fold mean needs one head per fold, each trained without its test fold's classes
             same = heads.setdefault((d["dataset"], d.get("role", "test"), r.setting, r.model_key, sha), r)
@@ -313,7 +320,8 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                                                                         fm["segmentation_episodes"]),
                                              "manifest": "—"}))
             ib = rs[0].data.get("ignore_boundary", True)
-            rows += _published_rows(dataset, setting, boundary_ignored=ib)
+            if rs[0].data.get("role", "test") == "test":  # published numbers are test-fold numbers
+                rows += _published_rows(dataset, setting, boundary_ignored=ib)
             note = (f"{len(rs)} results; seed {rs[0].data['seed']}; role {rs[0].data.get('role', 'test')}; "
                     f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
             if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):

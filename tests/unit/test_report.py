@@ -270,3 +270,24 @@ def test_report_of_results_without_query_masks(tmp_path):
     md = (write_report(paths + part, tmp_path / "rep2", bootstrap=100).parent / "LEADERBOARD.md").read_text()
     assert "60 (20 with query masks)" in md and "mIoU / FB-IoU over the episodes whose query has a mask" in md
     assert any("per-class" in p.name for p in (tmp_path / "rep2" / "figures").glob("*.png"))
+
+
+def _with(path: Path, new: Path, **changes) -> Path:
+    """A copy of result `path` at `new` (same folder: its records file still resolves) with `changes`."""
+    data = json.loads(path.read_text())
+    data.update(changes)
+    new.write_text(json.dumps(data))
+    return new
+
+
+def test_report_refuses_test_and_select_results_of_one_dataset(tmp_path):
+    """A select (validation) result of fold 0 must not join the test folds' mean; published rows are test
+    numbers and are not shown beside validation results."""
+    t0, t1 = _fake_result(tmp_path, "weak", 0), _fake_result(tmp_path, "weak", 1)
+    sel = _with(t0, tmp_path / "sel0.json", role="select", manifest_hash="5" * 64, checkpoint_sha256="9" * 64)
+    with pytest.raises(FSCSError, match=r"mix role test and role select") as exc:
+        write_report([t0, t1, sel], tmp_path / "rep")
+    assert "\n" not in str(exc.value)
+    sel1 = _with(t1, tmp_path / "sel1.json", role="select", manifest_hash="6" * 64, checkpoint_sha256="8" * 64)
+    md = (write_report([sel, sel1], tmp_path / "rep2", bootstrap=50).parent / "LEADERBOARD.md").read_text()
+    assert "mean of 2" in md and "published" not in md.split("### Plots")[0].split("not measured here.")[1]
