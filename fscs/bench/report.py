@@ -163,11 +163,13 @@ def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
 
 
 def check_comparable(results: Sequence[Result]) -> None:
-    """Refuse results of one (dataset, role, fold, setting) made on different manifests or boundary rules, two
+    """Refuse results of one (dataset, role, fold, setting) made on different manifests, results of one
+    (dataset, role, setting) table with different boundary rules, two
     results of the same model in one cell, and test and select results of one dataset (a model's fold mean
     and the dataset's plots would pool validation episodes with test episodes)."""
     cells: dict[tuple, Result] = {}
     roles: dict[str, Result] = {}
+    tables: dict[tuple, Result] = {}
     models: dict[tuple, Result] = {}
     heads: dict[tuple, Result] = {}
     for r in results:
@@ -197,9 +199,11 @@ def check_comparable(results: Sequence[Result]) -> None:
             raise FSCSError(f"results for {cell[0]} fold {cell[2]} {cell[3]} share the episode manifest but read "
                             f"other images, masks or labels (data_sha256 {ours[:12]} vs {theirs[:12]}): "
                             f"'{first.path}' vs '{r.path}'; rerun both on the same shards")
-        if first.data.get("ignore_boundary") != d.get("ignore_boundary"):
-            raise FSCSError(f"results for {cell[0]} fold {cell[2]} {cell[3]} use different boundary rules "
-                            f"(ignore_boundary): '{first.path}' vs '{r.path}'; report them separately")
+        table = tables.setdefault((cell[0], cell[1], cell[3]), r)  # one boundary rule per table
+        if table.data.get("ignore_boundary") != d.get("ignore_boundary"):
+            raise FSCSError(f"results for {cell[0]} {cell[3]} use different boundary rules (ignore_boundary): "
+                            f"'{table.path}' (fold {table.data['fold']}) vs '{r.path}' (fold {cell[2]}); a fold "
+                            "mean or a table cannot mix them: report them separately")
         other = models.setdefault(cell + r.model_key, r)
         if other is not r:
             raise FSCSError(f"two results of model '{r.model}' ({r.label}, test {d['regime']}) for {cell[0]} "
@@ -322,7 +326,9 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
             ib = rs[0].data.get("ignore_boundary", True)
             if rs[0].data.get("role", "test") == "test":  # published numbers are test-fold numbers
                 rows += _published_rows(dataset, setting, boundary_ignored=ib)
-            note = (f"{len(rs)} results; seed {rs[0].data['seed']}; role {rs[0].data.get('role', 'test')}; "
+            seeds = sorted({int(r.data["seed"]) for r in rs})
+            note = (f"{len(rs)} results; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
+                    f"role {rs[0].data.get('role', 'test')}; "
                     f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
             if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):
                 note += ("; ER over all episodes, mIoU / FB-IoU over the episodes whose query has a mask "

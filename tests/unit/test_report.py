@@ -291,3 +291,16 @@ def test_report_refuses_test_and_select_results_of_one_dataset(tmp_path):
     sel1 = _with(t1, tmp_path / "sel1.json", role="select", manifest_hash="6" * 64, checkpoint_sha256="8" * 64)
     md = (write_report([sel, sel1], tmp_path / "rep2", bootstrap=50).parent / "LEADERBOARD.md").read_text()
     assert "mean of 2" in md and "published" not in md.split("### Plots")[0].split("not measured here.")[1]
+
+
+def test_report_refuses_boundary_rules_mixed_across_folds_and_lists_every_seed(tmp_path):
+    """Fold 0 with boundary pixels ignored and fold 1 with them counted as background must not form one mean
+    (under a note naming fold 0's rule only); a table of several seeds names them all."""
+    f0, f1 = _fake_result(tmp_path, "weak", 0), _fake_result(tmp_path, "weak", 1)
+    bg1 = _with(f1, tmp_path / "bg1.json", ignore_boundary=False)
+    with pytest.raises(FSCSError, match=r"pascal-5i 1w1s use different boundary rules") as exc:
+        write_report([f0, bg1], tmp_path / "rep")
+    assert "\n" not in str(exc.value)
+    s1 = _with(f1, tmp_path / "seed7.json", seed=7)
+    md = (write_report([f0, s1], tmp_path / "rep2", bootstrap=50).parent / "LEADERBOARD.md").read_text()
+    assert "seeds 0, 7;" in md
