@@ -119,9 +119,54 @@ def _check_fields(path: Path, data: dict[str, Any]) -> None:
         missing = ["metrics (an object)"]
     if not missing and "episodes" not in data["metrics"]:
         missing = ["metrics.episodes"]
+    if not missing and "per_class_iou" not in data["metrics"]:
+        missing = ["metrics.per_class_iou"]
     if missing:
         raise FSCSError(f"result file '{path}' has no '{missing[0]}'; it is not a complete fscs bench result: "
                         "rerun the bench or leave the file out")
+    bad = _bad_value(data)
+    if bad:
+        raise FSCSError(f"result file '{path}' has {bad[0]} = {bad[1]!r}, {bad[2]}; rerun the bench or leave the "
+                        "file out")
+
+
+def _is_int(x: Any, least: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= least
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def _bad_value(data: dict[str, Any]) -> tuple[str, Any, str] | None:
+    """(key, value, what it must be) of the first value the report cannot show honestly (a NaN, a string
+    number, 0 episodes), else None."""
+    m = data["metrics"]
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("fold", data["fold"], _is_int(data["fold"], 0), "must be an integer >= 0"),
+        ("way", data["way"], _is_int(data["way"], 1), "must be an integer >= 1"),
+        ("shot", data["shot"], _is_int(data["shot"], 1), "must be an integer >= 1"),
+        ("seed", data["seed"], _is_int(data["seed"], 0), "must be an integer >= 0"),
+        ("manifest_hash", data["manifest_hash"], isinstance(data["manifest_hash"], str), "must be a string"),
+        ("metrics.episodes", m["episodes"], _is_int(m["episodes"], 1),
+         "must be an integer >= 1 (a result of no episodes has no metric)"),
+        ("metrics.er", m.get("er"), _is_num(m.get("er")), "must be a finite number"),
+    ]
+    checks += [(f"metrics.{k}", m.get(k), m.get(k) is None or _is_num(m.get(k)),
+                "must be a finite number, or null when no query had a mask") for k in ("miou", "fbiou")]
+    pc = m["per_class_iou"]
+    checks.append(("metrics.per_class_iou", pc, pc is None or (isinstance(pc, dict) and all(
+        _is_num(v) for v in pc.values())), "must map class ids to finite numbers, or be null"))
+    if "segmentation_episodes" in data:
+        se = data["segmentation_episodes"]
+        checks.append(("segmentation_episodes", se, _is_int(se, 0) and _is_int(m["episodes"], 1)
+                       and se <= m["episodes"], "must be an integer in 0..metrics.episodes"))
+    ci = data.get("ci95")
+    checks.append(("ci95", ci, ci is None or isinstance(ci, dict), "must be an object or null"))
+    for k, v in (ci.items() if isinstance(ci, dict) else ()):
+        ok = v is None or (isinstance(v, list) and len(v) == 2 and all(_is_num(x) for x in v) and v[0] <= v[1])
+        checks.append((f"ci95.{k}", v, ok, "must be [lo, hi] of finite numbers, or null"))
+    return next(((k, v, what) for k, v, ok, what in checks if not ok), None)
 
 
 def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
@@ -147,7 +192,9 @@ def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
         if not isinstance(data, dict):
             continue  # some other JSON file in a results folder
         if data.get("format") == "fscs-suite-index/1":
-            for rel in data.get("results", []):
+            if not isinstance(data.get("results"), list):
+                raise FSCSError(f"suite index '{f}' has no 'results' list; rerun the bench")
+            for rel in data["results"]:
                 q = (f.parent / rel).resolve()
                 if not q.is_file():
                     raise FSCSError(f"suite index '{f}' lists '{rel}', which is missing; rerun the bench")

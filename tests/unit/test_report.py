@@ -304,3 +304,31 @@ def test_report_refuses_boundary_rules_mixed_across_folds_and_lists_every_seed(t
     s1 = _with(f1, tmp_path / "seed7.json", seed=7)
     md = (write_report([f0, s1], tmp_path / "rep2", bootstrap=50).parent / "LEADERBOARD.md").read_text()
     assert "seeds 0, 7;" in md
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda d: d["metrics"].update(miou=float("nan")), "metrics.miou = nan"),
+    (lambda d: d["ci95"].update(er=[float("nan"), float("nan")]), "ci95.er = [nan, nan]"),
+    (lambda d: d["metrics"].update(er="74.8"), "metrics.er = '74.8'"),
+    (lambda d: d["metrics"].pop("er"), "metrics.er = None"),
+    (lambda d: d["metrics"].pop("per_class_iou"), "no 'metrics.per_class_iou'"),
+    (lambda d: d["metrics"].update(episodes=0), "metrics.episodes = 0"),
+    (lambda d: d.update(way="2"), "way = '2'"),
+    (lambda d: d["metrics"]["per_class_iou"].update({"1": None}), "metrics.per_class_iou"),
+])
+def test_report_refuses_values_it_cannot_show(tmp_path, change, needle):
+    """A NaN, a string number or a result of 0 episodes is a one-line error naming the file and the key, never
+    a 'nan' / '0.0' cell or a traceback."""
+    data = json.loads(_fake_result(tmp_path, "weak", 0).read_text())
+    change(data)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(FSCSError) as exc:
+        write_report([bad], tmp_path / "rep")
+    msg = str(exc.value)
+    assert needle in msg and "bad.json" in msg and "\n" not in msg
+    index = tmp_path / "idx"
+    index.mkdir()
+    (index / "suite-x.json").write_text(json.dumps({"format": "fscs-suite-index/1", "results": "r.json"}))
+    with pytest.raises(FSCSError, match="has no 'results' list"):
+        write_report([index], tmp_path / "rep")
