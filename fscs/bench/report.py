@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fscs.atomic import write_bytes_atomic, write_text_atomic
-from fscs.bench.metrics import bootstrap_replicates
+from fscs.bench.metrics import FSCSMetric, bootstrap_replicates
 from fscs.errors import FSCSError
 
 logger = logging.getLogger(__name__)
@@ -84,14 +86,48 @@ class Result:
         return (self.model, self.label, str(self.data["regime"]), self.backbone)
 
     def records(self) -> np.ndarray | None:
-        """Per-episode metric records [E, 6 + 2C] (None when the side file is missing)."""
+        """Per-episode metric records [E, 6 + 2C] (None when the side file is missing).
+
+        FSCSError when the file is unreadable or does not reproduce this result's metrics (e.g. a stale file of
+        another run at the same name): a CI from it would be about other episodes.
+        """
         if self._records is None:
             ref = (self.data.get("records") or {}).get("file")
             path = self.path.parent / ref if ref else None
             if path is None or not path.is_file():
                 return None
-            self._records = np.load(path)["records"]
+            try:
+                with np.load(path) as npz:
+                    arr = np.asarray(npz["records"])
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+                raise FSCSError(f"records file '{path}' of '{self.path}' is unreadable ({type(exc).__name__}); "
+                                "rerun the bench (or delete it: the fold mean is then shown without a CI)"
+                                ) from None
+            self._records = self._check_records(path, arr)
         return self._records
+
+    def _check_records(self, path: Path, arr: np.ndarray) -> np.ndarray:
+        """arr [E, 6 + 2C] when it holds this result's episodes and reproduces its metrics, else FSCSError."""
+        metrics = self.data["metrics"]
+        e = int(metrics["episodes"])
+        why = ""
+        if arr.ndim != 2 or arr.shape[0] != e or arr.shape[1] < 8 or arr.shape[1] % 2:
+            why = f"shape {list(arr.shape)}, expected [{e}, 6 + 2 x classes]"
+        else:
+            try:
+                again = FSCSMetric.from_records(range(1, (arr.shape[1] - 6) // 2 + 1), arr).compute()
+            except FSCSError as exc:
+                why = str(exc)
+            else:
+                for m in ("er", "miou", "fbiou"):
+                    a, b = again[m], metrics.get(m)
+                    if (a is None) != (b is None) or (a is not None and abs(a - b) > 1e-6):
+                        why = f"{m} {a} from the records, {b} in the result"
+                        break
+        if why:
+            raise FSCSError(f"records file '{path}' does not match '{self.path}' ({why}); it belongs to another "
+                            "evaluation: rerun the bench (or delete it: the fold mean is then shown without a CI)")
+        return arr
 
     def presence(self) -> tuple[np.ndarray, np.ndarray] | None:
         p = self.data.get("presence")

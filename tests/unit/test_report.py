@@ -332,3 +332,21 @@ def test_report_refuses_values_it_cannot_show(tmp_path, change, needle):
     (index / "suite-x.json").write_text(json.dumps({"format": "fscs-suite-index/1", "results": "r.json"}))
     with pytest.raises(FSCSError, match="has no 'results' list"):
         write_report([index], tmp_path / "rep")
+
+
+def test_report_refuses_unreadable_or_foreign_records(tmp_path):
+    """A truncated records file is a one-line error, and so is one that does not reproduce its result's
+    metrics (a stale file of another evaluation): its fold-mean CI would not even contain the mean."""
+    paths = [_fake_result(tmp_path, "weak", f) for f in range(2)]
+    npz = tmp_path / "weak_f1_1w1s.records.npz"
+    rec = np.load(npz)["records"]
+    npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(FSCSError, match=r"weak_f1_1w1s.records.npz' of .* is unreadable") as exc:
+        write_report(paths, tmp_path / "rep")
+    assert "\n" not in str(exc.value)
+    for other in (rec[:30], np.concatenate([rec[:, :1], 1 - rec[:, 1:2], rec[:, 2:]], axis=1)):
+        np.savez_compressed(npz, records=other)
+        with pytest.raises(FSCSError, match=r"weak_f1_1w1s.records.npz' does not match"):
+            write_report(paths, tmp_path / "rep")
+    np.savez_compressed(npz, records=rec)
+    assert write_report(paths, tmp_path / "rep", bootstrap=50).is_file()
