@@ -303,16 +303,20 @@ class FSCSMetric:
         return int(has_segmentation(self.episode_records()).sum())
 
     def compute(self) -> dict[str, Any]:
-        """{"er", "miou", "fbiou" (all x100), "per_class_iou" {class: iou x100}, "episodes"}.
+        """{"er", "miou", "fbiou" (all x100), "per_class_iou" {class: iou x100}, "classes_without_pixels",
+        "episodes"}.
 
         ER covers every episode; mIoU, FB-IoU and per-class IoU pool the episodes with a query mask only and
-        are None when no episode has one (never a made-up 0).
+        are None when no episode has one (never a made-up 0). "classes_without_pixels" lists the fold classes
+        whose summed union is 0 (never in a scored query's truth nor predicted: too few episodes); as the
+        protocol's I / max(U, 1) says, each counts as IoU 0 in the mIoU, and callers must say so.
         """
         c_num = len(self.fold_classes)
         t = self._totals
         er = float(t[2 * c_num + 4] / max(self.episodes, 1) * 100.0)
         if t[2 * c_num + 1] + t[2 * c_num + 3] == 0:  # no scored pixel: no episode had a query mask
-            return {"er": er, "miou": None, "fbiou": None, "per_class_iou": None, "episodes": self.episodes}
+            return {"er": er, "miou": None, "fbiou": None, "per_class_iou": None, "classes_without_pixels": [],
+                    "episodes": self.episodes}
         inter, union = t[:c_num].astype(np.float64), t[c_num : 2 * c_num].astype(np.float64)
         iou = inter / np.maximum(union, 1.0) * 100.0
         bg = t[2 * c_num] / max(int(t[2 * c_num + 1]), 1)
@@ -322,6 +326,7 @@ class FSCSMetric:
             "miou": float(iou.mean()),
             "fbiou": float((bg + fg) / 2.0 * 100.0),
             "per_class_iou": {c: float(iou[j]) for j, c in enumerate(self.fold_classes)},
+            "classes_without_pixels": [c for j, c in enumerate(self.fold_classes) if union[j] == 0],
             "episodes": self.episodes,
         }
 

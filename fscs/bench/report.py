@@ -42,6 +42,8 @@ MEAN_CI_METHOD = ("percentile bootstrap over the per-fold episode sets: each of 
                   "resampled sums and averages over the folds (folds and their classes are held fixed: the "
                   "interval covers episode-sampling noise only); shown only when every fold's per-episode "
                   "records are available")
+UNSEEN_MARK = "†"
+"""After an mIoU that counts fold classes with no pixel in the episodes as IoU 0 (explained in the note)."""
 NO_MASK = "n/a"
 """Cell of a segmentation metric that could not be measured (no test query had a mask)."""
 
@@ -193,6 +195,9 @@ def _bad_value(data: dict[str, Any]) -> tuple[str, Any, str] | None:
     pc = m["per_class_iou"]
     checks.append(("metrics.per_class_iou", pc, pc is None or (isinstance(pc, dict) and all(
         _is_num(v) for v in pc.values())), "must map class ids to finite numbers, or be null"))
+    if "classes_without_pixels" in m:
+        cw = m["classes_without_pixels"]
+        checks.append(("metrics.classes_without_pixels", cw, isinstance(cw, list), "must be a list of class ids"))
     if "segmentation_episodes" in data:
         se = data["segmentation_episodes"]
         checks.append(("segmentation_episodes", se, _is_int(se, 0) and _is_int(m["episodes"], 1)
@@ -340,12 +345,27 @@ class Table:
     rows: list[Row]
 
 
-def _cell(metrics: dict, ci: dict | None, m: str) -> str:
+def _cell(metrics: dict, ci: dict | None, m: str, mark: str = "") -> str:
     v = metrics.get(m)
     if v is None:
         return NO_MASK
     lo_hi = (ci or {}).get(m)
-    return f"{v:.1f}" + (f" [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "")
+    return f"{v:.1f}{mark}" + (f" [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "")
+
+
+def classes_without_pixels(result: Result) -> list[str]:
+    """Names of the fold classes with no pixel (zero summed union) in a result's episodes: each counts as IoU 0
+    in its mIoU. From metrics.classes_without_pixels, or for older results from the records when available."""
+    d = result.data
+    names = {str(c): str(n) for c, n in (d.get("class_names") or {}).items()}
+    ids = d["metrics"].get("classes_without_pixels")
+    if ids is None and d["metrics"].get("miou") is not None and names:
+        rec = result.records()
+        classes = sorted(int(c) for c in names)
+        if rec is not None and rec.shape[1] == 6 + 2 * len(classes):
+            union = rec[:, 6 + len(classes) :].sum(axis=0)
+            ids = [c for c, u in zip(classes, union) if u == 0]
+    return [names.get(str(c), str(c)) for c in ids or []]
 
 
 def _episodes_cell(episodes: int, with_masks: int) -> str:
@@ -388,13 +408,21 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
         for setting in _settings(ds):
             rs = [r for r in ds if r.setting == setting]
             rows: list[Row] = []
+            unseen: list[str] = []
             for key in sorted({r.model_key for r in rs}, key=lambda k: _order(k, rs)):
                 group = sorted((r for r in rs if r.model_key == key), key=lambda r: r.data["fold"])
                 base = {"model": key[0], "train": key[1], "test": key[2], "backbone": key[3]}
+                marked = False
                 for r in group:
                     d = r.data
+                    empty = classes_without_pixels(r)
+                    if empty:
+                        marked = True
+                        unseen.append(f"{key[0]} fold {d['fold']}: {', '.join(empty)}")
                     rows.append(Row("fold", {**base, "fold": str(d["fold"]),
-                                             **{m: _cell(d["metrics"], d.get("ci95"), m) for m in METRICS},
+                                             **{m: _cell(d["metrics"], d.get("ci95"), m,
+                                                         UNSEEN_MARK if empty and m == "miou" else "")
+                                                for m in METRICS},
                                              "episodes": _episodes_cell(int(d["metrics"]["episodes"]),
                                                                         segmentation_episodes(r)),
                                              "manifest": d["manifest_hash"][:12]}, title=str(r.path)))
@@ -402,7 +430,9 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                     fm = summaries[(dataset, setting, key)]
                     ci_note = "" if fm["ci95"] else " (no CI: records missing)"
                     rows.append(Row("mean", {**base, "fold": f"mean of {len(group)}{ci_note}",
-                                             **{m: _cell(fm["metrics"], fm["ci95"], m) for m in METRICS},
+                                             **{m: _cell(fm["metrics"], fm["ci95"], m,
+                                                         UNSEEN_MARK if marked and m == "miou" else "")
+                                                for m in METRICS},
                                              "episodes": _episodes_cell(fm["episodes"],
                                                                         fm["segmentation_episodes"]),
                                              "manifest": "—"}))
@@ -416,6 +446,10 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
             if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):
                 note += ("; ER over all episodes, mIoU / FB-IoU over the episodes whose query has a mask "
                          f"({NO_MASK}: none had one)")
+            if unseen:
+                note += (f"; {UNSEEN_MARK} mIoU counts fold classes without any pixel (truth or prediction) in "
+                         f"the episodes as IoU 0, as the protocol's I / max(U, 1) does: evaluate more episodes "
+                         f"({'; '.join(unseen)})")
             tables.append(Table(dataset, setting, note, rows))
     return tables
 

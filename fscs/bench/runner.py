@@ -228,6 +228,12 @@ def evaluate_jobs(
         prob = {i: v for p in parts for i, v in p["prob"].items()}
         true = {i: v for p in parts for i, v in p["true"].items()}
         order = sorted(prob)
+        metrics = metric.compute()
+        if metrics["classes_without_pixels"] and env.is_main:
+            logger.warning("fold %d %dw%ds %s: classes %s have no pixel in the truth or the prediction of the "
+                           "%d episodes; their IoU counts as 0 in the mIoU (the protocol's I / max(U, 1)): "
+                           "evaluate more episodes", fold, way, shot, job.regime,
+                           metrics["classes_without_pixels"], episodes)
         result = {
             "format": RESULT_FORMAT,
             "dataset": index.dataset,
@@ -238,7 +244,7 @@ def evaluate_jobs(
             "manifest": dict(manifest),
             "data_sha256": data_sha256,
             "ignore_boundary": ignore_boundary,
-            "metrics": metric.compute(),
+            "metrics": metrics,
             "ci95": metric.bootstrap_ci(bootstrap, seed) if bootstrap else None,
             "bootstrap": bootstrap,
             "class_names": {str(c): index.class_names.get(c, str(c)) for c in fold_classes},

@@ -66,6 +66,7 @@ def test_single_episode_miou_fbiou_er():
     assert r["per_class_iou"][2] == pytest.approx(60.0)
     assert r["per_class_iou"][1] == 0.0
     assert r["miou"] == pytest.approx(12.0)
+    assert r["classes_without_pixels"] == [c for c in FOLD if c != 2]  # their IoU 0 is a count, not a score
     # bg: I = 16 - 5 = 11, U = 16 - 3 = 13; fg: 3/5
     assert r["fbiou"] == pytest.approx((11 / 13 + 3 / 5) / 2 * 100)
     assert r["er"] == 100.0 and r["episodes"] == 1
@@ -254,7 +255,8 @@ def test_fully_masked_results_are_pinned():
     assert m.compute() == {
         "er": 67.5, "miou": 67.19771591432016, "fbiou": 76.77677677677679,
         "per_class_iou": {1: 65.92356687898089, 2: 70.22900763358778, 3: 69.08665105386417,
-                          4: 65.63307493540051, 5: 65.11627906976744}, "episodes": 40}
+                          4: 65.63307493540051, 5: 65.11627906976744}, "classes_without_pixels": [],
+        "episodes": 40}
     assert m.bootstrap_ci(200, seed=4) == {"er": [54.93750000000001, 82.5],
                                            "miou": [64.85467910969078, 69.34386595313143],
                                            "fbiou": [75.50454366654905, 77.96130829142577]}
@@ -282,7 +284,8 @@ def test_no_query_mask_at_all_gives_er_and_no_segmentation_metrics():
     for i in range(20):
         m.update(None, None, [FOLD[i % 5]], [i % 4 != 0], [True], episode_index=i)
     r = m.compute()
-    assert r == {"er": 75.0, "miou": None, "fbiou": None, "per_class_iou": None, "episodes": 20}
+    assert r == {"er": 75.0, "miou": None, "fbiou": None, "per_class_iou": None, "classes_without_pixels": [],
+                 "episodes": 20}
     ci = m.bootstrap_ci(300, seed=0)
     assert ci["miou"] is None and ci["fbiou"] is None
     assert ci["er"][0] < 75.0 < ci["er"][1]

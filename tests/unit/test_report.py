@@ -350,3 +350,30 @@ def test_report_refuses_unreadable_or_foreign_records(tmp_path):
             write_report(paths, tmp_path / "rep")
     np.savez_compressed(npz, records=rec)
     assert write_report(paths, tmp_path / "rep", bootstrap=50).is_file()
+
+
+def test_report_marks_an_miou_that_counts_classes_without_pixels(tmp_path):
+    """A fold class with no pixel (zero union) in the episodes counts as IoU 0 in the mIoU (the protocol's
+    I / max(U, 1)): the cell and the mean are marked and the note names the class, from the metrics or, for
+    older results, from the records."""
+    f0, f1 = _fake_result(tmp_path, "weak", 0), _fake_result(tmp_path, "weak", 1)
+    npz = tmp_path / "weak_f0_1w1s.records.npz"
+    rec = np.load(npz)["records"]
+    c_num = (rec.shape[1] - 6) // 2
+    gone = c_num - 1  # the last class of fold 0: never in a query's truth nor predicted
+    rec[:, 5] -= rec[:, 6 + c_num + gone]
+    rec[:, 4] -= rec[:, 6 + gone]
+    rec[:, [6 + gone, 6 + c_num + gone]] = 0
+    np.savez_compressed(npz, records=rec)
+    m = FSCSMetric.from_records([1, 2, 3, 4, 5], rec).compute()
+    assert m["classes_without_pixels"] == [5]
+    data = json.loads(f0.read_text())
+    data["metrics"] = {**m, "per_class_iou": {str(k): v for k, v in m["per_class_iou"].items()}}
+    for with_key in (True, False):
+        if not with_key:
+            del data["metrics"]["classes_without_pixels"]
+        f0.write_text(json.dumps(data))
+        md = (write_report([f0, f1], tmp_path / "rep", bootstrap=50).parent / "LEADERBOARD.md").read_text()
+        rows = [ln for ln in md.splitlines() if ln.startswith(("| weak", "| **weak"))]
+        assert [("†" in row.split("|")[7]) for row in rows] == [True, False, True]  # fold 0, fold 1, mean
+        assert "(weak fold 0: class5)" in md and "as IoU 0" in md
