@@ -382,9 +382,14 @@ def _settings(results: Iterable[Result]) -> list[str]:
     return sorted({r.setting for r in results}, key=key)
 
 
+PUBLISHED_DATASETS = {"pascal-5i": "pascal", "coco-20i": "coco"}
+"""Dataset names (index.json) of the converters of the standard benchmarks -> family of PUBLISHED."""
+
+
 def _family(dataset: str) -> str | None:
-    low = dataset.lower()
-    return "pascal" if "pascal" in low else "coco" if "coco" in low else None
+    """'pascal' / 'coco' for the standard PASCAL-5i / COCO-20i shards only: a folder dataset whose name
+    happens to contain 'pascal' has other images, classes and folds than the published numbers."""
+    return PUBLISHED_DATASETS.get(dataset)
 
 
 def _order(key: tuple[str, str, str, str], results: Sequence[Result]) -> tuple:

@@ -377,3 +377,14 @@ def test_report_marks_an_miou_that_counts_classes_without_pixels(tmp_path):
         rows = [ln for ln in md.splitlines() if ln.startswith(("| weak", "| **weak"))]
         assert [("†" in row.split("|")[7]) for row in rows] == [True, False, True]  # fold 0, fold 1, mean
         assert "(weak fold 0: class5)" in md and "as IoU 0" in md
+
+
+def test_published_rows_only_beside_the_standard_benchmarks(tmp_path):
+    """A folder dataset whose name contains 'pascal' (fscs shards folder names it folder-<dir>) has its own
+    images, classes and folds: the published PASCAL-5i numbers are not shown beside it."""
+    std = _fake_result(tmp_path, "weak", 0)
+    own = _with(std, tmp_path / "own.json", dataset="folder-pascal_crops", manifest_hash="7" * 64)
+    md = (write_report([std, own], tmp_path / "rep", bootstrap=50).parent / "LEADERBOARD.md").read_text()
+    tables = [t.split("### Plots")[0] for t in md.split("\n## ")]
+    assert "published" not in next(t for t in tables if t.startswith("folder-pascal_crops"))
+    assert "*CST (published" in next(t for t in tables if t.startswith("pascal-5i"))
