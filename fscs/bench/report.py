@@ -324,7 +324,8 @@ def fold_mean(results: Sequence[Result], bootstrap: int = 1000, seed: int = 0) -
                 reps[m] = None if v is None or reps[m] is None else reps[m] + v / len(results)
         ci = {m: None if v is None else [float(x) for x in np.percentile(v, [2.5, 97.5])]
               for m, v in reps.items()}
-    return {"metrics": mean, "ci95": ci, "folds": sorted(int(r.data["fold"]) for r in results),
+    no_ci = None if ci else "--bootstrap 0" if not bootstrap else "records missing"
+    return {"metrics": mean, "ci95": ci, "no_ci": no_ci, "folds": sorted(int(r.data["fold"]) for r in results),
             "episodes": sum(int(r.data["metrics"]["episodes"]) for r in results),
             "segmentation_episodes": sum(segmentation_episodes(r) for r in results)}
 
@@ -433,7 +434,7 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                                              "manifest": d["manifest_hash"][:12]}, title=str(r.path)))
                 if len(group) > 1:
                     fm = summaries[(dataset, setting, key)]
-                    ci_note = "" if fm["ci95"] else " (no CI: records missing)"
+                    ci_note = "" if fm["ci95"] else f" (no CI: {fm['no_ci']})"
                     rows.append(Row("mean", {**base, "fold": f"mean of {len(group)}{ci_note}",
                                              **{m: _cell(fm["metrics"], fm["ci95"], m,
                                                          UNSEEN_MARK if marked and m == "miou" else "")

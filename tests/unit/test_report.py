@@ -220,6 +220,10 @@ def test_missing_records_means_no_mean_ci(tmp_path):
     (tmp_path / "weak_f1_1w1s.records.npz").unlink()
     md = (write_report(paths, tmp_path / "rep").parent / "LEADERBOARD.md").read_text()
     assert "mean of 2 (no CI: records missing)" in md
+    (tmp_path / "rep" / "LEADERBOARD.md").unlink()
+    paths = [_fake_result(tmp_path, "weak", f) for f in range(2)]  # records back
+    md = (write_report(paths, tmp_path / "rep", bootstrap=0).parent / "LEADERBOARD.md").read_text()
+    assert "mean of 2 (no CI: --bootstrap 0)" in md  # not a false "records missing"
 
 
 def test_training_panels_for_tensorboard():
