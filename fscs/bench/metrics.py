@@ -307,13 +307,16 @@ class FSCSMetric:
         "episodes"}.
 
         ER covers every episode; mIoU, FB-IoU and per-class IoU pool the episodes with a query mask only and
-        are None when no episode has one (never a made-up 0). "classes_without_pixels" lists the fold classes
-        whose summed union is 0 (never in a scored query's truth nor predicted: too few episodes); as the
-        protocol's I / max(U, 1) says, each counts as IoU 0 in the mIoU, and callers must say so.
+        are None when no episode has one (never a made-up 0); FSCSError when there is no episode at all.
+        "classes_without_pixels" lists the fold classes whose summed union is 0 (never in a scored query's
+        truth nor predicted: too few episodes); as the protocol's I / max(U, 1) says, each counts as IoU 0 in
+        the mIoU, and callers must say so.
         """
+        if self.episodes == 0:  # no ER of 0 % for a fold that was never evaluated
+            raise FSCSError("metrics.compute: no episodes recorded; call update() or from_records() first")
         c_num = len(self.fold_classes)
         t = self._totals
-        er = float(t[2 * c_num + 4] / max(self.episodes, 1) * 100.0)
+        er = float(t[2 * c_num + 4] / self.episodes * 100.0)
         if t[2 * c_num + 1] + t[2 * c_num + 3] == 0:  # no scored pixel: no episode had a query mask
             return {"er": er, "miou": None, "fbiou": None, "per_class_iou": None, "classes_without_pixels": [],
                     "episodes": self.episodes}

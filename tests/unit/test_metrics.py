@@ -132,6 +132,8 @@ def test_bad_inputs_raise():
         m.update(PRED_A, TGT_A, [2], [True, False], [True])
     with pytest.raises(FSCSError):
         m.bootstrap_ci()  # no episodes
+    with pytest.raises(FSCSError, match="no episodes recorded"):
+        m.compute()  # not an ER of 0.0 over nothing
     with pytest.raises(FSCSError):
         FSCSMetric([1, 1])
 
