@@ -79,9 +79,10 @@ class Result:
 
     @property
     def model(self) -> str:
-        """Run name without a trailing fold marker (runs weak_f0..weak_f3 form one model)."""
+        """Run name without a trailing fold marker (runs weak_f0..weak_f3, weak-fold0.., weakfold0.. form one
+        model; a bare 'f' needs a separator: run 'half0' stays 'half0')."""
         name = str(self.data.get("run") or self.path.stem)
-        return re.sub(rf"[_-]?(fold|f){self.data['fold']}$", "", name) or name
+        return re.sub(rf"(?:[_-](?:fold|f)|fold){self.data['fold']}$", "", name) or name
 
     @property
     def model_key(self) -> tuple[str, str, str, str]:

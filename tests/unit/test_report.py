@@ -393,3 +393,12 @@ def test_published_rows_only_beside_the_standard_benchmarks(tmp_path):
     tables = [t.split("### Plots")[0] for t in md.split("\n## ")]
     assert "published" not in next(t for t in tables if t.startswith("folder-pascal_crops"))
     assert "*CST (published" in next(t for t in tables if t.startswith("pascal-5i"))
+
+
+@pytest.mark.parametrize("run,fold,model", [("weak_f0", 0, "weak"), ("weak-fold2", 2, "weak"),
+                                            ("weakfold1", 1, "weak"), ("half0", 0, "half0"),
+                                            ("weak_f1", 0, "weak_f1"), ("f0", 0, "f0")])
+def test_model_name_drops_only_a_fold_marker(tmp_path, run, fold, model):
+    from fscs.bench.report import Result
+
+    assert Result(tmp_path / "r.json", {"run": run, "fold": fold}).model == model
