@@ -156,7 +156,10 @@ class Pretrainer:
         self.teacher_head = (copy.deepcopy(head).to(self.device).requires_grad_(False).eval()
                              if head is not None else None)
         self.dino_loss = DINOLoss(cfg.dino.out_dim, cfg.dino.student_temp, cfg.dino.center_momentum).to(self.device)
-        self.module: nn.Module = (DistributedDataParallel(self.student) if env.distributed else self.student)
+        # Without the DINO loss nothing reads the CLS output, so the last block's attention output/MLP and the final
+        # norm get no gradient: DDP must be told (their grads stay None, as in one process: no update, no decay).
+        self.module: nn.Module = (DistributedDataParallel(self.student, find_unused_parameters=head is None)
+                                  if env.distributed else self.student)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.optim.lr)
         self.augment = MultiCropAugment(cfg)
         self.step = 0

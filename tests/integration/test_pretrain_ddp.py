@@ -100,3 +100,17 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_finishes(shards, tmp
     assert main(args) == 0
     assert (tmp_path / "sig" / "backbone.safetensors").is_file()
     assert json.loads((tmp_path / "sig" / "pretrain_summary.json").read_text())["steps_this_run"] == 3
+
+
+def test_labels_only_pretraining_runs_under_ddp(shards, tmp_path):
+    """dino.weight=0 (the documented labels-only ablation): nothing reads the CLS output, so the last block's
+    attention output/MLP and the final norm get no gradient; DDP failed at the second step ("Expected to have
+    finished reduction in the prior iteration"). Those parameters must stay untouched, as in one process."""
+    common = [f"out_dir={tmp_path}", f"data.shards={shards}", *TINY, "optim.steps=3", "dino.weight=0"]
+    _pretrain(["name=ddp", *common])
+    summary = json.loads((tmp_path / "ddp" / "pretrain_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 3 and "dino" not in summary["last"]
+    state = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert len(state["optimizer"]["state"]) < sum(len(g["params"]) for g in groups)  # no grad: no Adam state
+    assert (tmp_path / "ddp" / "backbone.safetensors").is_file()
