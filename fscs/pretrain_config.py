@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fscs.config import load_structured
 from fscs.errors import FSCSError
@@ -136,4 +137,60 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
     if out.dino.weight <= 0 and out.labels.fold is None:
         raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
                         "set dino.weight > 0 or labels.fold")
+    _check_values(out)
     return out
+
+
+def _check_values(cfg: PretrainConfig) -> None:
+    """Ranges the run relies on; a bad value is a one-line FSCSError naming the key (not a traceback mid-run,
+    a NaN backbone or a random-init export)."""
+    from fscs.model.backbone import get_spec
+
+    o, d, lab, a = cfg.optim, cfg.dino, cfg.labels, cfg.augment
+
+    def need(key: str, value: Any, ok: bool, rule: str) -> None:
+        if not ok:
+            raise FSCSError(f"pretrain config key '{key}' is {value}; {rule}")
+
+    patch = get_spec(cfg.model.backbone).patch_size
+    need("model.image_size", cfg.model.image_size, cfg.model.image_size > 0 and cfg.model.image_size % patch == 0,
+         f"it must be a positive multiple of the patch size {patch} of {cfg.model.backbone}")
+    need("model.drop_path", cfg.model.drop_path, 0 <= cfg.model.drop_path < 1, "it must be in [0, 1)")
+    for key, value in (("optim.steps", o.steps), ("optim.batch_size", o.batch_size)):
+        need(key, value, value >= 1, "it must be >= 1")
+    for key, value in (("optim.warmup_steps", o.warmup_steps), ("optim.min_lr", o.min_lr),
+                       ("optim.weight_decay", o.weight_decay), ("optim.weight_decay_end", o.weight_decay_end),
+                       ("optim.clip_grad", o.clip_grad), ("data.max_images", cfg.data.max_images),
+                       ("image_every", cfg.image_every), ("stop_at", cfg.stop_at), ("dino.weight", d.weight),
+                       ("dino.warmup_teacher_temp_steps", d.warmup_teacher_temp_steps),
+                       ("dino.freeze_prototypes_steps", d.freeze_prototypes_steps),
+                       ("labels.weight", lab.weight), ("labels.mil_weight", lab.mil_weight),
+                       ("augment.brightness", a.brightness), ("augment.contrast", a.contrast),
+                       ("augment.saturation", a.saturation), ("augment.hue", a.hue)):
+        need(key, value, value >= 0, "it must be >= 0")
+    need("optim.lr", o.lr, o.lr > 0, "it must be > 0")
+    for key, value in (("augment.hue_prob", a.hue_prob), ("augment.grayscale_prob", a.grayscale_prob)):
+        need(key, value, 0 <= value <= 1, "it is a probability: use a value in [0, 1]")
+    need("labels.normalize_target", repr(lab.normalize_target), lab.normalize_target in ("none", "max", "minmax"),
+         "use one of: none, max, minmax")
+    if lab.fold is not None:
+        need("labels.topk", lab.topk, 0 < lab.topk <= 1, "it is a fraction of the tokens: use a value in (0, 1]")
+        need("labels.mask_temperature", lab.mask_temperature, lab.mask_temperature > 0, "it must be > 0")
+        need("labels.evidence_width", lab.evidence_width, lab.evidence_width >= 1, "it must be >= 1")
+    if d.weight <= 0:
+        return
+    for key, value in (("dino.out_dim", d.out_dim), ("dino.hidden_dim", d.hidden_dim),
+                       ("dino.bottleneck_dim", d.bottleneck_dim)):
+        need(key, value, value >= 1, "it must be >= 1")
+    for key, value in (("dino.student_temp", d.student_temp), ("dino.teacher_temp", d.teacher_temp),
+                       ("dino.warmup_teacher_temp", d.warmup_teacher_temp)):
+        need(key, value, value > 0, "a temperature must be > 0")
+    for key, value in (("dino.momentum", d.momentum), ("dino.center_momentum", d.center_momentum)):
+        need(key, value, 0 <= value <= 1, "an EMA momentum must be in [0, 1]")
+    need("dino.local_crops", d.local_crops, d.local_crops >= 0, "it must be >= 0 (0 = no local crops)")
+    if d.local_crops:
+        need("dino.local_size", d.local_size, d.local_size > 0 and d.local_size % patch == 0,
+             f"it must be a positive multiple of the patch size {patch} of {cfg.model.backbone}")
+    for key, scale in (("dino.global_scale", d.global_scale), ("dino.local_scale", d.local_scale)):
+        need(key, list(scale), len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1,
+             "write [low, high] area fractions with 0 < low <= high <= 1")

@@ -204,3 +204,32 @@ def test_export_loads_through_fscs_model_build(tmp_path) -> None:
     x = torch.randn(2, 3, 32, 32)
     out = model.backbone(x)
     assert out.q.shape == (2, 4, 17, 32) and math.isfinite(float(out.tokens.sum()))
+
+
+@pytest.mark.parametrize("bad, key", [
+    ("optim.steps=0", "optim.steps"),  # exported a random-init backbone as 'completed'
+    ("optim.batch_size=0", "optim.batch_size"),
+    ("model.image_size=30", "model.image_size"),
+    ("dino.local_size=20", "dino.local_size"),
+    ("dino.global_scale=[1.0]", "dino.global_scale"),
+    ("dino.local_scale=[0.5,0.1]", "dino.local_scale"),
+    ("labels.normalize_target=minmx", "labels.normalize_target"),  # silently ran as 'max'
+    ("dino.local_crops=-1", "dino.local_crops"),
+    ("labels.topk=0", "labels.topk"),
+    ("dino.out_dim=0", "dino.out_dim"),
+    ("dino.student_temp=0", "dino.student_temp"),  # a NaN backbone
+    ("dino.momentum=1.5", "dino.momentum"),
+    ("optim.lr=-1", "optim.lr"),
+    ("augment.hue_prob=2", "augment.hue_prob"),
+])
+def test_pretrain_config_bad_values_are_one_line_errors(bad, key) -> None:
+    with pytest.raises(FSCSError, match=rf"^pretrain config key '{key}' is .*; ") as err:
+        load_pretrain_config(None, ["labels.fold=0", bad])
+    assert "\n" not in str(err.value)
+
+
+def test_shipped_pretrain_config_passes_the_checks() -> None:
+    from pathlib import Path
+
+    cfg = load_pretrain_config(Path(__file__).resolve().parents[2] / "configs" / "pretrain.yaml")
+    assert cfg.labels.fold == 0 and cfg.dino.local_crops == 2
