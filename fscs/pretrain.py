@@ -53,7 +53,7 @@ def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[i
     Images holding a class of an excluded fold (or of labels.fold) are dropped; all images must share one size.
     """
     index = read_index(cfg.data.shards)
-    excluded = set(cfg.data.exclude_folds) | ({cfg.labels.fold} if cfg.labels.fold is not None else set())
+    excluded = set(novel_folds(cfg))
     for fold in excluded:
         if fold not in index.folds:
             raise FSCSError(f"{cfg.data.shards}/index.json has no fold {fold} (folds {sorted(index.folds)}); "
@@ -82,6 +82,11 @@ def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[i
                         f"{sorted(excluded)}")
     data = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return data, torch.from_numpy(np.stack(labels)), classes
+
+
+def novel_folds(cfg: PretrainConfig) -> list[int]:
+    """Folds whose classes never reach pretraining (no image holding one, no label): exclude_folds + labels.fold."""
+    return sorted(set(cfg.data.exclude_folds) | ({cfg.labels.fold} if cfg.labels.fold is not None else set()))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -144,6 +149,7 @@ class Pretrainer:
         self.cfg, self.env = cfg, env
         self.device = resolve_device("auto", env)
         self.images, self.labels, self.classes = load_images(cfg)
+        self.dataset = read_index(cfg.data.shards).dataset
         torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
         spec = get_spec(cfg.model.backbone)
         vit = build_student_vit(cfg.model.backbone, cfg.model.image_size, cfg.model.drop_path)
@@ -281,7 +287,8 @@ class Pretrainer:
 
     def export(self) -> Path:
         meta = {"format": "fscs-backbone/1", "backbone": self.cfg.model.backbone,
-                "image_size": str(self.cfg.model.image_size), "step": str(self.step),
+                "image_size": str(self.cfg.model.image_size), "step": str(self.step), "dataset": self.dataset,
+                "novel_folds": json.dumps(novel_folds(self.cfg)),
                 "config": json.dumps(asdict(self.cfg))}
         path = export_backbone(self.teacher_vit, self.cfg.export_path, meta)
         logger.info("exported the teacher backbone to %s", path)

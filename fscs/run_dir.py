@@ -78,3 +78,17 @@ def truncate_train_log(log: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             keep.append(ln)
     write_text_atomic(log, "".join(ln + "\n" for ln in keep))
+
+
+def check_backbone_novel_fold(model: FSCSModel, dataset: str, fold: int, weights: str | None) -> None:
+    """Refuse training for a test fold whose classes the backbone saw in `fscs pretrain` (same shard set):
+    its few-shot numbers would not be on novel classes."""
+    scope = getattr(model.backbone, "pretraining", None)
+    if not scope or scope["dataset"] != dataset or fold in scope["novel_folds"]:  # unknown set: no claim
+        return
+    kept = scope["novel_folds"]
+    other = f", or set data.fold to one of {kept}" if kept else ""
+    raise FSCSError(
+        f"backbone weights {weights} were pretrained (fscs pretrain) on {dataset} images holding fold {fold}'s "
+        f"test classes (folds kept out: {kept or 'none'}), so fold {fold} is not novel to it; pretrain one for "
+        f"this fold (fscs pretrain data.exclude_folds=[{fold}] labels.fold={fold}) and pass it as model.weights{other}")

@@ -21,7 +21,7 @@ from fscs.errors import FSCSError
 from fscs.losses import CHANCE_CE, at_chance, batch_loss
 from fscs.parallel import end_new_children
 from fscs.run_dir import (BEST, CHECKPOINT, SUMMARY, TRAIN_LOG, build_model, check_backbone_identity,
-                          resolve_checkpoint, truncate_train_log)
+                          check_backbone_novel_fold, resolve_checkpoint, truncate_train_log)
 from fscs.runtime import resolve_device, resolve_precision, seed_all
 from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
@@ -224,6 +224,7 @@ class Trainer:
 
         self._resume()  # a refused resume leaves config.yaml and tb/ as they were
         d, t = self.cfg.data, self.cfg.train
+        check_backbone_novel_fold(self.model, self.index.dataset, d.fold, self.cfg.model.weights)
         logger.info("%d episodes per optimizer step (data.batch_size %d x %d process(es) x "
                     "train.grad_accum %d)", d.batch_size * self.env.world_size * t.grad_accum, d.batch_size,
                     self.env.world_size, t.grad_accum)

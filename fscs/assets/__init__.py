@@ -12,6 +12,9 @@ ASSET_DIR = Path(__file__).resolve().parent
 DEFAULT_BACKBONE = "fscs_vit_mini_patch8"
 """Registry name of the shipped backbone (fscs.model.backbone.BACKBONES)."""
 DEFAULT_BACKBONE_WEIGHTS = ASSET_DIR / f"{DEFAULT_BACKBONE}.safetensors"
+DEFAULT_BACKBONE_DATASET = "synthetic-5i"
+"""Shard set (index.json 'dataset') the shipped backbone was pretrained on, without any fold-0 class; its file
+predates the 'dataset' metadata key that `fscs pretrain` now writes."""
 DEFAULT_IMAGE_SIZE = 128
 """Input size the shipped backbone is measured and used at (pretrained at 96 px; pos_embed resampled)."""
 DEFAULT_MASK_RULE = "otsu_border"

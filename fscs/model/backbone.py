@@ -134,6 +134,47 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
     return torch.cat([prefix, patch], dim=1)
 
 
+PRETRAIN_FORMAT = "fscs-backbone/1"
+"""safetensors metadata 'format' of the files `fscs pretrain` exports."""
+
+
+def pretraining_scope(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What a backbone file made by `fscs pretrain` never saw: {"dataset": shard-set name or None, "novel_folds":
+    sorted folds none of whose classes reached pretraining (images or labels)}. None for any other file.
+
+    Read from the safetensors metadata ("dataset", "novel_folds"; older files: data.exclude_folds and
+    labels.fold of the recorded "config"). The shipped asset predates "dataset": it is fscs.assets'.
+    """
+    import json
+
+    from fscs import assets
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") != PRETRAIN_FORMAT:
+            return None
+        if "novel_folds" in meta:
+            folds = {int(f) for f in json.loads(meta["novel_folds"])}
+        else:
+            cfg = json.loads(meta.get("config", "{}"))
+            folds = {int(f) for f in cfg.get("data", {}).get("exclude_folds", [])}
+            if cfg.get("labels", {}).get("fold") is not None:
+                folds.add(int(cfg["labels"]["fold"]))
+    except Exception as exc:  # noqa: BLE001 - an unreadable record is a one-line error, not a traceback
+        raise FSCSError(f"backbone weights file {path}: unreadable fscs pretrain metadata ({exc}); re-export it "
+                        "with fscs pretrain") from exc
+    dataset = meta.get("dataset")
+    if dataset is None and path.resolve() == assets.DEFAULT_BACKBONE_WEIGHTS.resolve():
+        dataset = assets.DEFAULT_BACKBONE_DATASET
+    return {"dataset": dataset, "novel_folds": sorted(folds)}
+
+
 def _strip(key: str, prefix: str) -> str:
     while key.startswith(prefix):
         key = key[len(prefix):]
@@ -247,11 +288,14 @@ class FrozenBackbone(nn.Module):
             torch.manual_seed(init_seed)
             self.model = build_timm_model(self.spec, self.image_size)
         sha = f"random-init-seed{init_seed}"
+        self.pretraining: dict[str, Any] | None = None
+        """pretraining_scope of the weights file (None: random init, or weights not made by fscs pretrain)."""
         weights = resolve_weights(None if weights is None else str(weights))  # 'asset:NAME' = a shipped file
         if weights is not None:
             state = fit_state_dict(read_state_dict(weights), self.model, self.spec, str(weights))
             self.model.load_state_dict(state, strict=True)
             sha = file_sha256(weights)
+            self.pretraining = pretraining_scope(weights)
             logger.info("loaded backbone %s weights from %s (sha256 %s)", name, weights, sha[:12])
         else:
             logger.info("backbone %s is randomly initialised (no weights file)", name)

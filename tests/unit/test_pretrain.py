@@ -233,3 +233,46 @@ def test_shipped_pretrain_config_passes_the_checks() -> None:
 
     cfg = load_pretrain_config(Path(__file__).resolve().parents[2] / "configs" / "pretrain.yaml")
     assert cfg.labels.fold == 0 and cfg.dino.local_crops == 2
+
+
+def test_train_refuses_a_fold_whose_classes_the_pretrained_backbone_saw(tmp_path) -> None:
+    """The shipped backbone saw synthetic-5i images and labels of folds 1..3; `fscs train data.fold=1` with it
+    trained silently, so its 'novel-class' numbers were on classes the backbone had learned."""
+    from fscs.model.backbone import pretraining_scope
+    from fscs.model.fscs_model import FSCSModel
+    from fscs.pretrain import novel_folds
+    from fscs.run_dir import check_backbone_novel_fold
+
+    from fscs.assets import DEFAULT_BACKBONE_WEIGHTS
+
+    shipped = pretraining_scope(DEFAULT_BACKBONE_WEIGHTS)
+    assert shipped == {"dataset": "synthetic-5i", "novel_folds": [0]}
+    cfg = load_pretrain_config(None, ["labels.fold=2", "data.exclude_folds=[3]"])
+    assert novel_folds(cfg) == [2, 3]
+    torch.manual_seed(0)
+    path = export_backbone(build_student_vit("fscs_vit_mini_patch8", 32), tmp_path / "bb.safetensors",
+                           {"format": "fscs-backbone/1", "dataset": "synthetic-5i", "novel_folds": "[2, 3]"})
+    model = FSCSModel.build(backbone="fscs_vit_mini_patch8", weights=path, image_size=32, mask_rule="otsu")
+    for fold in (2, 3):
+        check_backbone_novel_fold(model, "synthetic-5i", fold, str(path))
+    check_backbone_novel_fold(model, "pascal-5i", 0, str(path))  # another shard set: its folds were never seen
+    with pytest.raises(FSCSError, match=r"fold 0 is not novel to it; .*labels.fold=0.* one of \[2, 3\]") as err:
+        check_backbone_novel_fold(model, "synthetic-5i", 0, str(path))
+    assert "\n" not in str(err.value)
+    plain = export_backbone(build_student_vit("fscs_vit_mini_patch8", 32), tmp_path / "plain.safetensors", {})
+    assert pretraining_scope(plain) is None  # not made by fscs pretrain: no claim either way
+
+
+def test_pretrain_export_records_its_dataset_and_novel_folds(tmp_path) -> None:
+    from fscs.data.synthetic import build_synthetic_shards
+    from fscs.distributed import DistEnv
+    from fscs.model.backbone import pretraining_scope
+    from fscs.pretrain import run_pretrain
+
+    shards = build_synthetic_shards(tmp_path / "synth", num_images=24, size=96, workers=1)
+    cfg = load_pretrain_config(None, [f"data.shards={shards}", f"out_dir={tmp_path}", "name=p", "optim.steps=1",
+                                      "model.backbone=fscs_vit_mini_patch8", "model.image_size=32", "dino.weight=0",
+                                      "labels.fold=1", "data.exclude_folds=[3]", "labels.evidence_width=8",
+                                      "optim.batch_size=2", "image_every=0"])
+    summary = run_pretrain(cfg, DistEnv())
+    assert pretraining_scope(summary["export"]) == {"dataset": "synthetic-5i", "novel_folds": [1, 3]}
