@@ -317,6 +317,13 @@ class Pretrainer:
         with CheckpointRequests() as requests:  # SIGUSR1: checkpoint; SIGTERM/SIGUSR2: checkpoint, then stop
             while self.step < end:
                 last = self.train_step()
+                if not math.isfinite(last["loss"]):  # before any save: the checkpoint keeps the last finite state
+                    bar.close()
+                    terms = ", ".join(f"{k} {last[k]:.4g}" for k in ("dino", "mil", "mask") if k in last)
+                    raise FSCSError(
+                        f"pretraining loss is {last['loss']} at step {self.step} ({terms}); nothing exported and "
+                        f"nothing saved from this step on; lower optim.lr, set optim.clip_grad > 0 or use "
+                        f"optim.precision=fp32 and start again under another name (or delete {cfg.run_dir})")
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", area=f"{last['mask_area']:.2f}")
                 if self.writer is not None:

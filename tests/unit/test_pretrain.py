@@ -276,3 +276,34 @@ def test_pretrain_export_records_its_dataset_and_novel_folds(tmp_path) -> None:
                                       "optim.batch_size=2", "image_every=0"])
     summary = run_pretrain(cfg, DistEnv())
     assert pretraining_scope(summary["export"]) == {"dataset": "synthetic-5i", "novel_folds": [1, 3]}
+
+
+def test_a_diverged_pretraining_stops_with_one_line_and_exports_nothing(tmp_path, monkeypatch) -> None:
+    """A NaN loss trained on to the end and exported a NaN backbone as 'completed' (and wrote NaN into
+    pretrain_summary.json); it must stop before saving the NaN state, with a one-line error."""
+    from fscs.data.synthetic import build_synthetic_shards
+    from fscs.distributed import DistEnv
+    from fscs.pretrain import CHECKPOINT, Pretrainer
+
+    shards = build_synthetic_shards(tmp_path / "synth", num_images=24, size=96, workers=1)
+    cfg = load_pretrain_config(None, [f"data.shards={shards}", f"out_dir={tmp_path}", "name=p", "optim.steps=4",
+                                      "model.backbone=fscs_vit_mini_patch8", "model.image_size=32", "dino.weight=0",
+                                      "labels.fold=0", "labels.evidence_width=8", "optim.batch_size=2",
+                                      "image_every=0", "ckpt_every=1"])
+    real = Pretrainer.train_step
+
+    def diverge_at_step_3(self):
+        out = real(self)
+        if self.step == 3:
+            with torch.no_grad():
+                self.teacher_vit.cls_token.fill_(float("nan"))
+            out["loss"] = float("nan")
+        return out
+
+    monkeypatch.setattr(Pretrainer, "train_step", diverge_at_step_3)
+    with pytest.raises(FSCSError, match=r"loss is nan at step 3 .*nothing exported.*optim.lr") as err:
+        Pretrainer(cfg, DistEnv()).fit()
+    assert "\n" not in str(err.value)
+    assert not cfg.export_path.exists()
+    state = torch.load(cfg.run_dir / CHECKPOINT, weights_only=True)
+    assert state["step"] == 2 and torch.isfinite(state["teacher_vit"]["cls_token"]).all()
