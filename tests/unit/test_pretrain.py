@@ -307,3 +307,21 @@ def test_a_diverged_pretraining_stops_with_one_line_and_exports_nothing(tmp_path
     assert not cfg.export_path.exists()
     state = torch.load(cfg.run_dir / CHECKPOINT, weights_only=True)
     assert state["step"] == 2 and torch.isfinite(state["teacher_vit"]["cls_token"]).all()
+
+
+def test_export_is_byte_identical_for_identical_weights(tmp_path) -> None:
+    """Rerunning a completed `fscs pretrain` re-exports the teacher: safetensors ordered the metadata at random,
+    so the file's sha256 (the backbone identity fscs train records) changed and heads trained on the first
+    export were refused as trained on another backbone."""
+    from safetensors import safe_open
+
+    from fscs.model.backbone import file_sha256
+
+    torch.manual_seed(0)
+    vit = build_student_vit("fscs_vit_mini_patch8", 32)
+    meta = {"format": "fscs-backbone/1", "backbone": "fscs_vit_mini_patch8", "image_size": "32", "step": "2",
+            "config": "{}", "dataset": "synthetic-5i", "novel_folds": "[0]"}
+    paths = [export_backbone(vit, tmp_path / f"bb{i}.safetensors", dict(meta)) for i in range(6)]
+    assert len({file_sha256(p) for p in paths}) == 1
+    with safe_open(str(paths[0]), "pt") as fh:
+        assert fh.metadata() == meta and torch.equal(fh.get_tensor("pos_embed"), vit.pos_embed.detach())
