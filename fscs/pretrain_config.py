@@ -101,7 +101,7 @@ class PretrainConfig:
     name: str = "pretrain"
     out_dir: str = "runs"
     export: str | None = None
-    """Where the teacher backbone goes (.safetensors; default RUN_DIR/backbone.safetensors)."""
+    """Where the teacher backbone goes (a .safetensors file; default RUN_DIR/backbone.safetensors)."""
     log_every: int = 10
     image_every: int = 200
     """Steps between attention-map images in TensorBoard (0 = never)."""
@@ -138,6 +138,9 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
         raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
                         "set dino.weight > 0 or labels.fold")
     _check_values(out)
+    if out.export is not None and (not out.export.endswith(".safetensors") or Path(out.export).is_dir()):
+        raise FSCSError(f"pretrain config key 'export' is '{out.export}'; name a .safetensors file (the loaders "
+                        "read .safetensors by its suffix), e.g. export=backbones/mine.safetensors")
     return out
 
 

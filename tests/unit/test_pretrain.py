@@ -325,3 +325,13 @@ def test_export_is_byte_identical_for_identical_weights(tmp_path) -> None:
     assert len({file_sha256(p) for p in paths}) == 1
     with safe_open(str(paths[0]), "pt") as fh:
         assert fh.metadata() == meta and torch.equal(fh.get_tensor("pos_embed"), vit.pos_embed.detach())
+
+
+def test_export_path_must_be_a_safetensors_file(tmp_path) -> None:
+    """export=x.pt wrote safetensors bytes that FrozenBackbone then read with torch.load (refused); export=DIR
+    crashed with IsADirectoryError after the whole run."""
+    (tmp_path / "d.safetensors").mkdir()
+    for bad in (str(tmp_path / "bb.pt"), str(tmp_path), str(tmp_path / "d.safetensors")):
+        with pytest.raises(FSCSError, match=r"^pretrain config key 'export' is .*\.safetensors file"):
+            load_pretrain_config(None, [f"export={bad}"])
+    assert load_pretrain_config(None, [f"export={tmp_path / 'bb.safetensors'}"]).export_path.name == "bb.safetensors"
