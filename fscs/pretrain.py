@@ -69,10 +69,14 @@ def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[i
     for sample in iter_shard_samples(paths, decode_masks=False):
         if novel & set(sample.labels):
             continue
-        if images and sample.image.shape != images[0].shape:
-            raise FSCSError(f"{cfg.data.shards}: image {sample.key} is {sample.image.shape[:2]}, others "
-                            f"{images[0].shape[:2]}; pretraining needs one image size")
-        images.append(sample.image)
+        image = sample.image
+        if cfg.data.load_size:
+            image = resize_uint8(image, cfg.data.load_size)
+        elif images and image.shape != images[0].shape:
+            raise FSCSError(f"{cfg.data.shards}: image {sample.key} is {image.shape[:2]}, others "
+                            f"{images[0].shape[:2]}; pretraining needs one image size: set data.load_size=N "
+                            f"(every image resized to N x N when read, e.g. N={2 * cfg.model.image_size})")
+        images.append(image)
         row = np.zeros(len(classes), dtype=np.float32)
         row[[column[c] for c in sample.labels]] = 1.0
         labels.append(row)
@@ -83,6 +87,13 @@ def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[i
                         f"{sorted(excluded)}")
     data = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return data, torch.from_numpy(np.stack(labels)), classes
+
+
+def resize_uint8(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the evaluation resize (bilinear, antialiased), rounded."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def novel_folds(cfg: PretrainConfig) -> list[int]:
@@ -377,7 +388,8 @@ class Pretrainer:
 PRETRAIN_RESUME_FREE = ("name", "out_dir", "export", "log_every", "image_every", "ckpt_every", "stop_at",
                         "optim.steps", "data.shards")
 """Keys a resumed pretraining may change (data.shards: the same images may have moved)."""
-PRETRAIN_RESUME_MUST_MATCH = ("data.exclude_folds", "data.max_images", "data.split", "dino.", "labels.", "model.")
+PRETRAIN_RESUME_MUST_MATCH = ("data.exclude_folds", "data.load_size", "data.max_images", "data.split", "dino.", "labels.",
+                              "model.")
 """Keys (or sections) whose change breaks the checkpoint (other architecture) or what the backbone may have
 seen (a fold excluded so that its classes stay novel): an error."""
 

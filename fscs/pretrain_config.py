@@ -19,6 +19,10 @@ class PretrainData:
     """Drop every image holding a class of these folds (their classes stay novel to the backbone)."""
     max_images: int = 0
     """Use at most this many images (0 = all)."""
+    load_size: int = 0
+    """Resize every image to load_size x load_size when it is read (bilinear, antialiased: the evaluation resize);
+    needed for shards whose images differ in size (PASCAL, COCO, your own folder). 0 = keep the stored size
+    (all images must then share one, as synthetic-5i's do)."""
 
 
 @dataclass
@@ -158,6 +162,7 @@ def _check_values(cfg: PretrainConfig) -> None:
     patch = get_spec(cfg.model.backbone).patch_size
     need("model.image_size", cfg.model.image_size, cfg.model.image_size > 0 and cfg.model.image_size % patch == 0,
          f"it must be a positive multiple of the patch size {patch} of {cfg.model.backbone}")
+    need("data.load_size", cfg.data.load_size, cfg.data.load_size >= 0, "it must be >= 0 (0 = keep the stored size)")
     need("model.drop_path", cfg.model.drop_path, 0 <= cfg.model.drop_path < 1, "it must be in [0, 1)")
     for key, value in (("optim.steps", o.steps), ("optim.batch_size", o.batch_size)):
         need(key, value, value >= 1, "it must be >= 1")

@@ -335,3 +335,27 @@ def test_export_path_must_be_a_safetensors_file(tmp_path) -> None:
         with pytest.raises(FSCSError, match=r"^pretrain config key 'export' is .*\.safetensors file"):
             load_pretrain_config(None, [f"export={bad}"])
     assert load_pretrain_config(None, [f"export={tmp_path / 'bb.safetensors'}"]).export_path.name == "bb.safetensors"
+
+
+def test_shards_with_images_of_several_sizes_load_with_data_load_size(tmp_path) -> None:
+    """Docs: `fscs pretrain` runs on any image shards; PASCAL, COCO and folder shards keep each image's own size
+    and were refused ('pretraining needs one image size') with no way around it."""
+    from fscs.data.shards import write_shards
+    from fscs.data.types import Sample
+    from fscs.pretrain import load_images
+
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for i, (h, w, label) in enumerate([(40, 56, 1), (64, 48, 2), (50, 50, 3), (72, 40, 2)]):
+            mask = np.full((h, w), label, dtype=np.uint8)
+            yield Sample(f"s{i}", rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mask, (label,)), "trn"
+
+    shards = write_shards(samples(), tmp_path / "mixed", dataset="mixed-sizes", class_names=["a", "b", "c"],
+                          folds={0: [1], 1: [2, 3]})
+    with pytest.raises(FSCSError, match=r"needs one image size: set data.load_size=N"):
+        load_images(load_pretrain_config(None, [f"data.shards={shards}", "labels.fold=0"]))
+    cfg = load_pretrain_config(None, [f"data.shards={shards}", "labels.fold=0", "data.load_size=24"])
+    images, labels, classes = load_images(cfg)
+    assert images.shape == (3, 3, 24, 24) and images.dtype == torch.uint8 and classes == [2, 3]
+    assert labels.tolist() == [[1, 0], [0, 1], [1, 0]]  # the fold-0 image (class 1) is dropped
