@@ -207,7 +207,7 @@ class Pretrainer:
     def state_dict(self) -> dict[str, Any]:
         state = {"student": self.student.state_dict(), "teacher_vit": self.teacher_vit.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "dino_center": self.dino_loss.center.clone(),
-                 "step": self.step, "config": asdict(self.cfg), "format": FORMAT}
+                 "step": self.step, "config": asdict(self.cfg), "format": FORMAT, "dataset": self.dataset}
         if self.teacher_head is not None:
             state["teacher_head"] = self.teacher_head.state_dict()
         return state
@@ -219,6 +219,10 @@ class Pretrainer:
         state = load_checkpoint(path)
         if state.get("format") != FORMAT:
             raise FSCSError(f"{path} is not a pretraining checkpoint; pick another run name or delete it")
+        if state.get("dataset") not in (None, self.dataset):
+            raise FSCSError(f"pretraining checkpoint '{path}' (step {state.get('step', '?')}) was made on dataset "
+                            f"'{state['dataset']}', but data.shards holds '{self.dataset}'; point data.shards at the "
+                            "original shards or start a new run (another name= or out_dir=)")
         for warning in check_pretrain_resume(state.get("config", {}), asdict(self.cfg), path):
             logger.warning("resuming %s: %s; the result will differ from an uninterrupted run", path, warning)
         self.student.load_state_dict(state["student"])

@@ -359,3 +359,28 @@ def test_shards_with_images_of_several_sizes_load_with_data_load_size(tmp_path) 
     images, labels, classes = load_images(cfg)
     assert images.shape == (3, 3, 24, 24) and images.dtype == torch.uint8 and classes == [2, 3]
     assert labels.tolist() == [[1, 0], [0, 1], [1, 0]]  # the fold-0 image (class 1) is dropped
+
+
+def test_resume_on_another_dataset_is_refused(tmp_path) -> None:
+    """data.shards may change on resume (moved files), but not to another shard set: a labels run died with a
+    load_state_dict traceback (another class count), a plain DINO run went on silently on other images."""
+    from fscs.data.shards import write_shards
+    from fscs.data.synthetic import build_synthetic_shards
+    from fscs.data.types import Sample
+    from fscs.distributed import DistEnv
+    from fscs.pretrain import run_pretrain
+
+    synth = build_synthetic_shards(tmp_path / "synth", num_images=24, size=96, workers=1)
+    rng = np.random.default_rng(0)
+    other = write_shards(((Sample(f"s{i}", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8),
+                                  np.full((96, 96), 1 + i % 4, dtype=np.uint8), (1 + i % 4,)), "trn")
+                          for i in range(8)), tmp_path / "other", dataset="other-set",
+                         class_names=["a", "b", "c", "d"], folds={0: [1], 1: [2], 2: [3], 3: [4]})
+    tiny = [f"out_dir={tmp_path}", "name=p", "optim.steps=3", "model.backbone=fscs_vit_mini_patch8",
+            "model.image_size=32", "dino.local_size=16", "dino.local_crops=1", "dino.out_dim=16",
+            "dino.hidden_dim=16", "dino.bottleneck_dim=8", "optim.batch_size=2", "image_every=0"]
+    run_pretrain(load_pretrain_config(None, [f"data.shards={synth}", "stop_at=1", *tiny]), DistEnv())
+    with pytest.raises(FSCSError, match=r"made on dataset 'synthetic-5i', but data.shards holds 'other-set'") as err:
+        run_pretrain(load_pretrain_config(None, [f"data.shards={other}", *tiny]), DistEnv())
+    assert "\n" not in str(err.value)
+    assert run_pretrain(load_pretrain_config(None, [f"data.shards={synth}", *tiny]), DistEnv())["steps"] == 3
