@@ -383,7 +383,12 @@ class Pretrainer:
         if self.step >= cfg.optim.steps and self.env.is_main:
             summary["export"] = str(self.export())
         if self.env.is_main:
-            write_text_atomic(cfg.run_dir / "pretrain_summary.json", json.dumps(summary, indent=2))
+            path = cfg.run_dir / "pretrain_summary.json"
+            before = json.loads(path.read_text()) if self.step == start and path.is_file() else {}
+            # a rerun of a finished run (it only re-exports) keeps the record of the attempt that trained
+            if before.get("status") == summary["status"] == "completed" and before.get("steps") == self.step:
+                summary = {**before, "export": summary["export"]}
+            write_text_atomic(path, json.dumps(summary, indent=2))
             if self.writer is not None:
                 self.writer.close()
         return summary

@@ -384,3 +384,26 @@ def test_resume_on_another_dataset_is_refused(tmp_path) -> None:
         run_pretrain(load_pretrain_config(None, [f"data.shards={other}", *tiny]), DistEnv())
     assert "\n" not in str(err.value)
     assert run_pretrain(load_pretrain_config(None, [f"data.shards={synth}", *tiny]), DistEnv())["steps"] == 3
+
+
+def test_rerunning_a_finished_pretraining_keeps_its_summary(tmp_path) -> None:
+    """A rerun of a completed run (a requeue, the documented command again) only re-exports, but it overwrote
+    pretrain_summary.json with steps_this_run 0, seconds 0 and no losses: the record of the training was lost."""
+    import json
+
+    from fscs.data.synthetic import build_synthetic_shards
+    from fscs.distributed import DistEnv
+    from fscs.model.backbone import file_sha256
+    from fscs.pretrain import run_pretrain
+
+    shards = build_synthetic_shards(tmp_path / "synth", num_images=24, size=96, workers=1)
+    cfg = load_pretrain_config(None, [f"data.shards={shards}", f"out_dir={tmp_path}", "name=p", "optim.steps=2",
+                                      "model.backbone=fscs_vit_mini_patch8", "model.image_size=32", "dino.weight=0",
+                                      "labels.fold=0", "labels.evidence_width=8", "optim.batch_size=2",
+                                      "image_every=0"])
+    first = run_pretrain(cfg, DistEnv())
+    sha = file_sha256(first["export"])
+    again = run_pretrain(cfg, DistEnv())
+    on_disk = json.loads((cfg.run_dir / "pretrain_summary.json").read_text())
+    assert again == on_disk and on_disk["steps_this_run"] == 2 and "mask" in on_disk["last"]
+    assert on_disk["seconds"] == first["seconds"] and file_sha256(again["export"]) == sha
