@@ -31,7 +31,7 @@ from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
 from fscs.engine.checkpoint import compare_configs, flat_config, load_checkpoint, save_checkpoint
 from fscs.errors import FSCSError
-from fscs.model.backbone import get_spec
+from fscs.model.backbone import PRETRAIN_FORMAT, get_spec
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit
@@ -51,7 +51,8 @@ FORMAT = "fscs-pretrain-checkpoint/1"
 def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Images uint8 [N, 3, H, W] of the configured split, multi-hot labels [N, C] over the label classes, classes.
 
-    Images holding a class of an excluded fold (or of labels.fold) are dropped; all images must share one size.
+    Images holding a class of an excluded fold (or of labels.fold) are dropped; all images must share one size
+    unless data.load_size resizes them as they are read.
     """
     index = read_index(cfg.data.shards)
     excluded = set(novel_folds(cfg))
@@ -318,7 +319,7 @@ class Pretrainer:
         return torch.cat([x, heat.clamp(0, 1)], dim=-1)
 
     def export(self) -> Path:
-        meta = {"format": "fscs-backbone/1", "backbone": self.cfg.model.backbone,
+        meta = {"format": PRETRAIN_FORMAT, "backbone": self.cfg.model.backbone,
                 "image_size": str(self.cfg.model.image_size), "step": str(self.step), "dataset": self.dataset,
                 "novel_folds": json.dumps(novel_folds(self.cfg)),
                 "config": json.dumps(asdict(self.cfg))}
