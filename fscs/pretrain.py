@@ -208,7 +208,8 @@ class Pretrainer:
     def state_dict(self) -> dict[str, Any]:
         state = {"student": self.student.state_dict(), "teacher_vit": self.teacher_vit.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "dino_center": self.dino_loss.center.clone(),
-                 "step": self.step, "config": asdict(self.cfg), "format": FORMAT, "dataset": self.dataset}
+                 "step": self.step, "config": asdict(self.cfg), "format": FORMAT, "dataset": self.dataset,
+                 "world_size": self.env.world_size}
         if self.teacher_head is not None:
             state["teacher_head"] = self.teacher_head.state_dict()
         return state
@@ -224,7 +225,12 @@ class Pretrainer:
             raise FSCSError(f"pretraining checkpoint '{path}' (step {state.get('step', '?')}) was made on dataset "
                             f"'{state['dataset']}', but data.shards holds '{self.dataset}'; point data.shards at the "
                             "original shards or start a new run (another name= or out_dir=)")
-        for warning in check_pretrain_resume(state.get("config", {}), asdict(self.cfg), path):
+        warnings = check_pretrain_resume(state.get("config", {}), asdict(self.cfg), path)
+        saved_ws = int(state.get("world_size", self.env.world_size))
+        if saved_ws != self.env.world_size:  # each step's images and batch are drawn per rank
+            warnings.append(f"the number of processes changed from {saved_ws} to {self.env.world_size} (each step's "
+                            "images and the images per step change)")
+        for warning in warnings:
             logger.warning("resuming %s: %s; the result will differ from an uninterrupted run", path, warning)
         self.student.load_state_dict(state["student"])
         self.teacher_vit.load_state_dict(state["teacher_vit"])

@@ -407,3 +407,26 @@ def test_rerunning_a_finished_pretraining_keeps_its_summary(tmp_path) -> None:
     on_disk = json.loads((cfg.run_dir / "pretrain_summary.json").read_text())
     assert again == on_disk and on_disk["steps_this_run"] == 2 and "mask" in on_disk["last"]
     assert on_disk["seconds"] == first["seconds"] and file_sha256(again["export"]) == sha
+
+
+def test_resume_with_another_process_count_warns(tmp_path, caplog) -> None:
+    """Rerunning resumes exactly only with the same number of processes (the batch of step s is drawn per
+    rank); a resume under another torchrun --nproc_per_node went on without a word."""
+    import logging
+
+    from fscs.data.synthetic import build_synthetic_shards
+    from fscs.distributed import DistEnv
+    from fscs.pretrain import CHECKPOINT, Pretrainer, run_pretrain
+
+    shards = build_synthetic_shards(tmp_path / "synth", num_images=24, size=96, workers=1)
+    cfg = load_pretrain_config(None, [f"data.shards={shards}", f"out_dir={tmp_path}", "name=p", "optim.steps=3",
+                                      "model.backbone=fscs_vit_mini_patch8", "model.image_size=32", "dino.weight=0",
+                                      "labels.fold=0", "labels.evidence_width=8", "optim.batch_size=2",
+                                      "image_every=0", "stop_at=1"])
+    run_pretrain(cfg, DistEnv())
+    state = torch.load(cfg.run_dir / CHECKPOINT, weights_only=True)
+    state["world_size"] = 2  # as a 2-process torchrun job would have saved it
+    torch.save(state, cfg.run_dir / CHECKPOINT)
+    with caplog.at_level(logging.WARNING, logger="fscs.pretrain"):
+        Pretrainer(cfg, DistEnv())._resume()
+    assert "number of processes changed from 2 to 1" in caplog.text
