@@ -35,7 +35,7 @@ if str(REPO) not in sys.path:  # runnable from a checkout without installing
 
 from fscs.data.shards import iter_shard_samples, read_index  # noqa: E402
 from fscs.data.transforms import to_tensor_image  # noqa: E402
-from fscs.model.backbone import FrozenBackbone, get_spec  # noqa: E402
+from fscs.model.backbone import FrozenBackbone  # noqa: E402
 from fscs.model.distill import MASK_RULES, cls_key_cosine, pseudo_mask, upsample_map  # noqa: E402
 
 

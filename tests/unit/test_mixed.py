@@ -136,7 +136,6 @@ def test_mixed_forward_shapes_and_gt_substitution(model, monkeypatch):
     presence = torch.tensor([[1, 0], [0, 1]])
     with torch.no_grad():
         feats = model.encode_episode(q, s)
-        weak = model.decode_episode(feats, regime="weak", query_presence=presence)
         mixed = model.decode_episode(feats, regime="mixed", query_presence=presence, out_size=(40, 50))
     assert mixed.cls_logits.shape == (2, 2, 2) and mixed.mask_logits.shape == (2, 2, 2, 40, 50)
     assert mixed.pseudo_support.shape == (2, 2, 3, S, S) and mixed.pseudo_query.shape == (2, 2, S, S)
