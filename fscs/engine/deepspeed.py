@@ -69,6 +69,17 @@ def _safe_checkpoint_engine(current: Any) -> Any:
     return safe
 
 
+def unfused_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """id(model parameter) -> its fp32 master copy in DeepSpeed's unfused low-precision optimizer (what bf16
+    with ZeRO stage 0 gets: fp16_groups / fp32_groups, which safe_get_full_fp32_param does not know); empty for
+    any other optimizer."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list):
+        return {}
+    return {id(p): m for lp, hp in zip(low, high) if isinstance(hp, list) for p, m in zip(lp, hp)
+            if isinstance(m, torch.Tensor) and m.shape == p.shape}
+
+
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed JSON config of a run: ZeRO stage, accumulation, bf16, client (torch) optimizer."""
     return {
@@ -157,12 +168,16 @@ class DeepSpeedEngine(Engine):
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 head weights: DeepSpeed's ZeRO/bf16 master copies when it keeps them (collective), else
-        the module's."""
+        the module's. bf16 with ZeRO-0 keeps its masters where safe_get_full_fp32_param does not look: without
+        them the exported head would be the bf16-rounded module, not the weights training continues from."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         state = super().head_state_dict()
+        masters = unfused_masters(self.ds.optimizer)
         for name, param in self.head.named_parameters():
             full = safe_get_full_fp32_param(param)
+            if full is None:
+                full = masters.get(id(param))
             if full is not None:
                 state[name] = full.detach().float().cpu().clone()
         return state

@@ -95,3 +95,47 @@ def test_checkpoints_exclude_the_backbone_and_load_without_code(runs, tmp_path):
     assert not marker.exists()
     pickle.loads(pickle.dumps(Payload()))  # the payload is real: unpickled without guard, it runs
     assert marker.exists()
+
+
+@pytest.fixture
+def one_process_group():
+    """The engine's private one-member gloo group, destroyed after the test."""
+    import torch.distributed as dist
+
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _one_process_engine(*overrides: str):
+    import torch
+    import torch.nn as nn
+
+    from fscs.config import load_config
+    from fscs.distributed import DistEnv
+    from fscs.engine import build_engine
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["train.engine=deepspeed", "train.epochs=1", "train.steps_per_epoch=3",
+                             "data.batch_size=4", *overrides])
+    return build_engine(nn.Linear(16, 4), cfg, DistEnv(), torch.device("cpu"))
+
+
+def test_bf16_zero0_exports_the_fp32_master_weights(one_process_group):
+    """bf16 + ZeRO-0 keeps fp32 masters in DeepSpeed's unfused optimizer: checkpoint.pt holds those (what training
+    continues from), not the bf16-rounded module weights."""
+    import torch
+
+    engine = _one_process_engine("train.precision=bf16", "train.zero_stage=0")
+    x = torch.randn(4, 16)
+    for _ in range(3):
+        with engine.autocast():
+            loss = engine.module(x.bfloat16()).float().pow(2).mean()
+        engine.step(loss)
+    state = engine.head_state_dict()
+    module = {k: v.detach() for k, v in engine.head.state_dict().items()}
+    assert all(v.dtype == torch.bfloat16 for v in module.values())  # the module itself runs in bf16
+    for k, v in state.items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v.bfloat16(), module[k], rtol=0, atol=0)  # rounds to the module's weights
+    assert not all(torch.equal(v, v.bfloat16().float()) for v in state.values()), "bf16-rounded, not the masters"
