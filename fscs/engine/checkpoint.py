@@ -128,6 +128,8 @@ class CheckpointStore:
 RESUME_MUST_MATCH = ("model.backbone", "model.image_size", "data.fold", "train.regime", "train.engine",
                      "train.zero_stage", "train.optimizer", "model.enhancer_channels")
 """Keys whose change makes a checkpoint unusable (other features, classes, state layout): an error."""
+DEEPSPEED_MUST_MATCH = ("train.precision",)
+"""Also refused for DeepSpeed: bf16 and fp32 runs save other optimizer files (bf16 master copies, loss scaler)."""
 RESUME_FREE = ("name", "out_dir", "data.shards", "train.epochs", "train.log_every", "train.save_every",
                "train.keep_checkpoints", "train.stop_after_steps", "train.val_episodes")
 """Keys a resumed run may change freely (bench.* too); any other change only breaks bitwise exactness."""
@@ -186,8 +188,9 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], *, dataset: str,
                         f"(sha256 {state['index_sha256'][:12]} vs {index_sha256[:12]}): the shards were "
                         "rebuilt or replaced, so the resumed run reads other data")
     no_enhancer = () if old.get("train.regime") == "mixed" else ("model.enhancer_channels",)  # weak/full heads
-    warnings += compare_configs(old, new, what=f"checkpoint '{where}' (step {step})",
-                                must_match=RESUME_MUST_MATCH, free=(*RESUME_FREE, "bench."), skip=no_enhancer)
+    must_match = RESUME_MUST_MATCH + (DEEPSPEED_MUST_MATCH if old.get("train.engine") == "deepspeed" else ())
+    warnings += compare_configs(old, new, what=f"checkpoint '{where}' (step {step})", must_match=must_match,
+                                free=(*RESUME_FREE, "bench."), skip=no_enhancer)
     length = [c.get("train.epochs", 0) * c.get("train.steps_per_epoch", 0) for c in (old, new)]
     if new.get("train.schedule") == "cosine" and length[0] != length[1]:
         warnings.append(f"the cosine schedule's length changes from {length[0]} to {length[1]} steps: the "
