@@ -112,7 +112,13 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, head: nn.Module, cfg: TrainConfig, env: DistEnv, device: torch.device,
                  total_steps: int | None = None, micro_batch: int = 1) -> None:
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError as exc:  # not installed, or a broken install (a missing dependency of its own)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise FSCSError(f"config key 'train.engine' is 'deepspeed' but the deepspeed package does not import "
+                            f"({first}); install it (the version pyproject.toml pins) or set "
+                            "train.engine=ddp") from None
 
         if cfg.zero_stage not in (0, 1, 2):
             raise FSCSError(f"config key 'train.zero_stage' is {cfg.zero_stage}; use 0, 1 or 2 (the head is "

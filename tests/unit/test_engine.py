@@ -212,6 +212,16 @@ def test_new_config_keys_validate():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_deepspeed_engine_without_deepspeed_is_one_line_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed` raises ImportError
+    with pytest.raises(FSCSError) as err:
+        build_engine(nn.Linear(4, 2), _cfg("train.engine=deepspeed"), DistEnv(), torch.device("cpu"))
+    msg = str(err.value)
+    assert "\n" not in msg and "deepspeed package does not import" in msg and "train.engine=ddp" in msg
+
+
 def test_gpu_config_on_cpu_machine_is_one_line_error():
     from fscs.runtime import resolve_device
 
