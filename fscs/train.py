@@ -153,7 +153,9 @@ class Trainer:
             from fscs.bench.plots import training_panels  # query | GT (if any) | pseudo-mask | prediction
 
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            for i, img in enumerate(training_panels(self.model, batch, self.cfg.train.regime)):
+            with self.engine.autocast():  # as in training: DeepSpeed's bf16 mode keeps the head itself in bf16
+                panels = training_panels(self.model, batch, self.cfg.train.regime)
+            for i, img in enumerate(panels):
                 self.writer.add_image(f"episodes/{i}", img, self.step, dataformats="HWC")
         if not self.env.is_main or self.step % self.cfg.train.log_every:
             return

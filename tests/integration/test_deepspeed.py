@@ -37,7 +37,8 @@ def runs(tmp_path_factory) -> Path:
 
     launch_jobs([cfg("ddp"), cfg("ds_zero2", "train.engine=deepspeed", "train.zero_stage=2"),
                  cfg("ds_bf16", "train.engine=deepspeed", "train.precision=bf16", "train.epochs=1",
-                     "train.steps_per_epoch=2", "train.grad_accum=1")])
+                     "train.steps_per_epoch=2", "train.grad_accum=1",
+                     "train.image_every=1")])  # TensorBoard panels: a forward of the bf16 head outside step()
     return out
 
 
