@@ -1,8 +1,10 @@
 """DeepSpeed engine: deepspeed.initialize over the head only (ZeRO 0/1/2, bf16), safe loads."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,35 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _broadcast_handles_scalars() -> Iterator[None]:
+    """While deepspeed.initialize runs: its initial broadcast of the parameters views each one as bytes, which
+    raises on a 0-dim parameter (the mixed head's enhancer.prior_scale); broadcast those as 1-element views
+    of the same storage instead (nothing else about the parameters changes)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine as Wrapped
+
+    original = getattr(Wrapped, "_broadcast_model", None)
+    if original is None:  # another DeepSpeed layout: nothing to adapt
+        yield
+        return
+
+    def broadcast(self: Any) -> None:
+        scalars = [(p, p.data) for p in self.module.parameters() if p.dim() == 0]
+        for p, data in scalars:
+            p.data = data.view(1)
+        try:
+            original(self)
+        finally:
+            for p, data in scalars:
+                p.data = data
+
+    Wrapped._broadcast_model = broadcast
+    try:
+        yield
+    finally:
+        Wrapped._broadcast_model = original
+
+
 def _ensure_process_group(device: torch.device) -> None:
     """DeepSpeed needs a process group; a single process gets a private one-member group (nccl on CUDA)."""
     if dist.is_available() and not dist.is_initialized():
@@ -135,9 +166,10 @@ class DeepSpeedEngine(Engine):
         def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return build_schedule(opt, cfg, total)
 
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.head, optimizer=optimizer, lr_scheduler=schedule,
-            config=deepspeed_config(cfg, micro_batch), dist_init_required=False)
+        with _broadcast_handles_scalars():
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.head, optimizer=optimizer, lr_scheduler=schedule,
+                config=deepspeed_config(cfg, micro_batch), dist_init_required=False)
         self.ds.checkpoint_engine = _safe_checkpoint_engine(self.ds.checkpoint_engine)
         self.module: nn.Module = self.ds
         self.stepped = False

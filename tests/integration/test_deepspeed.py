@@ -98,9 +98,10 @@ def test_checkpoints_exclude_the_backbone_and_load_without_code(runs, tmp_path):
     assert marker.exists()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_process_group():
-    """The engine's private one-member gloo group, destroyed after the test."""
+    """The engines' private one-member gloo group, destroyed after this module's tests (DeepSpeed caches its
+    groups: every in-process engine of the module shares the first one's)."""
     import torch.distributed as dist
 
     yield
@@ -140,3 +141,35 @@ def test_bf16_zero0_exports_the_fp32_master_weights(one_process_group):
         assert v.dtype == torch.float32
         torch.testing.assert_close(v.bfloat16(), module[k], rtol=0, atol=0)  # rounds to the module's weights
     assert not all(torch.equal(v, v.bfloat16().float()) for v in state.values()), "bf16-rounded, not the masters"
+
+
+def test_a_head_with_a_0_dim_parameter_trains(one_process_group):
+    """The mixed head's enhancer.prior_scale is 0-dim: DeepSpeed's initial broadcast (it views each parameter as
+    bytes) must not fail on it, and it keeps its shape, so the export loads into a fresh head."""
+    import torch
+    import torch.nn as nn
+
+    from fscs.config import load_config
+    from fscs.distributed import DistEnv
+    from fscs.engine import build_engine
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(16, 4)
+            self.scale = nn.Parameter(torch.tensor(8.0))
+
+        def forward(self, x):
+            return self.body(x) * self.scale
+
+    for stage in (0, 2):
+        torch.manual_seed(0)
+        cfg = load_config(None, ["train.engine=deepspeed", f"train.zero_stage={stage}", "train.epochs=1",
+                                 "train.steps_per_epoch=2", "data.batch_size=4"])
+        engine = build_engine(Head(), cfg, DistEnv(), torch.device("cpu"))
+        x = torch.randn(4, 16)
+        for _ in range(2):
+            engine.step(engine.module(x).pow(2).mean())
+        state = engine.head_state_dict()
+        assert state["scale"].shape == () and float(state["scale"]) != 8.0  # trained, still a scalar
+        Head().load_state_dict(state)
