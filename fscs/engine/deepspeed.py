@@ -125,6 +125,16 @@ def _broadcast_handles_scalars() -> Iterator[None]:
         Wrapped._broadcast_model = original
 
 
+def check_accelerator(accelerator: str | None, device: torch.device, setting: str) -> None:
+    """DeepSpeed moves the head to its accelerator (DS_ACCELERATOR, else what it detects): refuse one that is
+    not the run's device (the backbone's features would be elsewhere; DS_ACCELERATOR='' fails its import)."""
+    if accelerator is None or accelerator == device.type:
+        return
+    raise FSCSError(f"DeepSpeed's accelerator is {accelerator!r} (environment variable DS_ACCELERATOR, or "
+                    f"detected) but this run trains on {device.type} (train.device={setting}); set "
+                    f"DS_ACCELERATOR={device.type}, or unset it and pick train.device to match")
+
+
 def _ensure_process_group(device: torch.device) -> None:
     """DeepSpeed needs a process group; a single process gets a private one-member group (nccl on CUDA)."""
     if dist.is_available() and not dist.is_initialized():
@@ -143,6 +153,7 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, head: nn.Module, cfg: TrainConfig, env: DistEnv, device: torch.device,
                  total_steps: int | None = None, micro_batch: int = 1) -> None:
+        check_accelerator(os.environ.get("DS_ACCELERATOR"), device, cfg.device)  # before import: "" breaks it
         try:
             import deepspeed
         except ImportError as exc:  # not installed, or a broken install (a missing dependency of its own)
@@ -151,6 +162,9 @@ class DeepSpeedEngine(Engine):
                             f"({first}); install it (the version pyproject.toml pins) or set "
                             "train.engine=ddp") from None
 
+        from deepspeed.accelerator import get_accelerator
+
+        check_accelerator(get_accelerator().device_name(), device, cfg.device)
         if cfg.zero_stage not in (0, 1, 2):
             raise FSCSError(f"config key 'train.zero_stage' is {cfg.zero_stage}; use 0, 1 or 2 (the head is "
                             "small: ZeRO-3 parameter partitioning is not supported)")

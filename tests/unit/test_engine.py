@@ -222,6 +222,30 @@ def test_deepspeed_engine_without_deepspeed_is_one_line_error(monkeypatch):
     assert "\n" not in msg and "deepspeed package does not import" in msg and "train.engine=ddp" in msg
 
 
+@pytest.mark.parametrize("value", ["", "cuda"])
+def test_deepspeed_accelerator_other_than_the_device_is_one_line_error(monkeypatch, value):
+    monkeypatch.setenv("DS_ACCELERATOR", value)  # "" breaks deepspeed's import; cuda on a CPU run
+    with pytest.raises(FSCSError) as err:
+        build_engine(nn.Linear(4, 2), _cfg("train.engine=deepspeed"), DistEnv(), torch.device("cpu"))
+    msg = str(err.value)
+    assert "\n" not in msg and f"accelerator is '{value}'" in msg and "DS_ACCELERATOR=cpu" in msg
+
+
+def test_deepspeed_detecting_a_gpu_for_a_cpu_run_is_one_line_error(monkeypatch):
+    pytest.importorskip("deepspeed")
+    import deepspeed.accelerator
+
+    class Cuda:
+        def device_name(self) -> str:
+            return "cuda"
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", Cuda)  # a GPU node, train.device=cpu
+    with pytest.raises(FSCSError, match="accelerator is 'cuda'.*train.device=cpu"):
+        build_engine(nn.Linear(4, 2), _cfg("train.engine=deepspeed", "train.device=cpu"), DistEnv(),
+                     torch.device("cpu"))
+
+
 def test_gpu_config_on_cpu_machine_is_one_line_error():
     from fscs.runtime import resolve_device
 
