@@ -50,12 +50,14 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
 
 
 def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig, total_steps: int) -> None:
-    """After loading a schedule's state: keep its step count but take shape (kind, warm-up, length) and base
-    learning rate from the current config, and set the optimizer's lr for the next step accordingly.
+    """After loading a schedule's and optimizer's state: keep the step count but take shape (kind, warm-up,
+    length), base learning rate and weight decay from the current config, and set the optimizer's lr for the
+    next step accordingly.
 
     LambdaLR.load_state_dict restores the old WarmupSchedule fields and base lr, so a run resumed with more
-    epochs under the cosine schedule kept the old length and trained on at lr 0. Unchanged config: the same
-    float the uninterrupted run has (base lr x multiplier, computed as LambdaLR does).
+    epochs under the cosine schedule kept the old length and trained on at lr 0; Optimizer.load_state_dict
+    restores the old weight_decay. Unchanged config: the same float the uninterrupted run has (base lr x
+    multiplier, computed as LambdaLR does).
     """
     fresh = WarmupSchedule(cfg.schedule, cfg.warmup_steps, total_steps)
     for schedule in scheduler.lr_lambdas:
@@ -65,6 +67,7 @@ def follow_config(scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: TrainConfig
     step = scheduler.last_epoch
     for group, base, schedule in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * schedule(step)
+        group["weight_decay"] = float(cfg.weight_decay)
 
 
 class Engine(abc.ABC):

@@ -191,6 +191,10 @@ def test_resumed_schedule_follows_the_current_config(tmp_path):
     higher = engine(1, "train.lr=0.01")
     higher.load_state_dict(dict(first.state_dict(), schedule=dict(first.state_dict()["schedule"], last_epoch=0)))
     assert higher.lr() == pytest.approx(0.01)  # a changed train.lr is used, not the stored base lr
+    assert first.optimizer.param_groups[0]["weight_decay"] == 0.0
+    decayed = engine(1, "train.weight_decay=0.05")
+    decayed.load_state_dict(first.state_dict())
+    assert decayed.optimizer.param_groups[0]["weight_decay"] == 0.05  # not the stored 0.0
     saved = {"step": 4, "dataset": "d", "world_size": 1,
              "config": config_to_dict(_cfg("train.schedule=cosine", "train.epochs=1", "train.steps_per_epoch=4"))}
     warnings = check_resume(saved, config_to_dict(_cfg("train.schedule=cosine", "train.epochs=2",
