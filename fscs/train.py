@@ -153,7 +153,7 @@ class Trainer:
             from fscs.bench.plots import training_panels  # query | GT (if any) | pseudo-mask | prediction
 
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.engine.autocast():  # as in training: DeepSpeed's bf16 mode keeps the head itself in bf16
+            with self.engine.autocast():  # as in training: DeepSpeed's bf16 mode keeps the head in bf16
                 panels = training_panels(self.model, batch, self.cfg.train.regime)
             for i, img in enumerate(panels):
                 self.writer.add_image(f"episodes/{i}", img, self.step, dataformats="HWC")

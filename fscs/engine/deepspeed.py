@@ -73,8 +73,8 @@ def _safe_checkpoint_engine(current: Any) -> Any:
 
 def unfused_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     """id(model parameter) -> its fp32 master copy in DeepSpeed's unfused low-precision optimizer (what bf16
-    with ZeRO stage 0 gets: fp16_groups / fp32_groups, which safe_get_full_fp32_param does not know); empty for
-    any other optimizer."""
+    with ZeRO stage 0 gets: fp16_groups / fp32_groups, which safe_get_full_fp32_param does not know); empty
+    for any other optimizer."""
     low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
     if not isinstance(low, list) or not isinstance(high, list):
         return {}
@@ -158,8 +158,8 @@ class DeepSpeedEngine(Engine):
             import deepspeed
         except ImportError as exc:  # not installed, or a broken install (a missing dependency of its own)
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise FSCSError(f"config key 'train.engine' is 'deepspeed' but the deepspeed package does not import "
-                            f"({first}); install it (the version pyproject.toml pins) or set "
+            raise FSCSError(f"config key 'train.engine' is 'deepspeed' but the deepspeed package does not "
+                            f"import ({first}); install it (the version pyproject.toml pins) or set "
                             "train.engine=ddp") from None
 
         from deepspeed.accelerator import get_accelerator

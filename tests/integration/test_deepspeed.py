@@ -124,8 +124,8 @@ def _one_process_engine(*overrides: str):
 
 
 def test_bf16_zero0_exports_the_fp32_master_weights(one_process_group):
-    """bf16 + ZeRO-0 keeps fp32 masters in DeepSpeed's unfused optimizer: checkpoint.pt holds those (what training
-    continues from), not the bf16-rounded module weights."""
+    """bf16 + ZeRO-0 keeps fp32 masters in DeepSpeed's unfused optimizer: checkpoint.pt holds those (what
+    training continues from), not the bf16-rounded module weights."""
     import torch
 
     engine = _one_process_engine("train.precision=bf16", "train.zero_stage=0")
@@ -140,12 +140,13 @@ def test_bf16_zero0_exports_the_fp32_master_weights(one_process_group):
     for k, v in state.items():
         assert v.dtype == torch.float32
         torch.testing.assert_close(v.bfloat16(), module[k], rtol=0, atol=0)  # rounds to the module's weights
-    assert not all(torch.equal(v, v.bfloat16().float()) for v in state.values()), "bf16-rounded, not the masters"
+    rounded = all(torch.equal(v, v.bfloat16().float()) for v in state.values())
+    assert not rounded, "bf16-rounded module weights, not the masters"
 
 
 def test_a_head_with_a_0_dim_parameter_trains(one_process_group):
-    """The mixed head's enhancer.prior_scale is 0-dim: DeepSpeed's initial broadcast (it views each parameter as
-    bytes) must not fail on it, and it keeps its shape, so the export loads into a fresh head."""
+    """The mixed head's enhancer.prior_scale is 0-dim: DeepSpeed's initial broadcast (it views each parameter
+    as bytes) must not fail on it, and it keeps its shape, so the export loads into a fresh head."""
     import torch
     import torch.nn as nn
 

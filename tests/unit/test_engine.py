@@ -145,7 +145,7 @@ def test_resume_refuses_other_backbone_or_engine_and_warns_on_soft_changes(tmp_p
                      world_size=1, where=tmp_path)
     ddp = {"step": 4, "dataset": "d", "world_size": 1, "config": config_to_dict(_cfg("train.precision=fp32"))}
     assert check_resume(ddp, config_to_dict(_cfg("train.precision=bf16")), dataset="d", world_size=1,
-                        where=tmp_path) == ["train.precision changed from 'fp32' to 'bf16'"]  # DDP: autocast only
+                        where=tmp_path) == ["train.precision changed from 'fp32' to 'bf16'"]  # DDP: autocast
     soft = config_to_dict(_cfg("train.engine=deepspeed", "train.zero_stage=1", "train.lr=0.5"))
     assert check_resume(saved, soft, dataset="synthetic-5i", world_size=2, where=tmp_path) == [
         "train.lr changed from 0.001 to 0.5"]
