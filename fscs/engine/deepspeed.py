@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,11 @@ def safe_torch_load(path: str | Path, map_location: Any = None) -> Any:
         raise FSCSError(f"DeepSpeed checkpoint file '{path}' is missing; delete the run's state/ folder to "
                         "restart, or resume with the same engine and number of processes") from None
     except Exception as exc:  # noqa: BLE001 - corrupt file or a disallowed (code-running) global
-        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-        raise FSCSError(f"DeepSpeed checkpoint '{path}' is unreadable or unsafe ({first}); delete it or pick "
+        text = str(exc).strip()
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", text)  # torch's last line is only a docs link
+        reason = (f"it refers to {code.group(1)}, which is not an allow-listed data class" if code
+                  else text.splitlines()[-1][:200] if text else type(exc).__name__)
+        raise FSCSError(f"DeepSpeed checkpoint '{path}' is unreadable or unsafe ({reason}); delete it or pick "
                         "another run") from None
 
 
