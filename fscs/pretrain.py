@@ -356,12 +356,14 @@ class Pretrainer:
         with CheckpointRequests() as requests:  # SIGUSR1: checkpoint; SIGTERM/SIGUSR2: checkpoint, then stop
             while self.step < end:
                 last = self.train_step()
-                if not math.isfinite(last["loss"]):  # before any save: the checkpoint keeps the last finite state
+                decision = requests.poll(self.device, diverged=not math.isfinite(last["loss"]))  # collective
+                if decision.diverged:  # before any save, on every rank: the checkpoint keeps the last finite state
                     bar.close()
                     terms = ", ".join(f"{k} {last[k]:.4g}" for k in ("dino", "mil", "mask") if k in last)
                     raise FSCSError(
-                        f"pretraining loss is {last['loss']} at step {self.step} ({terms}); nothing exported and "
-                        f"nothing saved from this step on; lower optim.lr, set optim.clip_grad > 0 or use "
+                        f"pretraining loss is not finite at step {self.step} on some process (here loss "
+                        f"{last['loss']:.4g}: {terms}); nothing exported and nothing saved from this step on; "
+                        "lower optim.lr, set optim.clip_grad > 0 or use "
                         f"optim.precision=fp32 and start again under another name (or delete {cfg.run_dir})")
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", area=f"{last['mask_area']:.2f}")
@@ -372,7 +374,6 @@ class Pretrainer:
                     if cfg.image_every and (self.step % cfg.image_every == 0 or self.step == end):
                         self.writer.add_images("attention/teacher_cls_key_cosine", self.attention_images(),
                                                self.step)
-                decision = requests.poll(self.device)  # collective: every rank acts on any rank's request
                 if decision.save or self.step % cfg.ckpt_every == 0 or self.step == end:
                     self._save()
                 if decision.stop:

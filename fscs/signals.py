@@ -25,6 +25,8 @@ class Decision:
     save: bool = False
     stop: bool = False
     signum: int = 0
+    diverged: bool = False
+    """Some rank's loss at this step was not finite: every rank stops without saving."""
 
     @property
     def signal_name(self) -> str | None:
@@ -80,14 +82,15 @@ class CheckpointRequests:
         """The stop signal this process received (0 = none), before any poll."""
         return self._stop
 
-    def poll(self, device: torch.device | None = None) -> Decision:
-        """Collective (call on every rank at the same step): a request on any rank is a request on all."""
-        flags = torch.tensor([int(self._save), int(self._stop)], dtype=torch.int64, device=device)
+    def poll(self, device: torch.device | None = None, diverged: bool = False) -> Decision:
+        """Collective (call on every rank at the same step): a request on any rank is a request on all, and so
+        is `diverged` (this rank's loss is not finite), so that all ranks stop at the same step."""
+        flags = torch.tensor([int(self._save), int(self._stop), int(diverged)], dtype=torch.int64, device=device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self._save = False
         save, stop = int(flags[0]), int(flags[1])
-        return Decision(save=bool(save or stop), stop=bool(stop), signum=stop)
+        return Decision(save=bool(save or stop), stop=bool(stop), signum=stop, diverged=bool(flags[2]))
 
 
 def ignore_in_worker(worker_id: int) -> None:

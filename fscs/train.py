@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
 import time
 from typing import Any
@@ -294,12 +295,19 @@ class Trainer:
                 micro, count = {}, 0
                 self.step += 1
                 self.step_in_epoch += 1
+                # collective: every rank acts on any rank's request, and stops on any rank's non-finite loss
+                decision = requests.poll(self.device, diverged=not math.isfinite(parts["loss"]))
+                if decision.diverged:  # nothing logged or saved from this step on
+                    raise FSCSError(
+                        f"the training loss is not finite at step {self.step} on some process (here "
+                        f"{', '.join(f'{k} {v:.4g}' for k, v in parts.items())}); stopped without saving: a "
+                        "rerun resumes from the last checkpoint; lower train.lr there or use "
+                        "train.precision=fp32 (or delete the run directory to start over)")
                 for k, v in parts.items():
                     self.sums[k] = self.sums.get(k, 0.0) + v
                 self._log(parts, batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts['loss']:.3f}", epoch=self.epoch)
-                decision = requests.poll(self.device)  # collective: every rank acts on any rank's request
                 if decision.signum:
                     logger.warning("%s received: checkpoint at step %d, then stop", decision.signal_name,
                                    self.step)

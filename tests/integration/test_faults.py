@@ -219,3 +219,27 @@ def test_a_fresh_start_drops_what_a_killed_attempt_logged(shards, tmp_path):
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     assert [(e.step, e.value != 999.0) for e in events.Scalars("train/loss")] == [(1, True), (2, True)]
+
+
+def test_a_non_finite_loss_stops_before_logging_or_saving_that_step(shards, tmp_path, monkeypatch):
+    """A diverged step (NaN loss: lr far too high, bf16 overflow) used to train on to the end and export a NaN
+    head as 'completed'. Every rank now stops at that step (the flag travels with the step's collective
+    poll), with one line; the last checkpoint, checkpoint.pt and train_log.jsonl keep only finite steps."""
+    real = Trainer.train_step
+
+    def diverge_at_step_3(self, batch):
+        out = real(self, batch)
+        if self.step == 2:  # the third optimizer step
+            out["loss"] = float("nan")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", diverge_at_step_3)
+    cfg = _cfg(shards, tmp_path, "nan", "train.steps_per_epoch=4", "train.save_every=1")
+    with pytest.raises(FSCSError) as err:
+        Trainer(cfg, DistEnv()).fit()
+    _one_line(err, "loss is not finite at step 3", "loss nan", "resumes from the last checkpoint", "train.lr")
+    run = tmp_path / "nan"
+    assert (run / "state" / "latest").read_text().strip() == "step-00000002"
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    logged = [json.loads(ln)["step"] for ln in (run / "train_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,27 @@ def test_signals_set_flags_and_handlers_are_restored():
         os.kill(os.getpid(), signal.SIGUSR2)  # submitit's preemption: SIGTERM then SIGUSR2; the last decides
         assert req.poll().signal_name == "SIGUSR2"
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _poll_rank(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    with CheckpointRequests() as req:
+        first = req.poll(diverged=rank == 1)  # only rank 1's loss is NaN
+        second = req.poll()
+    Path(f"{out}.{rank}").write_text(json.dumps([first.diverged, first.save, second.diverged]))
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """The divergence flag travels with the step's collective poll: no rank goes on into the next all-reduce
+    alone (which would hang) while another stops."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_poll_rank, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2,
+                       start_method="fork")
+    assert [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)] == [[True, False, False]] * 2
 
 
 def test_store_publishes_atomically_and_prunes(tmp_path):

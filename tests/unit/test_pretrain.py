@@ -301,7 +301,7 @@ def test_a_diverged_pretraining_stops_with_one_line_and_exports_nothing(tmp_path
         return out
 
     monkeypatch.setattr(Pretrainer, "train_step", diverge_at_step_3)
-    with pytest.raises(FSCSError, match=r"loss is nan at step 3 .*nothing exported.*optim.lr") as err:
+    with pytest.raises(FSCSError, match=r"loss is not finite at step 3 .*nothing exported.*optim.lr") as err:
         Pretrainer(cfg, DistEnv()).fit()
     assert "\n" not in str(err.value)
     assert not cfg.export_path.exists()
