@@ -357,14 +357,14 @@ class Pretrainer:
             while self.step < end:
                 last = self.train_step()
                 decision = requests.poll(self.device, diverged=not math.isfinite(last["loss"]))  # collective
-                if decision.diverged:  # before any save, on every rank: the checkpoint keeps the last finite state
+                if decision.diverged:  # before any save, on every rank: the checkpoint keeps the last finite one
                     bar.close()
                     terms = ", ".join(f"{k} {last[k]:.4g}" for k in ("dino", "mil", "mask") if k in last)
                     raise FSCSError(
                         f"pretraining loss is not finite at step {self.step} on some process (here loss "
-                        f"{last['loss']:.4g}: {terms}); nothing exported and nothing saved from this step on; "
-                        "lower optim.lr, set optim.clip_grad > 0 or use "
-                        f"optim.precision=fp32 and start again under another name (or delete {cfg.run_dir})")
+                        f"{last['loss']:.4g}: {terms}); nothing exported and nothing saved from this step "
+                        "on; lower optim.lr, set optim.clip_grad > 0 or use optim.precision=fp32 and start "
+                        f"again under another name (or delete {cfg.run_dir})")
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", area=f"{last['mask_area']:.2f}")
                 if self.writer is not None:

@@ -85,7 +85,8 @@ class CheckpointRequests:
     def poll(self, device: torch.device | None = None, diverged: bool = False) -> Decision:
         """Collective (call on every rank at the same step): a request on any rank is a request on all, and so
         is `diverged` (this rank's loss is not finite), so that all ranks stop at the same step."""
-        flags = torch.tensor([int(self._save), int(self._stop), int(diverged)], dtype=torch.int64, device=device)
+        flags = torch.tensor([int(self._save), int(self._stop), int(diverged)], dtype=torch.int64,
+                             device=device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         self._save = False
