@@ -200,7 +200,13 @@ def load_structured(schema: Any, path: str | os.PathLike | None = None, override
             source = str(path)
             if not Path(path).is_file():
                 raise FSCSError(f"{what} file '{path}' not found; {not_found}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except (UnicodeDecodeError, PermissionError) as exc:  # a UTF-16/Latin-1 file, a binary, no access
+                raise FSCSError(f"{what} file '{path}' cannot be read as UTF-8 YAML "
+                                f"({getattr(exc, 'reason', None) or exc.strerror or exc}); save it as UTF-8 "
+                                f"text or {not_found}") from None
+            cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides or []:
             source = f"override '{item}'"
             if "=" not in item:

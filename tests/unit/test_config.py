@@ -75,6 +75,14 @@ def test_malformed_yaml_is_one_line_error_with_the_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_yaml_that_is_not_utf8_is_one_line_error(tmp_path):
+    binary = tmp_path / "latin1.yaml"
+    binary.write_bytes(b"\xff\xfe train:\n  lr: 1e-3\n")  # e.g. a UTF-16 or Latin-1 file, or a binary
+    with pytest.raises(FSCSError, match=rf"{re.escape(str(binary))}' cannot be read as UTF-8 YAML") as err:
+        load_config(binary)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("train.lr=-1", "'train.lr' (-1.0) must be > 0"),
     ("train.weight_decay=-1", "'train.weight_decay' (-1.0) and 'train.cls_weight' (0.1) >= 0"),
