@@ -249,7 +249,7 @@ def _validate(cfg: RunConfig) -> None:
                               ("bench.bootstrap", b.bootstrap, 0), ("bench.seed", b.seed, 0),
                               ("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
                               ("model.image_size", cfg.model.image_size, 16),
-                              ("train.epochs", cfg.train.epochs, 1)):
+                              ("train.epochs", cfg.train.epochs, 1), ("train.seed", cfg.train.seed, 0)):
         if value < least:
             raise FSCSError(f"config key '{key}' is {value}; it must be >= {least}")
     if d.buffer_per_class <= d.shot:
