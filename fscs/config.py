@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -222,7 +223,19 @@ def load_structured(schema: Any, path: str | os.PathLike | None = None, override
                         "(see configs/ for examples)") from None
 
 
+def check_finite(cfg: Any, what: str = "config", prefix: str = "") -> None:
+    """Every float key of a config dataclass is a finite number: `nan` and `inf` pass OmegaConf's type check and
+    every `< 0` test, then turn the loss (lr, weights) or a threshold into NaN silently."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            check_finite(value, what, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise FSCSError(f"{what} key '{prefix}{f.name}' is {value}; it must be a finite number")
+
+
 def _validate(cfg: RunConfig) -> None:
+    check_finite(cfg)
     checks = [
         ("train.regime", cfg.train.regime, REGIMES),
         ("train.precision", cfg.train.precision, PRECISIONS),

@@ -75,6 +75,15 @@ def test_malformed_yaml_is_one_line_error_with_the_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["train.lr=inf", "train.cls_weight=nan", "train.seg_fg_weight=nan",
+                                      "train.weight_decay=inf", "model.mask_threshold=nan",
+                                      "train.enhancer_weight=inf"])
+def test_non_finite_floats_are_refused(override):
+    key, _, value = override.partition("=")
+    with pytest.raises(FSCSError, match=re.escape(f"config key '{key}' is {float(value)}; it must be a finite")):
+        load_config(None, [override])
+
+
 def test_yaml_that_is_not_utf8_is_one_line_error(tmp_path):
     binary = tmp_path / "latin1.yaml"
     binary.write_bytes(b"\xff\xfe train:\n  lr: 1e-3\n")  # e.g. a UTF-16 or Latin-1 file, or a binary
