@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fscs.config import load_structured
+from fscs.config import check_finite, load_structured
 from fscs.errors import FSCSError
 
 
@@ -135,9 +135,15 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
                                           example="optim.steps=500", not_found="pass configs/pretrain.yaml")
     if out.optim.precision not in ("fp32", "bf16"):
         raise FSCSError(f"pretrain config key 'optim.precision' is '{out.optim.precision}'; use fp32 or bf16")
-    for key, value in (("log_every", out.log_every), ("ckpt_every", out.ckpt_every)):
-        if value < 1:
-            raise FSCSError(f"pretrain config key '{key}' is {value}; it must be >= 1")
+    check_finite(out, "pretrain config")
+    for key, value, least in (("log_every", out.log_every, 1), ("ckpt_every", out.ckpt_every, 1),
+                              ("optim.steps", out.optim.steps, 1), ("optim.batch_size", out.optim.batch_size, 1),
+                              ("optim.seed", out.optim.seed, 0), ("model.image_size", out.model.image_size, 16),
+                              ("optim.warmup_steps", out.optim.warmup_steps, 0)):
+        if value < least:  # a numpy/torch traceback mid-set-up otherwise (seed < 0, an empty batch)
+            raise FSCSError(f"pretrain config key '{key}' is {value}; it must be >= {least}")
+    if not out.optim.lr > 0:
+        raise FSCSError(f"pretrain config key 'optim.lr' is {out.optim.lr}; it must be > 0")
     if out.dino.weight <= 0 and out.labels.fold is None:
         raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
                         "set dino.weight > 0 or labels.fold")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +171,14 @@ def test_pretrain_config_errors_are_one_line(tmp_path) -> None:
     for key in ("ckpt_every", "log_every"):  # a ZeroDivisionError mid-run before
         with pytest.raises(FSCSError, match=f"'{key}' is 0; it must be >= 1"):
             load_pretrain_config(None, [f"{key}=0"])
+    for override, needle in (("optim.seed=-1", "'optim.seed' is -1; it must be >= 0"),
+                             ("optim.batch_size=0", "'optim.batch_size' is 0; it must be >= 1"),
+                             ("optim.steps=0", "'optim.steps' is 0; it must be >= 1"),
+                             ("optim.lr=inf", "'optim.lr' is inf; it must be a finite number"),
+                             ("optim.lr=0", "'optim.lr' is 0.0; it must be > 0"),
+                             ("dino.momentum=nan", "'dino.momentum' is nan; it must be a finite number")):
+        with pytest.raises(FSCSError, match=re.escape(needle)):
+            load_pretrain_config(None, [override])
 
 
 def test_pretrain_resume_refuses_other_architecture_or_novel_folds(tmp_path) -> None:
