@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from fscs.errors import FSCSError
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,6 +25,19 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def make_output_dir(path: str | os.PathLike, option: str, shown: str | os.PathLike | None = None) -> Path:
+    """Create the output folder `path` (and its parents) before any work is done for it; a path that cannot be
+    a folder (a file is in the way, no permission, read-only disk) is a one-line FSCSError naming `option` and
+    `shown` (default `path`: the value the user gave)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FSCSError(f"{option} {shown or path}: cannot create {path} ({exc.strerror or exc}); pass a "
+                        f"writable {option}") from None
+    return path
 
 
 def write_atomic_with(path: str | os.PathLike, write: Callable[[BinaryIO], None], *, durable: bool = False) -> None:

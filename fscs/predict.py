@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fscs.atomic import remove_stale_tmp, write_atomic_with, write_text_atomic
+from fscs.atomic import make_output_dir, remove_stale_tmp, write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
 from fscs.data.transforms import pil_rgb, resize_mask, to_tensor_image
 from fscs.errors import FSCSError
@@ -139,6 +139,7 @@ class FeatureCache:
     def __init__(self, root: str | Path, identity: dict[str, Any]) -> None:
         self.root = Path(root)
         self.tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        make_output_dir(self.root / self.tag, "--cache")
 
     def _path(self, file: Path) -> Path:
         return self.root / self.tag / f"{hashlib.sha256(file.read_bytes()).hexdigest()}.pt"
@@ -303,10 +304,9 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
         raise FSCSError(f"--query {' '.join(queries)}: no images found; pass image files, folders or quoted "
                         "globs")
     t0 = time.time()
+    out = make_output_dir(out_dir, "--out")  # before the model is loaded and the supports encoded
     pred = Predictor(run_dir, support, device=device, regime=regime, cache_dir=cache_dir,
                      batch_size=batch_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)  # files of a killed earlier run
     _remove_previous_outputs(out)
     colours = [class_colour(i) for i in range(len(pred.classes))]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from fscs.atomic import remove_stale_tmp, write_bytes_atomic, write_text_atomic
+from fscs.atomic import make_output_dir, remove_stale_tmp, write_bytes_atomic, write_text_atomic
 from fscs.data.shards import iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
@@ -176,6 +176,8 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
+        if env.is_main:  # before the images are read: an unusable out_dir is a one-line error, not a late traceback
+            make_output_dir(cfg.run_dir, "out_dir/name")
         self.device = resolve_device("auto", env)
         self.images, self.labels, self.classes = load_images(cfg)
         self.dataset = read_index(cfg.data.shards).dataset

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fscs.atomic import write_bytes_atomic, write_text_atomic
+from fscs.atomic import make_output_dir, write_bytes_atomic, write_text_atomic
 from fscs.bench.metrics import FSCSMetric, bootstrap_replicates
 from fscs.errors import FSCSError
 
@@ -488,7 +488,7 @@ def write_report(result_paths: Sequence[str | os.PathLike], out_dir: str | os.Pa
         raise FSCSError(f"--bootstrap {bootstrap}: the number of resamples must be >= 0 (0 = no fold-mean CI)")
     results = collect_results(result_paths)
     check_comparable(results)
-    out = Path(out_dir)
+    out = make_output_dir(out_dir, "--out")
     summaries = summarize(results, bootstrap, seed)
     tables = build_tables(results, summaries)
     plot_pics = build_plots(results, summaries)

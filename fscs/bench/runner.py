@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fscs.atomic import remove_stale_tmp
+from fscs.atomic import make_output_dir, remove_stale_tmp
 from fscs.bench.metrics import FSCSMetric, episodic_target, format_metrics
 from fscs.bench.plots import episode_panel, png_bytes, ways_to_labels
 from fscs.bench.results_io import clear_predictions, save_prediction, write_json_atomic, write_result
@@ -377,10 +377,12 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
     check_unseen_fold(loaded.cfg, cfg, index)
     check_settings(index, cfg.bench.role, cfg.data.fold, cfg.bench.settings, cfg.bench.seed)
     regime = regime or loaded.cfg.train.regime
+    if env.is_main:  # before the first episode: an unusable --out must not cost the whole evaluation
+        make_output_dir(out_dir, "--out")
     if save_predictions is not None:  # one run's predictions per folder, and which run made them
         if env.is_main:
             for setting in cfg.bench.settings:
-                folder = Path(save_predictions) / setting
+                folder = make_output_dir(Path(save_predictions) / setting, "--save-predictions")
                 if clear_predictions(folder):
                     logger.warning("%s: removed the episode files of an earlier --save-predictions run", folder)
                 write_json_atomic(folder / "predictions.json", {

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
-from fscs.atomic import remove_stale_tmp
+from fscs.atomic import make_output_dir, remove_stale_tmp
 from fscs.bench.metrics import FSCSMetric, format_metrics
 from fscs.bench.results_io import write_json_atomic, write_result
 from fscs.bench.runner import EvalJob, check_settings, evaluate_jobs
@@ -226,6 +226,7 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
     runs = _select_runs(suite, [Path(d) for d in run_dirs], index.dataset, summary)
     summary.backbone_groups = _share_backbones(runs, resolve_device("auto", env))
     if env.is_main:  # only rank 0 writes here (other hosts cannot tell whether its pids are alive)
+        make_output_dir(results_dir, "--out")  # before any episode: an unusable --out costs no evaluation
         remove_stale_tmp(results_dir)  # files of a killed earlier attempt
     run_folds = {r.cfg.data.fold for r in runs}
     for fold in (f for f in suite.folds if f in run_folds):  # before the first episode of any fold

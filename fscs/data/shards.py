@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fscs.atomic import remove_stale_tmp
+from fscs.atomic import make_output_dir, remove_stale_tmp
 from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
 from fscs.digest import file_sha256
@@ -208,6 +208,7 @@ def write_shards(samples: Iterable[tuple[Sample, str]], out_dir: str | Path, *, 
         if not out.is_dir() or any(out.iterdir()):
             raise FSCSError(f"{out}: exists but is not a complete {dataset!r} shard set with these "
                             "parameters; delete it or pass another --out")
+    make_output_dir(out.parent, "--out", shown=out)  # a file in the way: a one-line error before any sample is read
     remove_stale_tmp(out.parent, out.name)  # folders of killed earlier attempts
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -50,3 +50,24 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
     assert sorted(p.name for p in removed) == sorted([f"checkpoint.pt.tmp-{dead}", f"shards.tmp-{dead}"])
     assert live.exists() and (tmp_path / "notes.tmp-draft").exists()
     assert remove_stale_tmp(tmp_path / "missing") == []
+
+
+def test_an_output_folder_that_cannot_exist_is_a_one_line_error(tmp_path):
+    from fscs.atomic import make_output_dir
+    from fscs.data.shards import write_shards
+    from fscs.errors import FSCSError
+
+    assert make_output_dir(tmp_path / "a" / "b", "--out").is_dir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for path in (blocker, blocker / "sub"):
+        with pytest.raises(FSCSError, match=rf"--out {path}: cannot create .*; pass a writable --out") as err:
+            make_output_dir(path, "--out")
+        assert "\n" not in str(err.value)
+
+    def untouched():
+        pytest.fail("a sample was read before the output folder was checked")
+        yield
+
+    with pytest.raises(FSCSError, match=rf"--out {blocker / 'shards'}: cannot create"):
+        write_shards(untouched(), blocker / "shards", dataset="d", class_names=["a"], folds={0: [1]})

@@ -402,3 +402,14 @@ def test_model_name_drops_only_a_fold_marker(tmp_path, run, fold, model):
     from fscs.bench.report import Result
 
     assert Result(tmp_path / "r.json", {"run": run, "fold": fold}).model == model
+
+
+def test_report_out_that_is_a_file_is_a_one_line_error(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    _fake_result(res, "weak", 0)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(FSCSError, match=rf"--out {blocker}: cannot create .*; pass a writable --out") as err:
+        write_report([res], blocker, bootstrap=0)
+    assert "\n" not in str(err.value)

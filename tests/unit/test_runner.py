@@ -43,3 +43,26 @@ def test_saved_label_maps_follow_the_reference_upsampling_order(shard_dir, index
         np.testing.assert_array_equal(saved, expected)
         foreground += int((expected > 0).sum())
     assert foreground > 0
+
+
+@pytest.mark.parametrize("flag", ["out", "save_predictions"])
+def test_an_unusable_output_folder_is_refused_before_any_episode(shard_dir, tmp_path, monkeypatch, flag):
+    from pathlib import Path
+
+    from fscs.bench import runner
+    from fscs.bench.runs import LoadedRun
+    from fscs.config import load_config
+    from fscs.distributed import DistEnv
+    from fscs.errors import FSCSError
+
+    cfg = load_config(None, [f"data.shards={shard_dir}", "model.backbone=fscs_vit_tiny_patch8", "model.weights=null",
+                             f"model.image_size={S}", "bench.settings=[1w1s]", "bench.episodes=2"])
+    loaded = LoadedRun(cfg, FSCSModel.build(backbone="fscs_vit_tiny_patch8", image_size=S).eval(),
+                       Path("checkpoint.pt"), "0" * 64)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(runner, "evaluate_jobs", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    out, preds = (blocker, None) if flag == "out" else (tmp_path / "results", blocker / "sub")
+    with pytest.raises(FSCSError, match=r"cannot create .*; pass a writable --") as err:
+        runner.bench_run(loaded, cfg, DistEnv(), out, save_predictions=preds)
+    assert "\n" not in str(err.value)
