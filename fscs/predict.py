@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -180,8 +181,13 @@ class Predictor:
                  batch_size: int = 8, max_pairs: int | None = None) -> None:
         if regime not in REGIMES:
             raise FSCSError(f"--regime {regime!r}: use one of {', '.join(REGIMES)}")
+        if re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", device) is None:
+            raise FSCSError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise FSCSError(f"--device {device}: no CUDA device is visible; use --device cpu (or auto)")
+        if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+            raise FSCSError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                            f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         loaded = load_run(run_dir)

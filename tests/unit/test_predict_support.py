@@ -34,3 +34,16 @@ def test_cache_entry_holds_one_image_not_its_batch(tmp_path):
     assert torch.equal(stored, batch[3])
     assert stored.untyped_storage().nbytes() == batch[3].numel() * 4  # not the 8-image storage
     assert cache._path(src).stat().st_size < 2 * batch[3].numel() * 4
+
+
+def test_a_bad_device_is_a_one_line_error_before_the_run_is_loaded(tmp_path):
+    import pytest
+
+    from fscs.errors import FSCSError
+    from fscs.predict import Predictor
+
+    for device, needle in (("foo", "use auto, cpu, cuda or cuda:N"), ("gpu0", "use auto, cpu, cuda or cuda:N"),
+                           (f"cuda:{torch.cuda.device_count() + 3}", "--device cuda:")):
+        with pytest.raises(FSCSError, match=needle) as err:  # the run directory does not even exist
+            Predictor(tmp_path / "no-run", tmp_path / "no-support", device=device)
+        assert "\n" not in str(err.value)
