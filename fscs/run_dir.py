@@ -21,6 +21,8 @@ BEST = "best.pt"
 """The head of the epoch with the best model-selection score (train.val_episodes > 0)."""
 SUMMARY = "train_summary.json"
 TRAIN_LOG = "train_log.jsonl"
+HEAD_FORMAT = "fscs-checkpoint/1"
+"""`format` of checkpoint.pt / best.pt (what bench and predict load)."""
 
 
 def build_model(cfg: RunConfig) -> FSCSModel:

@@ -21,14 +21,14 @@ from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, c
 from fscs.errors import FSCSError
 from fscs.losses import CHANCE_CE, at_chance, batch_loss
 from fscs.parallel import end_new_children
-from fscs.run_dir import (BEST, CHECKPOINT, SUMMARY, TRAIN_LOG, build_model, check_backbone_identity,
+from fscs.run_dir import (BEST, CHECKPOINT, HEAD_FORMAT, SUMMARY, TRAIN_LOG, build_model, check_backbone_identity,
                           check_backbone_novel_fold, resolve_checkpoint, truncate_train_log)
 from fscs.runtime import resolve_device, resolve_precision, seed_all
 from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "fscs-checkpoint/1"
+EXPORT_FORMAT = HEAD_FORMAT
 STATE_FORMAT = "fscs-train-state/1"
 
 

@@ -12,7 +12,7 @@ from fscs.digest import file_sha256
 from fscs.engine.checkpoint import load_checkpoint
 from fscs.errors import FSCSError
 from fscs.model.fscs_model import FSCSModel
-from fscs.run_dir import build_model, check_backbone_identity, resolve_checkpoint
+from fscs.run_dir import HEAD_FORMAT, build_model, check_backbone_identity, resolve_checkpoint
 
 
 @dataclass
@@ -36,6 +36,13 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         raise FSCSError(f"no checkpoint at '{path}'; train first (fscs train name=... ) or pass the right "
                         "--run")
     state = load_checkpoint(path)
+    fmt = state.get("format") if isinstance(state, dict) else None
+    missing = [k for k in ("config", "backbone", "engine") if fmt == HEAD_FORMAT and k not in state]
+    if fmt != HEAD_FORMAT or missing:
+        what = ("a `fscs pretrain` checkpoint (its backbone.safetensors goes into a train run as model.weights)"
+                if str(fmt).startswith("fscs-pretrain") else f"incomplete (no {missing[0]!r})" if missing else
+                f"not a `fscs train` checkpoint (format {fmt!r})")
+        raise FSCSError(f"checkpoint '{path}' is {what}; pass the run directory of `fscs train`")
     cfg = config_from_dict(state["config"])
     model = build_model(cfg)
     check_backbone_identity(state["backbone"], model, path)

@@ -66,3 +66,24 @@ def test_an_unusable_output_folder_is_refused_before_any_episode(shard_dir, tmp_
     with pytest.raises(FSCSError, match=r"cannot create .*; pass a writable --") as err:
         runner.bench_run(loaded, cfg, DistEnv(), out, save_predictions=preds)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"format": "fscs-pretrain-checkpoint/1", "config": {"export": None}, "step": 2},
+     "is a `fscs pretrain` checkpoint"),
+    ({"a": 1}, "is not a `fscs train` checkpoint (format None)"),
+    ([1, 2], "is not a `fscs train` checkpoint (format None)"),
+    ({"format": "fscs-checkpoint/1", "engine": {"head": {}}}, "is incomplete (no 'config')"),
+])
+def test_bench_and_predict_refuse_files_that_are_no_train_checkpoint(tmp_path, content, needle):
+    """A pretraining run directory, or another torch file saved as checkpoint.pt: a one-line error, not a
+    KeyError traceback or an 'unknown config key' about the stored config."""
+    import re
+
+    from fscs.bench.runs import load_run
+    from fscs.errors import FSCSError
+
+    torch.save(content, tmp_path / "checkpoint.pt")
+    with pytest.raises(FSCSError, match=re.escape(needle) + r".*pass the run directory of `fscs train`") as err:
+        load_run(tmp_path)
+    assert "\n" not in str(err.value)
