@@ -213,6 +213,7 @@ def _mask_case(tmp_path: Path, values: dict[str, int], name: str = "mix/ab0.png"
     ("binary_unknown_class", r"zebra.png: 'zebra' is not a class"),
     ("binary_missing_class", r"no b.png although ab0.png is labelled 'b'"),
     ("no_header", r"labels.csv: first line must be the header"),
+    ("latin1_csv", r"labels.csv: not UTF-8 text .*; save the labels as CSV UTF-8"),
     ("duplicate_row", r"is listed again"),
     ("too_many_fields", r"3 fields, header has 2"),
     ("novel_unknown", r"--novel 'zebra' is not a class"),
@@ -248,6 +249,8 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, case, match):
             (images / "a" / "a0.png").write_bytes(b"not an image at all")
         elif case == "no_images_class":
             kwargs["classes"] = ["a", "b", "c", "d", "zebra"]
+        elif case == "latin1_csv":
+            csv.write_bytes(text.replace("\n", "\n\"a/a1.png\",caf\xe9\n", 1).encode("latin-1"))  # Excel's cp1252
         elif case == "no_header":
             csv.write_text(text.split("\n", 1)[1])
         elif case == "duplicate_row":

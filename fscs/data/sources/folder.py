@@ -83,8 +83,12 @@ def read_labels_csv(csv_path: Path, images_dir: Path) -> list[tuple[Path, tuple[
     """Rows `image,labels` (header required; labels separated by `;` or `|`) -> (file, names, where)."""
     if not csv_path.is_file():
         raise FSCSError(f"{csv_path}: labels file not found; pass --labels FILE (CSV, header image,labels)")
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError as exc:  # Excel's "CSV" in the system code page, UTF-16, or not a CSV at all
+        raise FSCSError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the labels as "
+                        "CSV UTF-8") from None
     header = [h.strip().lower() for h in rows[0]] if rows else []
     if "image" not in header or "labels" not in header:
         raise FSCSError(f"{csv_path}: first line must be the header `image,labels` (got "
