@@ -94,6 +94,7 @@ class Trainer:
         path = self.store.latest()
         if path is None:
             if (self.run_dir / CHECKPOINT).is_file():
+                self._refuse_foreign_checkpoint(self.run_dir / CHECKPOINT)
                 logger.warning("%s has %s but no resumable state/ folder: training from scratch",
                                self.run_dir, CHECKPOINT)
             return
@@ -113,6 +114,19 @@ class Trainer:
         if self.env.is_main:
             logger.info("resumed %s at epoch %d, step %d (%d of the epoch done)", path, self.epoch, self.step,
                         self.step_in_epoch)
+
+    def _refuse_foreign_checkpoint(self, path: Path) -> None:
+        """A readable checkpoint.pt of another kind (a `fscs pretrain` run's resumable state, say) would be
+        overwritten by this run's first save and tb/ mixed with its curves: refuse before anything is written."""
+        try:
+            state = load_checkpoint(path)
+        except FSCSError:
+            return  # unreadable: nothing to lose, it is replaced
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if fmt != EXPORT_FORMAT:
+            raise FSCSError(f"{path} is not a `fscs train` checkpoint (format {fmt!r}; "
+                            f"{'a pretraining run' if str(fmt).startswith('fscs-pretrain') else 'another file'}), "
+                            "and training here would overwrite it; pick another name or out_dir")
 
     def _apply_pending_rng(self) -> None:
         if self._pending_rng is not None:

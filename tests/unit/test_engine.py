@@ -308,3 +308,25 @@ def test_truncate_train_log_keeps_resumed_steps_and_drops_a_cut_line(tmp_path, c
     assert any("unreadable line" in r.getMessage() for r in caplog.records)
     truncate_train_log(tmp_path / "absent.jsonl", 3)  # nothing to do
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_train_refuses_to_overwrite_a_pretraining_runs_checkpoint(shard_dir, tmp_path):
+    """`fscs train name=X` where X is a `fscs pretrain` run: its resumable checkpoint.pt (student, teacher,
+    optimizer) would be replaced by the head at the first save; refused before anything is written."""
+    from fscs.distributed import DistEnv
+    from fscs.errors import FSCSError
+    from fscs.train import Trainer
+
+    run = tmp_path / "pre"
+    run.mkdir()
+    foreign = {"format": "fscs-pretrain-checkpoint/1", "student": {"w": torch.ones(2)}, "step": 7}
+    torch.save(foreign, run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    cfg = _cfg(f"data.shards={shard_dir}", f"out_dir={tmp_path}", "name=pre", "model.image_size=32",
+               "model.backbone=fscs_vit_tiny_patch8", "model.weights=null", "data.batch_size=2",
+               "data.num_workers=0", "train.epochs=1", "train.steps_per_epoch=1")
+    with pytest.raises(FSCSError, match=r"checkpoint.pt is not a `fscs train` checkpoint .*a pretraining run.*"
+                                        r"pick another name or out_dir"):
+        Trainer(cfg, DistEnv()).fit()
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
