@@ -33,6 +33,14 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (process counts); anything else is a one-line usage error."""
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: pass 1 or more")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fscs", description="Weakly-supervised few-shot classification & segmentation (CST) harness.",
@@ -169,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     de = add("demo", "End to end on the offline default: shards, weak+full training, evaluation, table.")
     de.add_argument("--out", type=Path, default=Path("runs/demo"))
     de.add_argument("--shards", type=Path, default=Path("data/synthetic-5i"))
-    de.add_argument("--nproc", type=int, default=2, help="training processes (torchrun)")
+    de.add_argument("--nproc", type=_positive, default=2, help="training processes (torchrun)")
     de.add_argument("--quick", action="store_true", help="tiny budget (for tests)")
     return p
 

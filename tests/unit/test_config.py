@@ -148,3 +148,13 @@ def test_cli_takes_overrides_on_both_sides_of_an_option(tmp_path, monkeypatch):
     assert seen == {"overrides": ["data.fold=1", "name=y"], "config": str(cfg)}
     with pytest.raises(SystemExit):
         cli.main(["train", "data.fold=1", "--config", str(cfg), "--bogus"])
+
+
+@pytest.mark.parametrize("argv", [["demo", "--nproc", "0"], ["demo", "--nproc", "-2"]])
+def test_cli_process_counts_must_be_positive(argv, capsys):
+    """--nproc 0 divided by zero (after the shards were built), a negative one failed inside torchrun."""
+    import fscs.cli as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2 and "--nproc: " in capsys.readouterr().err
