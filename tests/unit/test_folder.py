@@ -219,6 +219,7 @@ def _mask_case(tmp_path: Path, values: dict[str, int], name: str = "mix/ab0.png"
     ("novel_unknown", r"--novel 'zebra' is not a class"),
     ("novel_all", r"leave at least one class for training"),
     ("empty_class_folder", r"class folder 'empty' has no images"),
+    ("negative_max_side", r"--max-side -5: must be >= 0"),
 ])
 def test_bad_inputs_raise_one_line_errors(tmp_path, case, match):
     kwargs: dict = {"novel": ["d"]}
@@ -257,6 +258,8 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, case, match):
             csv.write_text(text + '"a/a0.png",b\n')
         elif case == "too_many_fields":
             csv.write_text(text + "a/a1.png,a,b\n")
+        elif case == "negative_max_side":
+            kwargs["max_side"] = -5
         elif case == "novel_unknown":
             kwargs["novel"] = ["zebra"]
         elif case == "novel_all":

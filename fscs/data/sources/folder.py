@@ -424,6 +424,8 @@ def build_folder_shards(images: str | Path, out: str | Path, *, labels: str | Pa
                         max_side: int = 1024, shots: Sequence[int] = (1, 5), name: str | None = None,
                         samples_per_shard: int = 1000) -> Path:
     """Convert a folder of images into an fscs shard directory (novel classes = fold 0); returns `out`."""
+    if max_side < 0:  # every image is larger than a negative side: all were shrunk to 1 x 1 pixel
+        raise FSCSError(f"--max-side {max_side}: must be >= 0 (0 = keep the original size)")
     plan = plan_folder(images, labels, masks, classes=classes, novel=novel, novel_count=novel_count,
                        seed=seed, select_fraction=select_fraction, mask_format=mask_format, shots=shots)
     ids = plan.class_id
