@@ -15,9 +15,9 @@ logger = logging.getLogger(__name__)
 
 SAVE_SIGNALS = ("SIGUSR1",)
 """Checkpoint at the next step boundary and keep training."""
-STOP_SIGNALS = ("SIGTERM", "SIGUSR2")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 """Checkpoint at the next step boundary and stop (SIGTERM: kill/requeue/torchrun; SIGUSR2: submitit's
-preemption/timeout signal)."""
+preemption/timeout signal; SIGINT: Ctrl-C, where a second one stops at once without the checkpoint)."""
 @dataclass(frozen=True)
 class Decision:
     """What all ranks agreed on at a step boundary."""
@@ -62,6 +62,11 @@ class CheckpointRequests:
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            if self._stop == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, the last published checkpoint stays
+            logger.warning("Ctrl-C: checkpointing at the next step boundary, then stopping (Ctrl-C again to stop "
+                           "at once, without that checkpoint)")
         if signum in self.stop_signals:
             self._stop = signum  # the last one decides: submitit's preemption sends SIGTERM, then SIGUSR2
         else:
@@ -95,7 +100,7 @@ class CheckpointRequests:
 
 
 def ignore_in_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: leave SIGTERM/SIGUSR1/SIGUSR2 to the training process.
+    """DataLoader worker_init_fn: leave SIGTERM/SIGUSR1/SIGUSR2/SIGINT to the training process.
 
     torch's workers die on a SIGTERM that SLURM or torchrun sends to the whole process group, which would
     break the step before the trainer reaches its checkpoint; the workers still exit with their parent.

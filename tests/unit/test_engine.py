@@ -115,6 +115,22 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)] == [[True, False, False]] * 2
 
 
+def test_ctrl_c_checkpoints_and_stops_and_a_second_one_stops_at_once():
+    """Ctrl-C used to raise KeyboardInterrupt inside the step: a traceback and every step since the last
+    epoch-end checkpoint lost. Now it is a stop request like SIGTERM (exit 130 after the checkpoint)."""
+    before = signal.getsignal(signal.SIGINT)
+    with CheckpointRequests() as req:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C raised KeyboardInterrupt instead of requesting a checkpoint")
+        d = req.poll()
+        assert d.save and d.stop and d.signal_name == "SIGINT" and 128 + d.signum == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_store_publishes_atomically_and_prunes(tmp_path):
     store = CheckpointStore(tmp_path, DistEnv(), keep=2)
     assert store.latest() is None
