@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Sequence
@@ -47,6 +48,7 @@ class CheckpointRequests:
         self._save = False
         self._stop = 0
         self._previous: dict[int, Any] = {}
+        self._first_sigint = 0.0
 
     def __enter__(self) -> "CheckpointRequests":
         if threading.current_thread() is not threading.main_thread():
@@ -63,8 +65,12 @@ class CheckpointRequests:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGINT:
+            now = time.monotonic()
             if self._stop == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C: stop now, the last published checkpoint stays
+                if now - self._first_sigint > 1.0:  # torchrun relays the terminal's SIGINT: that copy is no 2nd
+                    raise KeyboardInterrupt  # a second Ctrl-C: stop now, the last published checkpoint stays
+                return
+            self._first_sigint = now
             logger.warning("Ctrl-C: checkpointing at the next step boundary, then stopping (Ctrl-C again to stop "
                            "at once, without that checkpoint)")
         if signum in self.stop_signals:
