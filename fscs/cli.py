@@ -371,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()  # other ranks may wait in a collective: leave now (a submitit task returns instead)
             os._exit(2)
         return 2
+    except KeyboardInterrupt:  # what every stage writes is atomic: finished files stay, no partial one is left
+        print(f"fscs {args.command}: interrupted (Ctrl-C); nothing half-written was kept, rerun the same "
+              "command to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -158,3 +158,20 @@ def test_cli_process_counts_must_be_positive(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
     assert exit_.value.code == 2 and "--nproc: " in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """A KeyboardInterrupt (Ctrl-C in shard writing, bench, predict) printed a traceback from deep inside."""
+    import fscs.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_shards", interrupted)
+    try:
+        code = cli.main(["shards", "synth", "--out", "x"])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped fscs.cli.main (a traceback for the user)")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fscs shards: interrupted (Ctrl-C)" in err
