@@ -289,8 +289,12 @@ def read_index(shard_dir: str | Path) -> ShardIndex:
                         if k not in raw["samples"]), None)
         if unknown is not None:
             raise ValueError(f"list entry {unknown!r} is not among the samples")
+        num_classes = int(raw["num_classes"])
+        outside = next((c for cs in raw["folds"].values() for c in cs if not 1 <= int(c) <= num_classes), None)
+        if outside is not None:  # training classes = 1..C minus the fold's: the test fold's would be trained on
+            raise ValueError(f"fold class {outside} is outside 1..num_classes={num_classes}")
         return ShardIndex(
-            root=root.resolve(), dataset=raw["dataset"], num_classes=int(raw["num_classes"]),
+            root=root.resolve(), dataset=raw["dataset"], num_classes=num_classes,
             class_names={int(c): n for c, n in raw["class_names"].items()},
             folds={int(f): [int(c) for c in cs] for f, cs in raw["folds"].items()},
             shards=list(raw["shards"]), samples=dict(raw["samples"]),

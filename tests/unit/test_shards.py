@@ -207,13 +207,16 @@ def test_index_cross_references_and_rebuild_hints(shard_dir, tmp_path):
     assert "fscs shards pascal --root" in rebuild_hint("pascal-5i", "d")
     assert "fscs shards coco --root" in rebuild_hint("coco-20i", "d")
     assert "fscs shards folder" in rebuild_hint("my-photos", "d")
-    for damage, needle in (("shard", "names no shard"), ("list", "is not among the samples")):
+    for damage, needle in (("shard", "names no shard"), ("list", "is not among the samples"),
+                           ("folds", "fold class 99 is outside 1..num_classes=20")):
         bad = tmp_path / damage
         shutil.copytree(shard_dir, bad)
         raw = json.loads((bad / "index.json").read_text())
         key = next(iter(raw["samples"]))
         if damage == "shard":
             del raw["samples"][key]["shard"]
+        elif damage == "folds":  # fold 0's classes would all count as training classes
+            raw["folds"]["0"] = [99, 98, 97, 96, 95]
         else:
             del raw["samples"][raw["lists"]["test"]["0"][0][0]]
         (bad / "index.json").write_text(json.dumps(raw))
