@@ -212,6 +212,9 @@ def load_structured(schema: Any, path: str | os.PathLike | None = None, override
             source = f"override '{item}'"
             if "=" not in item:
                 raise FSCSError(f"override '{item}' is not key=value (example: {example})")
+            if not item.partition("=")[2].strip():  # `model.weights=$W` with W unset: not a silent null
+                raise FSCSError(f"override '{item}' has no value; write {item.partition('=')[0]}=null for none "
+                                "(an unset shell variable?)")
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

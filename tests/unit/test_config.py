@@ -28,6 +28,7 @@ def test_defaults_and_overrides(tmp_path):
         (["train.regime=semi"], "'train.regime'"),
         (["train.precision=fp16"], "'train.precision'"),
         (["lr"], "not key=value"),
+        (["model.weights="], "override 'model.weights=' has no value; write model.weights=null for none"),
         (["bench.settings=[3x]"], "bad setting '3x'"),
     ],
 )
