@@ -200,7 +200,8 @@ def load_structured(schema: Any, path: str | os.PathLike | None = None, override
         if path is not None:
             source = str(path)
             if not Path(path).is_file():
-                raise FSCSError(f"{what} file '{path}' not found; {not_found}")
+                raise FSCSError(f"{what} file '{path}' {'is a directory' if Path(path).is_dir() else 'not found'}; "
+                                f"{not_found}")
             try:
                 loaded = OmegaConf.load(path)
             except (UnicodeDecodeError, PermissionError) as exc:  # a UTF-16/Latin-1 file, a binary, no access

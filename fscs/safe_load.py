@@ -61,7 +61,8 @@ def load_untrusted(path: Path) -> Any:
     namespaces), fall back to a restricted unpickler that materialises tensors and plain containers only
     and replaces every other class with an inert placeholder — no code from the file ever runs."""
     if not path.is_file():
-        raise FSCSError(f"checkpoint '{path}' not found; pass the path of an existing .ckpt/.pth file")
+        raise FSCSError(f"checkpoint '{path}' {'is a directory' if path.is_dir() else 'not found'}; pass the path "
+                        "of an existing .ckpt/.pth file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

@@ -191,7 +191,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     fix = "pass a DINO .pth or timm .pth/.safetensors backbone file, or no weights for random init"
     if not path.is_file():
-        raise FSCSError(f"backbone weights file {path} not found; {fix}")
+        raise FSCSError(f"backbone weights file {path} {'is a directory' if path.is_dir() else 'not found'}; "
+                        f"{fix}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -51,6 +51,18 @@ def test_missing_file():
         load_config("/nonexistent/cfg.yaml")
 
 
+def test_a_directory_given_for_a_file_is_named_so(tmp_path):
+    """`--config configs/` (or a weights/labels/checkpoint folder) said 'not found' about a path that exists."""
+    from fscs.data.sources.folder import read_labels_csv
+    from fscs.model.backbone import read_state_dict
+    from fscs.safe_load import load_untrusted
+
+    for call in (lambda: load_config(tmp_path), lambda: read_state_dict(tmp_path),
+                 lambda: load_untrusted(tmp_path), lambda: read_labels_csv(tmp_path, tmp_path)):
+        with pytest.raises(FSCSError, match="is a directory; pass"):
+            call()
+
+
 def test_save_and_restore_roundtrip(tmp_path):
     cfg = load_config(None, ["name=abc", "train.regime=full"])
     path = save_config(cfg, tmp_path / "run" / "config.yaml")

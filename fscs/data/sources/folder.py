@@ -82,7 +82,8 @@ def make_keys(rel_paths: Sequence[str]) -> list[str]:
 def read_labels_csv(csv_path: Path, images_dir: Path) -> list[tuple[Path, tuple[str, ...], str]]:
     """Rows `image,labels` (header required; labels separated by `;` or `|`) -> (file, names, where)."""
     if not csv_path.is_file():
-        raise FSCSError(f"{csv_path}: labels file not found; pass --labels FILE (CSV, header image,labels)")
+        raise FSCSError(f"{csv_path}: labels file {'is a directory' if csv_path.is_dir() else 'not found'}; pass "
+                        "--labels FILE (CSV, header image,labels)")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.reader(fh))
