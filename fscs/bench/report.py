@@ -203,6 +203,8 @@ def _bad_value(data: dict[str, Any]) -> tuple[str, Any, str] | None:
         se = data["segmentation_episodes"]
         checks.append(("segmentation_episodes", se, _is_int(se, 0) and _is_int(m["episodes"], 1)
                        and se <= m["episodes"], "must be an integer in 0..metrics.episodes"))
+    names = data.get("class_names")
+    checks.append(("class_names", names, names is None or isinstance(names, dict), "must be an object or null"))
     ci = data.get("ci95")
     checks.append(("ci95", ci, ci is None or isinstance(ci, dict), "must be an object or null"))
     for k, v in (ci.items() if isinstance(ci, dict) else ()):

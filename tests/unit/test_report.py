@@ -413,3 +413,26 @@ def test_report_out_that_is_a_file_is_a_one_line_error(tmp_path):
     with pytest.raises(FSCSError, match=rf"--out {blocker}: cannot create .*; pass a writable --out") as err:
         write_report([res], blocker, bootstrap=0)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("fold", "x", "has fold = 'x', must be an integer >= 0"),
+    ("way", None, "has way = None, must be an integer >= 1"),
+    ("class_names", [1], "has class_names = [1], must be an object or null"),
+    ("ci95", "x", "has ci95 = 'x', must be an object or null"),
+    ("metrics.miou", "abc", "has metrics.miou = 'abc', must be a finite number"),
+])
+def test_result_fields_of_the_wrong_type_are_one_line_errors(tmp_path, key, value, needle):
+    """A hand-edited or foreign result JSON ended in int()/AttributeError/numpy tracebacks deep in the tables."""
+    res = tmp_path / "res"
+    res.mkdir()
+    path = _fake_result(res, "weak", 0)
+    data = json.loads(path.read_text())
+    if key.startswith("metrics."):
+        data["metrics"][key.split(".")[1]] = value
+    else:
+        data[key] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(FSCSError, match=re.escape(needle) + ".*rerun the bench or leave the file out") as err:
+        write_report([res], tmp_path / "rep", bootstrap=0)
+    assert "\n" not in str(err.value)
