@@ -19,6 +19,8 @@ SAVE_SIGNALS = ("SIGUSR1",)
 STOP_SIGNALS = ("SIGTERM", "SIGUSR2", "SIGINT")
 """Checkpoint at the next step boundary and stop (SIGTERM: kill/requeue/torchrun; SIGUSR2: submitit's
 preemption/timeout signal; SIGINT: Ctrl-C, where a second one stops at once without the checkpoint)."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """What all ranks agreed on at a step boundary."""
