@@ -6,6 +6,7 @@ import logging
 import math
 import multiprocessing
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
