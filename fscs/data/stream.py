@@ -158,6 +158,8 @@ class TrainEpisodeStream(IterableDataset):
         if not entries or not 1 <= way <= len(self.train_classes) or shot < 1:
             raise FSCSError(f"{where}: {len(entries)} entries, {len(self.train_classes)} classes; "
                             f"way={way} shot={shot} impossible")
+        if seed < 0 or (gt_seed is not None and gt_seed < 0):
+            raise FSCSError(f"train stream: seed {seed} (gt_seed {gt_seed}) is negative; use train.seed >= 0")
         if not 0 <= rank < world_size or buffer_per_class < shot + 1:
             raise FSCSError(f"train stream: rank {rank} / world {world_size}, buffer_per_class "
                             f"{buffer_per_class} (needs > shot) invalid")

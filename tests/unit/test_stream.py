@@ -187,3 +187,9 @@ def test_full_regime_without_any_mask_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_mod, "read_index", lambda _dir: raw)
     with pytest.raises(FSCSError, match="training images in a row have no mask.png"):
         next(iter(_stream(out)))
+
+
+def test_negative_seed_is_a_one_line_error(shard_dir):
+    """numpy's generators reject negative seeds: refused at construction, not a ValueError in a loader worker."""
+    with pytest.raises(FSCSError, match="seed -1"):
+        _stream(shard_dir, seed=-1)
