@@ -143,8 +143,12 @@ class TrainEpisodeStream(IterableDataset):
     (gt_subset_member(key, gt_seed, gt_fraction)) are read and decoded; episodes also carry support_mask
     (zeros for supports without GT), support_has_gt [N,K] bool, query_target (all 255 when the query has no
     GT) and query_has_gt (0-dim bool). Weak (use_masks=False, gt_fraction=0): no mask file is ever read.
-    Each rank/worker reads its own slice of one seeded resampled shard sequence, keeps per-class buffers of
-    recent training images and turns every incoming training image into a query (once buffers are warm).
+    Each rank/worker reads its own slice of one seeded resampled shard sequence and keeps per-class buffers of
+    recent training images. The query follows index.json params["query_mode"] like the evaluation sampler:
+    "entry" (default, PASCAL-5i) turns every incoming training image into a query, of one of its training
+    classes drawn uniformly; "class" (COCO-20i, the reference's training rule) draws the query class
+    uniformly over the training classes and the query image uniformly from that class's buffer, so frequent
+    classes are not over-represented. Episodes start once the buffers they need are warm.
     """
 
     def __init__(self, shard_dir: str | Path, fold: int, way: int, shot: int, image_size: int, seed: int,
@@ -186,6 +190,7 @@ class TrainEpisodeStream(IterableDataset):
             self.gt_keys = gt_subset(self.allowed, self.gt_seed, self.gt_fraction)
             logger.info("mixed regime: ground-truth masks for %d of %d training images (fraction %.3f, seed %d)",
                         len(self.gt_keys), len(self.allowed), self.gt_fraction, self.gt_seed)
+        self.query_mode = str(index.params.get("query_mode", "entry"))
         self.epoch = 0
 
     @property
@@ -239,14 +244,34 @@ class TrainEpisodeStream(IterableDataset):
                 guard.bad_sample(str(raw.get("__url__")), raw["__key__"], exn)
                 continue
             guard.in_a_row = 0
-            episode = self._episode(sample, classes, buffers, rng)
-            for c in classes:
-                buffers[c].pop(sample.key, None)
-                buffers[c][sample.key] = sample
-                if len(buffers[c]) > self.buffer_per_class:
-                    buffers[c].popitem(last=False)
+            if self.query_mode == "class":
+                self._remember(sample, classes, buffers)
+                episode = self._class_episode(buffers, rng)
+            else:
+                episode = self._episode(sample, classes[int(rng.integers(len(classes)))], buffers, rng)
+                self._remember(sample, classes, buffers)
             if episode is not None:
                 yield episode
+
+    def _remember(self, sample: Sample, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, Sample]]
+                  ) -> None:
+        """Put `sample` last in the buffer of each of its training classes (oldest dropped past the size)."""
+        for c in classes:
+            buffers[c].pop(sample.key, None)
+            buffers[c][sample.key] = sample
+            if len(buffers[c]) > self.buffer_per_class:
+                buffers[c].popitem(last=False)
+
+    def _class_episode(self, buffers: dict[int, OrderedDict[str, Sample]], rng: np.random.Generator
+                       ) -> dict[str, torch.Tensor] | None:
+        """query_mode "class" (COCO-20i): query class uniform over the training classes, query image uniform
+        among that class's buffered images (None while that buffer is empty), as the reference trains."""
+        query_class = self.train_classes[int(rng.integers(len(self.train_classes)))]
+        pool = buffers[query_class]
+        if not pool:
+            return None
+        query = list(pool.values())[int(rng.integers(len(pool)))]
+        return self._episode(query, query_class, buffers, rng)
 
     def _file_filter(self):
         """Which tar members are read: everything (full), no mask (weak), the subset's masks (mixed)."""
@@ -254,10 +279,10 @@ class TrainEpisodeStream(IterableDataset):
             return None
         return _SubsetMasks(self.gt_keys) if self.mixed else _without_masks
 
-    def _episode(self, query: Sample, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, Sample]],
+    def _episode(self, query: Sample, query_class: int, buffers: dict[int, OrderedDict[str, Sample]],
                  rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
-        """One episode with `query` (None while a needed buffer has < K images besides the query)."""
-        query_class = classes[int(rng.integers(len(classes)))]
+        """One episode with `query` as an image of `query_class` (None while a needed buffer has < K images
+        besides the query)."""
         picks = rng.choice(len(self.train_classes), size=self.way, replace=False,
                            p=support_class_probs(self.train_classes, query_class))
         way_classes = [self.train_classes[j] for j in picks]

@@ -193,3 +193,39 @@ def test_negative_seed_is_a_one_line_error(shard_dir):
     """numpy's generators reject negative seeds: refused at construction, not a ValueError in a loader worker."""
     with pytest.raises(FSCSError, match="seed -1"):
         _stream(shard_dir, seed=-1)
+
+
+def _skewed_class_shards(tmp_path, query_mode):
+    """8 classes in 4 folds; fold 0's training classes 3..8: class 3 has 60 images, the others 6 each. Image
+    pixels are constant at 20 * class (8 px, no resize): a query's class can be read back."""
+    import numpy as np
+
+    from fscs.data.types import Sample
+
+    counts = {3: 60, 4: 6, 5: 6, 6: 6, 7: 6, 8: 6, 1: 3, 2: 3}
+    samples = [(Sample(f"c{c}_{i}", np.full((8, 8, 3), 20 * c, np.uint8), np.full((8, 8), c, np.uint8), (c,)),
+                "trn") for c, n in counts.items() for i in range(n)]
+    folds, names = {0: [1, 2], 1: [3, 4], 2: [5, 6], 3: [7, 8]}, [f"k{c}" for c in range(1, 9)]
+    return write_shards(samples, tmp_path / query_mode, dataset="skewed", class_names=names, folds=folds,
+                        samples_per_shard=20, params={"query_mode": query_mode})
+
+
+def test_class_query_mode_draws_the_query_class_uniformly(tmp_path):
+    """COCO-20i shards (query_mode "class"): the reference trains on a uniformly drawn class, then an image of
+    it; image-uniform queries gave the frequent class 60 / 90 of the queries instead of 1 / 6."""
+    from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    def query_classes(mode):
+        stream = TrainEpisodeStream(_skewed_class_shards(tmp_path, mode), fold=0, way=1, shot=1, image_size=8,
+                                    seed=0, use_masks=False, buffer_per_class=8)
+        out = []
+        for _, e in zip(range(600), stream):
+            grey = float(e["query_img"][0, 0, 0]) * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+            out.append(round(grey * 255 / 20))
+        return out
+
+    classes = query_classes("class")
+    assert set(classes) == set(range(3, 9))
+    assert 0.11 < classes.count(3) / len(classes) < 0.23  # 1 / 6 (binomial sd 0.015)
+    entry = query_classes("entry")  # PASCAL-5i: every image once, so class 3 dominates as it does the list
+    assert entry.count(3) / len(entry) > 0.5
