@@ -115,7 +115,6 @@ def test_yaml_that_is_not_utf8_is_one_line_error(tmp_path):
     ("model.image_size=0", "'model.image_size' is 0; it must be >= 16"),
     ("train.seed=-1", "'train.seed' is -1; it must be >= 0"),
     ("data.shot=200", "'data.buffer_per_class' is 64; it must exceed data.shot (200)"),
-    ("train.seed=-1", "'train.seed' is -1; it must be >= 0"),  # the stream's generators need seed >= 0
 ])
 def test_train_and_data_keys_are_validated(override, needle):
     with pytest.raises(FSCSError, match=re.escape(needle)):
