@@ -257,8 +257,16 @@ def _validate(cfg: RunConfig) -> None:
     if not b.settings:
         raise FSCSError("config key 'bench.settings' is empty; list at least one setting, e.g. "
                         "bench.settings=[1w1s,2w1s]")
-    for s in b.settings:
-        parse_setting(s)
+    parsed = [parse_setting(s) for s in b.settings]
+    twice = next((s for i, s in enumerate(b.settings) if parse_setting(s) in parsed[:i]), None)
+    if twice is not None:
+        raise FSCSError(f"config key 'bench.settings' lists {twice} twice; list each setting once")
+    if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\"):
+        raise FSCSError(f"config key 'name' is {cfg.name!r}; a run name is one folder under out_dir "
+                        "(no '/'), e.g. name=weak_f0 (put the folder path in out_dir)")
+    if not 0.0 <= cfg.model.mask_threshold <= 1.0:
+        raise FSCSError(f"config key 'model.mask_threshold' is {cfg.model.mask_threshold}; the reference "
+                        "rule thresholds the map scaled to [0, 1], so it must lie in [0, 1] (default 0.4)")
     if cfg.data.way < 1 or cfg.data.shot < 1:
         raise FSCSError("config keys 'data.way' and 'data.shot' must be >= 1")
     d = cfg.data
@@ -281,7 +289,8 @@ def _validate(cfg: RunConfig) -> None:
         if value < 1:
             raise FSCSError(f"config key 'train.{key}' is {value}; it must be >= 1")
     for key, value in (("save_every", t.save_every), ("stop_after_steps", t.stop_after_steps),
-                       ("val_episodes", t.val_episodes), ("warmup_steps", t.warmup_steps)):
+                       ("val_episodes", t.val_episodes), ("warmup_steps", t.warmup_steps),
+                       ("image_every", t.image_every)):
         if value < 0:
             raise FSCSError(f"config key 'train.{key}' is {value}; it must be >= 0 (0 = off)")
     if t.zero_stage and t.engine != "deepspeed":

@@ -44,8 +44,12 @@ def load_checkpoint(path: Path) -> Any:
         raise FSCSError(f"checkpoint file '{path}' is missing; delete its run's state/ folder to restart, "
                         "or pick another run") from None
     except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or holding code objects
-        raise FSCSError(f"checkpoint '{path}' is unreadable or unsafe ({type(exc).__name__}); delete it or "
-                        "pick another run") from None
+        save = Path(path).parent
+        fix = (f"write the name of an older save in {save.parent / LATEST} to resume from it "
+               f"(ls {save.parent}), or delete {save.parent} to restart the run from scratch"
+               if save.name.startswith("step-") and save.parent.name == STATE_DIR else "delete it")
+        raise FSCSError(f"checkpoint '{path}' is unreadable or unsafe ({type(exc).__name__}); {fix} or pick "
+                        "another run") from None
 
 
 def capture_rng() -> dict[str, Any]:

@@ -300,6 +300,9 @@ class FSCSModel(nn.Module):
     def load_reference_checkpoint(self, path: str | os.PathLike) -> None:
         """Load the authors' released Lightning checkpoint (head keys `learner.*`) without running its pickle code."""
         ckpt = load_untrusted(Path(path))
+        if isinstance(ckpt, dict) and str(ckpt.get("format", "")).startswith("fscs-"):
+            raise FSCSError(f"'{path}' is an fscs checkpoint ({ckpt['format']}), not the authors' CST "
+                            "release; evaluate an fscs train run with --run-dir RUN")
         sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(sd, dict):
             raise FSCSError(f"'{path}' holds no state_dict; pass a CST Lightning checkpoint (.ckpt)")

@@ -115,6 +115,11 @@ def test_yaml_that_is_not_utf8_is_one_line_error(tmp_path):
     ("model.image_size=0", "'model.image_size' is 0; it must be >= 16"),
     ("train.seed=-1", "'train.seed' is -1; it must be >= 0"),
     ("data.shot=200", "'data.buffer_per_class' is 64; it must exceed data.shot (200)"),
+    ("bench.settings=[1w1s,2w1s,1W1S]", "'bench.settings' lists 1W1S twice"),  # ran the evaluation twice
+    ("name=../../elsewhere", "'name' is '../../elsewhere'; a run name is one folder under out_dir"),
+    ("name=a/b", "'name' is 'a/b'"),
+    ("model.mask_threshold=1.5", "'model.mask_threshold' is 1.5"),
+    ("train.image_every=-1", "'train.image_every' is -1; it must be >= 0"),
 ])
 def test_train_and_data_keys_are_validated(override, needle):
     with pytest.raises(FSCSError, match=re.escape(needle)):

@@ -348,3 +348,22 @@ def test_train_refuses_to_overwrite_a_pretraining_runs_checkpoint(shard_dir, tmp
         Trainer(cfg, DistEnv()).fit()
     assert (run / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+
+
+def test_an_unreadable_resumable_save_names_the_way_out(tmp_path):
+    """'delete it' was the wrong fix for a truncated state/step-*/trainer.pt: the pointer still names that
+    save. The error says how to resume from an older kept save or restart."""
+    from fscs.engine.checkpoint import load_checkpoint
+
+    bad = tmp_path / "run" / "state" / "step-00000008" / TRAINER_FILE
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(FSCSError) as err:
+        load_checkpoint(bad)
+    msg = str(err.value)
+    assert "\n" not in msg and f"older save in {tmp_path / 'run' / 'state' / 'latest'}" in msg
+    assert f"delete {tmp_path / 'run' / 'state'} to restart" in msg
+    other = tmp_path / "checkpoint.pt"
+    other.write_bytes(b"junk")
+    with pytest.raises(FSCSError, match="delete it or pick another run"):
+        load_checkpoint(other)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fscs import FSCSModel
+from fscs.errors import FSCSError
 from fscs.model.cst import _reference_module_map
 
 SIZE = 64
@@ -107,6 +108,10 @@ def test_load_reference_checkpoint(tmp_path):
     model.load_reference_checkpoint(path)
     assert torch.equal(model.head.state_dict()["cls_out.weight"], ref_sd["learner.decoder2_cls.2.weight"])
     assert model.head.cls_out.weight.shape == (2, 64, 1, 1)
+    ours = tmp_path / "checkpoint.pt"  # an fscs train head by mistake: one short line, not 60 key names
+    torch.save({"format": "fscs-checkpoint/1", "engine": {"head": model.head.state_dict()}, "step": 3}, ours)
+    with pytest.raises(FSCSError, match=r"is an fscs checkpoint \(fscs-checkpoint/1\).*--run-dir RUN$"):
+        model.load_reference_checkpoint(ours)
 
 
 def test_encode_once_decode_many_equals_forward(model):
