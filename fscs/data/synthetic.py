@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 DATASET_NAME = "synthetic-5i"
 GENERATOR_VERSION = 1
 MIN_SIZE = 96
+MAX_SIZE = 2048
+"""Larger synthetic images only cost memory (a 100,000 px side was a MemoryError deep in numpy)."""
 NUM_FOLDS = 4
 IGNORE = 255
 # Split of the 5-image blocks of one group, by block index mod 15: 10 trn, 2 val, 3 test, interleaved so
@@ -198,8 +200,9 @@ def generate_sample(index: int, seed: int, size: int, group: int, split: str) ->
     Objects are drawn in order with hard edges; the mask is the final (occlusion-resolved) instance map,
     so every non-boundary pixel's label matches its drawn colour. Each object keeps >= 50 % visible.
     """
-    if size < MIN_SIZE:
-        raise FSCSError(f"synthetic image size {size} < {MIN_SIZE}; pass --size {MIN_SIZE} or more")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise FSCSError(f"synthetic image size {size} is outside {MIN_SIZE}..{MAX_SIZE}; pass --size in that "
+                        "range (128 = the offline default)")
     if not 0 <= group < NUM_FOLDS:
         raise FSCSError(f"synthetic group {group} is not one of 0..{NUM_FOLDS - 1}")
     rng = np.random.default_rng([seed, index])
@@ -262,8 +265,9 @@ def generate_synthetic(seed: int = 0, num_images: int = 6000, size: int = 128, w
     """Yield (sample, split) for images 0..num_images-1 in index order; identical for any `workers`."""
     if num_images < 1:
         raise FSCSError(f"synthetic num_images={num_images}; pass a positive --num-images")
-    if size < MIN_SIZE:
-        raise FSCSError(f"synthetic image size {size} < {MIN_SIZE}; pass --size {MIN_SIZE} or more")
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise FSCSError(f"synthetic image size {size} is outside {MIN_SIZE}..{MAX_SIZE}; pass --size in that "
+                        "range (128 = the offline default)")
     jobs = ((i, seed, size) for i in range(num_images))
     yield from ordered_map(_render, jobs, workers, chunksize=32, what="image generator")
 

@@ -120,6 +120,8 @@ def test_mask_matches_drawn_pixels(samples):
 def test_bad_arguments():
     with pytest.raises(FSCSError, match="size"):
         generate_sample(0, seed=0, size=32, group=0, split="trn")
+    with pytest.raises(FSCSError, match="size 100000 is outside 96..2048"):  # not a MemoryError in numpy
+        next(generate_synthetic(num_images=1, size=100_000, workers=0))
     with pytest.raises(FSCSError, match="group"):
         generate_sample(0, seed=0, size=SIZE, group=4, split="trn")
     with pytest.raises(FSCSError):
