@@ -116,6 +116,10 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
     return out
 
 
+_PANEL_KEYS = frozenset({"file", "classes", "present", "pred_present", "index", "kind", "query"})
+"""What the bench writes for each saved episode panel (results_io.write_result)."""
+
+
 def build_panels(results: Sequence[Result]) -> dict[tuple[str, str], list[Picture]]:
     """Per (dataset, setting): each model's saved episode panels of its lowest fold (first + worst)."""
     out: dict[tuple[str, str], list[Picture]] = {}
@@ -129,7 +133,14 @@ def build_panels(results: Sequence[Result]) -> dict[tuple[str, str], list[Pictur
         done.add((r.data["dataset"], r.setting, r.model_key))
         names = {int(c): str(n) for c, n in (r.data.get("class_names") or {}).items()}
         for p in r.data.get("panels") or []:
-            f = r.path.parent / p["file"]
+            if not isinstance(p, dict) or not _PANEL_KEYS <= p.keys():
+                logger.warning("a panel entry of %s lacks %s; skipped", r.path, sorted(_PANEL_KEYS))
+                continue
+            f = r.path.parent / str(p["file"])
+            if f.suffix != ".png" or not f.resolve().is_relative_to(r.path.parent.resolve()):
+                # a result from elsewhere must not embed an arbitrary file into a report that gets shared
+                logger.warning("panel %s of %s is not a PNG beside its result; skipped", p["file"], r.path)
+                continue
             if not f.is_file():
                 logger.warning("panel %s of %s is missing; skipped", f, r.path)
                 continue

@@ -436,3 +436,24 @@ def test_result_fields_of_the_wrong_type_are_one_line_errors(tmp_path, key, valu
     with pytest.raises(FSCSError, match=re.escape(needle) + ".*rerun the bench or leave the file out") as err:
         write_report([res], tmp_path / "rep", bootstrap=0)
     assert "\n" not in str(err.value)
+
+
+def test_panels_outside_the_results_folder_or_incomplete_are_skipped(tmp_path, caplog):
+    """A result from elsewhere must not embed an arbitrary file (../../secret.txt) into a report that gets
+    shared, and a panel entry without its keys is skipped, not a KeyError."""
+    from fscs.bench.figures import build_panels
+
+    res = tmp_path / "res"
+    res.mkdir()
+    path = _fake_result(res, "weak", 0)
+    (tmp_path / "secret.png").write_bytes(b"not for the report")
+    data = json.loads(path.read_text())
+    good = data["panels"][0]
+    data["panels"] = [good | {"file": "../secret.png"}, good | {"file": "weak_f0_1w1s.json"},
+                      {"file": good["file"]}, good]
+    path.write_text(json.dumps(data))
+    with caplog.at_level("WARNING"):
+        pics = [p for ps in build_panels(collect_results([res])).values() for p in ps]
+    assert len(pics) == 1 and pics[0].png.startswith(b"\x89PNG")
+    assert sum("not a PNG beside its result" in r.getMessage() for r in caplog.records) == 2
+    assert any("lacks" in r.getMessage() for r in caplog.records)
