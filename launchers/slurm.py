@@ -232,8 +232,11 @@ def submit(argv: Sequence[str], settings: dict[str, Any], folder: str | os.PathL
         cloudpickle.register_pickle_by_value(sys.modules[FscsTask.__module__])
     except (ImportError, ValueError, KeyError):
         pass
+    # submitit refuses a requeue after its own count of timeouts (max_num_timeout, default 3) whatever
+    # FscsTask.checkpoint() says: both limits are --max-requeues
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster,
-                                     slurm_python=python or shlex.quote(sys.executable))
+                                     slurm_python=python or shlex.quote(sys.executable),
+                                     slurm_max_num_timeout=int(settings["max_requeues"]))
     executor.update_parameters(**executor_parameters(settings, name))
     task = FscsTask(argv, settings["max_requeues"], default_result_file(argv))
     return executor.submit(task)

@@ -181,3 +181,29 @@ def test_a_refused_submission_is_one_line(slurm_launcher, monkeypatch, capsys):
         assert slurm_launcher.main(["--nodes", "1", "--partition", "nope", "--", "train", "name=z"]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "invalid partition specified: nope" in err and "check --partition" in err
+
+
+def test_max_requeues_also_bounds_submitits_timeout_count(slurm_launcher, monkeypatch, tmp_path):
+    """submitit ends a job after max_num_timeout (its default: 3) timeouts even when FscsTask.checkpoint()
+    would requeue it: --max-requeues 5 must reach the executor too (seen on a real cluster: the 4th
+    time-limit signal ended the job with "timed-out too many times")."""
+    import submitit
+
+    made = {}
+
+    class FakeExecutor:
+        def __init__(self, **kwargs):
+            made["init"] = kwargs
+
+        def update_parameters(self, **kwargs):
+            made["params"] = kwargs
+
+        def submit(self, task):
+            made["task"] = task
+            return "job"
+
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    settings = slurm_launcher.merge_settings(slurm_launcher.load_preset("example"), {"max_requeues": None})
+    assert slurm_launcher.submit(["bench", "--run-dir", "x"], settings, tmp_path, cluster="slurm") == "job"
+    assert made["task"].max_requeues == settings["max_requeues"] == 5
+    assert made["init"]["slurm_max_num_timeout"] == 5
