@@ -70,7 +70,28 @@ def merge_settings(preset: dict[str, Any] | None, cli: dict[str, Any]) -> dict[s
     settings.update({k: v for k, v in cli.items() if v is not None})
     if settings.get("tasks_per_node") is None:  # one process per GPU, or one CPU process
         settings["tasks_per_node"] = max(1, int(settings.get("gpus_per_node") or 0))
+    check_settings(settings)
     return settings
+
+
+MINIMUM = {"nodes": 1, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 1, "mem_gb": 0,
+           "time_min": 1, "max_requeues": 0, "signal_delay_s": 0}
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """One-line errors for values sbatch would refuse, misread (--nodes=-1 submits a job submitit then cannot
+    follow) or turn into a job that is signalled as soon as it starts."""
+    for key, low in MINIMUM.items():
+        value = settings.get(key)
+        if value is None and key in ("mem_gb", "gpus_per_node"):  # null in a preset: not passed
+            continue
+        flag = "--" + ("time" if key == "time_min" else key.replace("_", "-"))
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            _fail(f"{flag} (preset key {key}) must be an integer >= {low}, got {value!r}")
+    if settings["signal_delay_s"] >= 60 * settings["time_min"]:
+        _fail(f"--signal-delay-s {settings['signal_delay_s']} is not shorter than --time "
+              f"{settings['time_min']} min: SLURM would send the checkpoint signal as soon as the job "
+              "starts; raise --time or lower --signal-delay-s (one step plus a save)")
 
 
 def executor_parameters(settings: dict[str, Any], name: str = "fscs") -> dict[str, Any]:

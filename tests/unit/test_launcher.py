@@ -207,3 +207,35 @@ def test_max_requeues_also_bounds_submitits_timeout_count(slurm_launcher, monkey
     assert slurm_launcher.submit(["bench", "--run-dir", "x"], settings, tmp_path, cluster="slurm") == "job"
     assert made["task"].max_requeues == settings["max_requeues"] == 5
     assert made["init"]["slurm_max_num_timeout"] == 5
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--nodes", "-1"], "--nodes (preset key nodes) must be an integer >= 1, got -1"),
+    (["--nodes", "0"], "--nodes (preset key nodes) must be an integer >= 1, got 0"),
+    (["--gpus-per-node", "-2"], "--gpus-per-node (preset key gpus_per_node) must be an integer >= 0"),
+    (["--tasks-per-node", "0"], "--tasks-per-node (preset key tasks_per_node) must be an integer >= 1"),
+    (["--time", "0"], "--time (preset key time_min) must be an integer >= 1, got 0"),
+    (["--max-requeues", "-1"], "--max-requeues (preset key max_requeues) must be an integer >= 0"),
+    (["--time", "1"], "--signal-delay-s 120 is not shorter than --time 1 min"),
+])
+def test_bad_resource_values_are_one_line_errors_before_sbatch(slurm_launcher, monkeypatch, capsys, flags,
+                                                               says):
+    """sbatch accepts --nodes=-1 (the job runs; submitit then fails to follow it with an IndexError traceback,
+    leaving a job the user never saw the id of), and a signal delay as long as the time limit signals the job
+    as soon as it starts (each start burns a requeue): both are refused before anything is submitted."""
+    def no_submit(*args, **kwargs):
+        raise AssertionError("submitted")
+
+    monkeypatch.setattr(slurm_launcher, "submit", no_submit)
+    assert slurm_launcher.main([*flags, "--", "bench", "--run-dir", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and says in err, err
+
+
+def test_preset_values_are_checked_too(slurm_launcher, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("nodes: two\nmem_gb: null\n")
+    with pytest.raises(FSCSError, match="--nodes .preset key nodes. must be an integer >= 1, got 'two'"):
+        slurm_launcher.merge_settings(slurm_launcher.load_preset(preset), {})
+    preset.write_text("gpus_per_node: null\nmem_gb: null\n")  # null = not passed to sbatch
+    assert slurm_launcher.merge_settings(slurm_launcher.load_preset(preset), {})["tasks_per_node"] == 1
