@@ -320,8 +320,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted job {job.job_id}: {settings['nodes']} node(s) x {settings['tasks_per_node']} task(s); "
           f"logs in {job.paths.folder}")
     if args.wait:
-        print(job.results()[0])
+        from submitit.core.utils import UncompletedJobError
+
+        try:
+            print(job.results()[0])
+        except UncompletedJobError:  # FailedJobError too: a task raised, or the job ended without a result
+            print(f"launchers/slurm.py: error: job {job.job_id} ended without a result: "
+                  f"{failure_line(job.stderr() or '')}; logs in {job.paths.folder}", file=sys.stderr)
+            return 1
     return 0
+
+
+FSCS_ERROR = re.compile(r"^(?:\[rank\d+\]: )?(fscs [a-z]+: error: .*)$", re.MULTILINE)
+
+
+def failure_line(log: str) -> str:
+    """Why a job failed, from its tasks' stderr: fscs' own one-line error, else the last exception line."""
+    found = FSCS_ERROR.findall(log)
+    if found:
+        return found[-1].strip()
+    lines = [ln.strip() for ln in log.splitlines()
+             if re.match(r"(\[rank\d+\]: )?[\w.]+(Error|Exception|Interrupt)\b", ln.strip())]
+    return lines[-1] if lines else "no error message in the job's stderr (see its logs)"
 
 
 REEXEC_FLAG = "FSCS_LAUNCHER_REEXEC"

@@ -239,3 +239,35 @@ def test_preset_values_are_checked_too(slurm_launcher, tmp_path):
         slurm_launcher.merge_settings(slurm_launcher.load_preset(preset), {})
     preset.write_text("gpus_per_node: null\nmem_gb: null\n")  # null = not passed to sbatch
     assert slurm_launcher.merge_settings(slurm_launcher.load_preset(preset), {})["tasks_per_node"] == 1
+
+
+def test_wait_on_a_failed_job_is_one_line_with_fscs_error(slurm_launcher, monkeypatch, capsys, tmp_path):
+    """--wait on a job whose `fscs train` stopped with a config error: the launcher printed submitit's
+    36-line traceback ending in "exited with code 2 (see this task's stderr)"; now one line carrying the
+    task's own error and where the logs are."""
+    from submitit.core.utils import FailedJobError
+
+    log = ("12:00:00 [r0] fscs.distributed: process group up: rank 0/2 (gloo, torchrun)\n"
+           "fscs train: error: data/x/index.json: no shard index; create the shards first\n"
+           "[rank0]: Traceback (most recent call last):\n"
+           "[rank0]: RuntimeError: fscs train data.shards=data/x exited with code 2 (see this task's "
+           "stderr)\n")
+
+    class FailedJob:
+        job_id = "77"
+        paths = type("Paths", (), {"folder": tmp_path})()
+
+        def results(self):
+            raise FailedJobError("Job (task=0) failed during processing with trace: ...")
+
+        def stderr(self):
+            return log
+
+    monkeypatch.setattr(slurm_launcher, "submit", lambda *args, **kwargs: FailedJob())
+    assert slurm_launcher.main(["--wait", "--", "train", "data.shards=data/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err == ("launchers/slurm.py: error: job 77 ended without a result: fscs train: error: "
+                   f"data/x/index.json: no shard index; create the shards first; logs in {tmp_path}")
+    assert slurm_launcher.failure_line("[rank0]: submitit.core.utils.UncompletedJobError: Job not requeued "
+                                       "because: timed-out too many times.\n").endswith("too many times.")
