@@ -18,6 +18,8 @@ at the next step boundary and then waits for SLURM to end or requeue the job; wh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import re
@@ -260,7 +262,11 @@ def submit(argv: Sequence[str], settings: dict[str, Any], folder: str | os.PathL
                                      slurm_max_num_timeout=int(settings["max_requeues"]))
     executor.update_parameters(**executor_parameters(settings, name))
     task = FscsTask(argv, settings["max_requeues"], default_result_file(argv))
-    return executor.submit(task)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):  # submitit prints a refusing sbatch's stderr before raising it
+        job = executor.submit(task)
+    sys.stderr.write(said.getvalue())  # the refusal itself is main()'s one line, from the exception
+    return job
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -271,3 +271,24 @@ def test_wait_on_a_failed_job_is_one_line_with_fscs_error(slurm_launcher, monkey
                    f"data/x/index.json: no shard index; create the shards first; logs in {tmp_path}")
     assert slurm_launcher.failure_line("[rank0]: submitit.core.utils.UncompletedJobError: Job not requeued "
                                        "because: timed-out too many times.\n").endswith("too many times.")
+
+
+def test_a_real_refusing_sbatch_is_said_once(slurm_launcher, monkeypatch, capsys, tmp_path):
+    """submitit prints a failing sbatch's stderr itself before raising FailedJobError: the user saw sbatch's
+    lines, then the launcher's line repeating them. Here a stand-in sbatch (and srun, which submitit needs to
+    pick SLURM) refuses the job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\n"
+                                    "echo 'sbatch: error: Batch job submission failed' >&2\nexit 1\n")
+    for tool in ("srun", "sbatch"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / "jobs"
+    assert slurm_launcher.main(["--partition", "nope", "--folder", str(folder), "--", "bench", "--run-dir",
+                                "x"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err, err
+    assert "invalid partition specified: nope" in err and "check --partition" in err
