@@ -128,6 +128,32 @@ def node_address(host: str, lookup: Callable[[str], str | None] | None = None) -
     return addr or host
 
 
+def preemption_grace_s(lookup: Callable[[], str | None] | None = None) -> float:
+    """Seconds until a preempted job's EndTime (SLURM moves it to now + GraceTime and sets PreemptTime);
+    0 when the job is not being preempted or scontrol does not answer."""
+    from datetime import datetime
+
+    out = (lookup or _scontrol_this_job)() or ""
+    preempt, end = re.search(r"\bPreemptTime=(\S+)", out), re.search(r"\bEndTime=(\S+)", out)
+    if not preempt or not end or preempt.group(1) in ("None", "Unknown"):
+        return 0.0
+    try:
+        return max(0.0, (datetime.fromisoformat(end.group(1)) - datetime.now()).total_seconds())
+    except ValueError:
+        return 0.0
+
+
+def _scontrol_this_job() -> str | None:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        return subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _scontrol_node_addr(host: str) -> str | None:
     try:
         out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
@@ -207,11 +233,17 @@ class FscsTask:
         self._wait_for_slurm("preempted: checkpoint written; waiting for rank 0's requeue")
 
     @staticmethod
-    def _wait_for_slurm(reason: str, seconds: float = 120.0) -> None:
-        logger.warning(reason)
-        deadline = time.monotonic() + seconds
+    def _wait_for_slurm(reason: str, seconds: float = 120.0,
+                        lookup: Callable[[], str | None] | None = None) -> None:
+        """Wait for SLURM to kill this task (KillWait after a requeue/scancel; a preempted job's GraceTime,
+        which can be longer than `seconds`: leaving early would end the job FAILED instead of requeued)."""
+        grace = preemption_grace_s(lookup)
+        logger.warning("%s%s", reason, f" (preempted: {grace:.0f} s of GraceTime left)" if grace else "")
+        deadline = time.monotonic() + seconds + grace
         while time.monotonic() < deadline:
             time.sleep(1.0)
+        logger.error("SLURM neither ended nor requeued the job within %.0f s of the signal: this task stops "
+                     "(exit 1) at its checkpoint; submit the same command again to resume", seconds + grace)
         raise SystemExit(1)  # never a result pickle: the job is ending or being requeued
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

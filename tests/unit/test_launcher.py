@@ -292,3 +292,34 @@ def test_a_real_refusing_sbatch_is_said_once(slurm_launcher, monkeypatch, capsys
     err = captured.err.strip()
     assert "\n" not in err, err
     assert "invalid partition specified: nope" in err and "check --partition" in err
+
+
+def _scontrol_job(end: str, preempt: str) -> str:
+    return ("JobId=4 JobName=fscs JobState=RUNNING Reason=None TimeLimit=00:30:00 "
+            f"StartTime=2026-11-27T13:37:53 EndTime={end} Deadline=N/A "
+            f"PreemptEligibleTime=2026-11-27T13:37:53 PreemptTime={preempt} SuspendTime=None\n")
+
+
+def test_a_preempted_task_waits_out_the_grace_time(slurm_launcher, monkeypatch):
+    """SLURM preemption (PreemptMode=REQUEUE, GraceTime=150) sends SIGTERM and kills + requeues the job
+    GraceTime later. The tasks used to give up after a fixed 120 s and exit 1, so the job ended FAILED and was
+    never requeued (seen on the private cluster); now they wait for the job's new EndTime."""
+    from datetime import datetime, timedelta
+
+    now = datetime.now().replace(microsecond=0)
+    end = (now + timedelta(seconds=150)).isoformat()
+    preempted = _scontrol_job(end, now.isoformat())
+    assert 140 <= slurm_launcher.preemption_grace_s(lambda: preempted) <= 151
+    assert slurm_launcher.preemption_grace_s(lambda: _scontrol_job(end, "None")) == 0  # requeue, scancel
+    assert slurm_launcher.preemption_grace_s(lambda: None) == 0  # scontrol did not answer
+
+    clock = [0.0]  # a fake clock: no real waiting
+    monkeypatch.setattr(slurm_launcher.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm_launcher.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    with pytest.raises(SystemExit):
+        slurm_launcher.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: preempted)
+    assert clock[0] >= 120 + 140  # the usual wait plus the grace time
+    clock[0] = 0.0
+    with pytest.raises(SystemExit):
+        slurm_launcher.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: None)
+    assert 120 <= clock[0] < 125
