@@ -98,11 +98,12 @@ class CheckpointRequests:
     def poll(self, device: torch.device | None = None, diverged: bool = False) -> Decision:
         """Collective (call on every rank at the same step): a request on any rank is a request on all, and so
         is `diverged` (this rank's loss is not finite), so that all ranks stop at the same step."""
-        flags = torch.tensor([int(self._save), int(self._stop), int(diverged)], dtype=torch.int64,
-                             device=device)
+        # consume the save request before the collective: a SIGUSR1 handled while this rank waits in the
+        # all-reduce stays set for the next poll instead of being cleared unseen
+        save, self._save = self._save, False
+        flags = torch.tensor([int(save), int(self._stop), int(diverged)], dtype=torch.int64, device=device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self._save = False
         save, stop = int(flags[0]), int(flags[1])
         return Decision(save=bool(save or stop), stop=bool(stop), signum=stop, diverged=bool(flags[2]))
 

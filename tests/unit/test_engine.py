@@ -133,6 +133,24 @@ def test_ctrl_c_checkpoints_and_stops_and_a_second_one_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_save_request_arriving_during_the_collective_is_not_lost(monkeypatch):
+    """poll() read the flag, all-reduced it, then cleared it: a SIGUSR1 whose handler ran during the
+    all-reduce (where a rank waiting for a slower peer spends most of a poll) was cleared unseen. Seen under
+    SLURM: `scancel --signal=USR1` on a 2-task job wrote no checkpoint and logged nothing."""
+    import torch.distributed as dist
+
+    def all_reduce(flags, op=None):  # the signal lands while this rank waits in the collective
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with CheckpointRequests() as req:
+        req.poll()
+        monkeypatch.setattr(dist, "all_reduce", lambda flags, op=None: None)
+        assert req.poll().save  # acted on at the next step boundary
+
+
 def test_store_publishes_atomically_and_prunes(tmp_path):
     store = CheckpointStore(tmp_path, DistEnv(), keep=2)
     assert store.latest() is None
