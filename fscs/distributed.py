@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -86,11 +86,38 @@ def resolve_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv()
 
 
+def node_address(host: str, lookup: Callable[[str], str | None] | None = None) -> str:
+    """An address for `host` (a SLURM node name): the name when DNS resolves it, else the node's NodeAddr."""
+    import socket
+
+    try:
+        socket.gethostbyname(host)
+        return host
+    except OSError:
+        pass
+    return (lookup or _scontrol_node_addr)(host) or host
+
+
+def _scontrol_node_addr(host: str) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    return match.group(1) if match else None
+
+
 def init(env: DistEnv, backend: str | None = None) -> None:
     """Start the process group (gloo on CPU, nccl on CUDA) when the job has several processes."""
     if not env.distributed or dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if env.source == "slurm" and "MASTER_ADDR" not in os.environ:
+        # a node name outside DNS (NodeAddr= in slurm.conf) would leave every rank retrying it for 30 min
+        os.environ["MASTER_ADDR"] = node_address(env.master_addr)
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     if torch.cuda.is_available():

@@ -117,15 +117,9 @@ def executor_parameters(settings: dict[str, Any], name: str = "fscs") -> dict[st
 
 def node_address(host: str, lookup: Callable[[str], str | None] | None = None) -> str:
     """An address for `host` (a SLURM node name): DNS when it resolves, else the node's NodeAddr."""
-    import socket
+    from fscs.distributed import node_address as resolve
 
-    try:
-        socket.gethostbyname(host)
-        return host
-    except OSError:
-        pass
-    addr = (lookup or _scontrol_node_addr)(host)
-    return addr or host
+    return resolve(host, lookup)
 
 
 def preemption_grace_s(lookup: Callable[[], str | None] | None = None) -> float:
@@ -152,16 +146,6 @@ def _scontrol_this_job() -> str | None:
                               timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _scontrol_node_addr(host: str) -> str | None:
-    try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", host], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"\bNodeAddr=(\S+)", out)
-    return match.group(1) if match else None
 
 
 def distributed_env(lookup: Callable[[str], str | None] | None = None) -> dict[str, str]:

@@ -46,3 +46,51 @@ def test_first_slurm_host():
     assert first_slurm_host("node1") == "node1"
     assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
     assert first_slurm_host("a[7,9]") == "a7"
+
+
+RANK_SCRIPT = """
+import torch
+from fscs import distributed
+env = distributed.resolve_env()
+distributed.init(env)
+t = torch.ones(1)
+distributed.all_reduce_sum(t)
+print(env.source, env.rank, int(t.item()), flush=True)
+distributed.finish(0)
+"""
+
+
+def test_srun_ranks_meet_on_a_node_name_outside_dns(tmp_path):
+    """`srun -n 2 fscs train` on a cluster whose node names are not in DNS (NodeAddr= in slurm.conf, as in
+    the private test cluster): the ranks retried the unresolvable first node name for torch's 30-minute
+    store timeout. They now use the node's NodeAddr from `scontrol show node` (a stand-in here)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/bin/sh\n"
+                        "echo 'NodeName=n1.invalid Arch=x86_64 NodeAddr=127.0.0.1 NodeHostName=n1'\n")
+    scontrol.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    base.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_NTASKS="2",
+                SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="n1.invalid", SLURM_STEP_TASKS_PER_NODE="2",
+                MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
+             for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert sorted(out.split() for out, _ in outs) == [["slurm", "0", "2"], ["slurm", "1", "2"]]
