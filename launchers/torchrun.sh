@@ -6,6 +6,11 @@
 set -euo pipefail
 NPROC=${1:?usage: launchers/torchrun.sh NPROC fscs-subcommand [args...]}
 shift
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "launchers/torchrun.sh: NPROC must be a number of processes >= 1, got '$NPROC'" \
+       "(usage: launchers/torchrun.sh NPROC fscs-subcommand [args...])" >&2
+  exit 2
+fi
 # Python: $PYTHON, else this checkout's .venv (what `make demo` / `make test` build), else python on PATH.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"

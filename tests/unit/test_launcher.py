@@ -130,6 +130,20 @@ def test_torchrun_sh_names_the_fix_when_python_lacks_torch(tmp_path):
     assert "cannot import torch and fscs" in proc.stderr and "set PYTHON" in proc.stderr
 
 
+@pytest.mark.parametrize("nproc", ["0", "-1", "abc", "2x"])
+def test_torchrun_sh_bad_process_count_is_one_line(tmp_path, nproc):
+    """0 and -1 ended in torchrun's bare AssertionError traceback, 2x in a ValueError traceback, abc in a
+    bash 'unbound variable' message."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHON"] = sys.executable
+    proc = _torchrun_sh([nproc, "train", "name=x"], env, str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    said = f"NPROC must be a number of processes >= 1, got '{nproc}'"
+    assert proc.stderr.strip().count("\n") == 0 and said in proc.stderr, proc.stderr[-2000:]
+
+
 SLURM_PY = os.path.join(os.path.dirname(__file__), "..", "..", "launchers", "slurm.py")
 BARE_PYTHON = "/usr/bin/python3"
 
