@@ -70,6 +70,8 @@ def merge_settings(preset: dict[str, Any] | None, cli: dict[str, Any]) -> dict[s
     """Defaults <- preset <- command line (None on the command line = not given)."""
     settings = {**DEFAULTS, **(preset or {})}
     settings.update({k: v for k, v in cli.items() if v is not None})
+    if cli.get("gpus_per_node") is not None and cli.get("tasks_per_node") is None:
+        settings["tasks_per_node"] = None  # a preset's tasks_per_node went with the preset's GPU count
     if settings.get("tasks_per_node") is None:  # one process per GPU, or one CPU process
         settings["tasks_per_node"] = max(1, int(settings.get("gpus_per_node") or 0))
     check_settings(settings)
@@ -90,6 +92,10 @@ def check_settings(settings: dict[str, Any]) -> None:
         flag = "--" + ("time" if key == "time_min" else key.replace("_", "-"))
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             _fail(f"{flag} (preset key {key}) must be an integer >= {low}, got {value!r}")
+    gpus, tasks = settings.get("gpus_per_node") or 0, settings["tasks_per_node"]
+    if gpus and tasks > gpus:
+        _fail(f"--tasks-per-node {tasks} is more than --gpus-per-node {gpus}: each task uses the GPU of its "
+              "local rank (cuda:LOCAL_RANK); give at most one task per GPU")
     if settings["signal_delay_s"] >= 60 * settings["time_min"]:
         _fail(f"--signal-delay-s {settings['signal_delay_s']} is not shorter than --time "
               f"{settings['time_min']} min: SLURM would send the checkpoint signal as soon as the job "

@@ -77,6 +77,20 @@ def test_preset_then_command_line(slurm_launcher, tmp_path):
         slurm_launcher.load_preset("nosuchcluster")
 
 
+def test_gpus_on_the_command_line_set_the_tasks_a_preset_fixed(slurm_launcher):
+    """`--preset example --gpus-per-node 4` kept the preset's tasks_per_node 8: 8 tasks on 4 GPUs, and
+    tasks 4-7 asked for cuda:4..7. Tasks now follow the command line's GPU count unless --tasks-per-node
+    is given, and more tasks than GPUs is a one-line error."""
+    example = slurm_launcher.load_preset("example")
+    settings = slurm_launcher.merge_settings(example, {"gpus_per_node": 4, "tasks_per_node": None})
+    assert (settings["gpus_per_node"], settings["tasks_per_node"]) == (4, 4)
+    fewer = slurm_launcher.merge_settings(example, {"gpus_per_node": 8, "tasks_per_node": 2})
+    assert fewer["tasks_per_node"] == 2
+    with pytest.raises(FSCSError, match="--tasks-per-node 8 is more than --gpus-per-node 4"):
+        slurm_launcher.merge_settings(example, {"gpus_per_node": 4, "tasks_per_node": 8})
+    assert slurm_launcher.merge_settings(slurm_launcher.load_preset("cpu"), {})["tasks_per_node"] == 2  # CPU
+
+
 def test_requeue_is_bounded_and_logged(slurm_launcher, monkeypatch, caplog):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     task = slurm_launcher.FscsTask(["train", "name=x"], max_requeues=2)
