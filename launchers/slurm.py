@@ -113,9 +113,12 @@ def executor_parameters(settings: dict[str, Any], name: str = "fscs") -> dict[st
         params["gpus_per_node"] = int(settings["gpus_per_node"])
     if settings.get("mem_gb"):
         params["mem_gb"] = int(settings["mem_gb"])
-    for key in ("partition", "account", "qos", "constraint", "setup", "srun_args"):
+    for key in ("partition", "account", "qos", "constraint", "setup"):
         if settings.get(key):
             params[f"slurm_{key}"] = settings[key]
+    # a task that fails (e.g. rank 0 cannot open the rendezvous port) ends the step: without this srun waits
+    # for the other ranks, which wait for rank 0 until torch's 30-minute timeout or the job's time limit
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1", *(settings.get("srun_args") or [])]
     if settings.get("additional"):
         params["slurm_additional_parameters"] = dict(settings["additional"])
     return params

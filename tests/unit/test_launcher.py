@@ -91,6 +91,16 @@ def test_gpus_on_the_command_line_set_the_tasks_a_preset_fixed(slurm_launcher):
     assert slurm_launcher.merge_settings(slurm_launcher.load_preset("cpu"), {})["tasks_per_node"] == 2  # CPU
 
 
+def test_a_failed_task_ends_the_step(slurm_launcher):
+    """Rank 0 failing at startup (its rendezvous port taken: EADDRINUSE, seen on the private cluster) left
+    rank 1 waiting for it in srun until torch's 30-minute store timeout: srun must kill the other tasks."""
+    params = slurm_launcher.executor_parameters(slurm_launcher.merge_settings(None, {}))
+    assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    preset = slurm_launcher.merge_settings({"srun_args": ["--cpu-bind=cores"]}, {})
+    assert slurm_launcher.executor_parameters(preset)["slurm_srun_args"] == ["--kill-on-bad-exit=1",
+                                                                               "--cpu-bind=cores"]
+
+
 def test_requeue_is_bounded_and_logged(slurm_launcher, monkeypatch, caplog):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     task = slurm_launcher.FscsTask(["train", "name=x"], max_requeues=2)
