@@ -182,10 +182,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def log_rank() -> int:
+    """This process's rank for log lines: torchrun's RANK or an srun task's SLURM_PROCID (0 elsewhere)."""
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        return 0  # not in a job: no torch import just for logging
+    from fscs.distributed import resolve_env
+
+    try:
+        return resolve_env().rank
+    except (ValueError, AttributeError):  # malformed variables: the job's set-up reports them properly
+        return 0
+
+
 def _setup_logging(verbose: bool) -> None:
-    rank = os.environ.get("RANK", "0")
+    """INFO on rank 0, WARNING elsewhere; each line names its rank."""
+    rank = log_rank()
     logging.basicConfig(
-        level=logging.DEBUG if verbose else (logging.INFO if rank == "0" else logging.WARNING),
+        level=logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING),
         format=f"%(asctime)s [r{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     for noisy in ("DeepSpeed", "torch.distributed", "urllib3", "PIL", "matplotlib"):

@@ -94,3 +94,20 @@ def test_srun_ranks_meet_on_a_node_name_outside_dns(tmp_path):
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
     assert sorted(out.split() for out, _ in outs) == [["slurm", "0", "2"], ["slurm", "1", "2"]]
+
+
+def test_log_lines_name_the_srun_task(monkeypatch):
+    """Under a plain `srun -n 2 python -m fscs train`, every task logged as [r0] at INFO (only RANK was read):
+    duplicated lines. The rank now comes from the same place the process group's does."""
+    from fscs.cli import log_rank
+
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert log_rank() == 0
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert log_rank() == 0  # a batch script's own process: not a task of an srun step
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert log_rank() == 1
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert log_rank() == 3
