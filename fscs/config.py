@@ -258,7 +258,7 @@ def _validate(cfg: RunConfig) -> None:
         raise FSCSError("config key 'bench.settings' is empty; list at least one setting, e.g. "
                         "bench.settings=[1w1s,2w1s]")
     parsed = [parse_setting(s) for s in b.settings]
-    twice = next((s for i, s in enumerate(b.settings) if parse_setting(s) in parsed[:i]), None)
+    twice = next((s for i, s in enumerate(b.settings) if parsed[i] in parsed[:i]), None)
     if twice is not None:
         raise FSCSError(f"config key 'bench.settings' lists {twice} twice; list each setting once")
     if not cfg.name or cfg.name in (".", "..") or any(c in cfg.name for c in "/\\"):
@@ -274,7 +274,11 @@ def _validate(cfg: RunConfig) -> None:
                               ("bench.bootstrap", b.bootstrap, 0), ("bench.seed", b.seed, 0),
                               ("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
                               ("model.image_size", cfg.model.image_size, 16),
-                              ("train.epochs", cfg.train.epochs, 1), ("train.seed", cfg.train.seed, 0)):
+                              ("train.epochs", cfg.train.epochs, 1), ("train.seed", cfg.train.seed, 0),
+                              ("train.grad_accum", cfg.train.grad_accum, 1),
+                              ("train.steps_per_epoch", cfg.train.steps_per_epoch, 1),
+                              ("train.keep_checkpoints", cfg.train.keep_checkpoints, 1),
+                              ("train.log_every", cfg.train.log_every, 1)):
         if value < least:
             raise FSCSError(f"config key '{key}' is {value}; it must be >= {least}")
     if d.buffer_per_class <= d.shot:
@@ -284,10 +288,6 @@ def _validate(cfg: RunConfig) -> None:
         raise FSCSError(f"config keys 'train.lr' ({cfg.train.lr}) must be > 0, 'train.weight_decay' "
                         f"({cfg.train.weight_decay}) and 'train.cls_weight' ({cfg.train.cls_weight}) >= 0")
     t = cfg.train
-    for key, value in (("grad_accum", t.grad_accum), ("steps_per_epoch", t.steps_per_epoch),
-                       ("keep_checkpoints", t.keep_checkpoints), ("log_every", t.log_every)):
-        if value < 1:
-            raise FSCSError(f"config key 'train.{key}' is {value}; it must be >= 1")
     for key, value in (("save_every", t.save_every), ("stop_after_steps", t.stop_after_steps),
                        ("val_episodes", t.val_episodes), ("warmup_steps", t.warmup_steps),
                        ("image_every", t.image_every)):

@@ -136,18 +136,10 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
     if out.optim.precision not in ("fp32", "bf16"):
         raise FSCSError(f"pretrain config key 'optim.precision' is '{out.optim.precision}'; use fp32 or bf16")
     check_finite(out, "pretrain config")
-    for key, value, least in (("log_every", out.log_every, 1), ("ckpt_every", out.ckpt_every, 1),
-                              ("optim.steps", out.optim.steps, 1), ("optim.batch_size", out.optim.batch_size, 1),
-                              ("optim.seed", out.optim.seed, 0), ("model.image_size", out.model.image_size, 16),
-                              ("optim.warmup_steps", out.optim.warmup_steps, 0)):
-        if value < least:  # a numpy/torch traceback mid-set-up otherwise (seed < 0, an empty batch)
-            raise FSCSError(f"pretrain config key '{key}' is {value}; it must be >= {least}")
-    if not out.optim.lr > 0:
-        raise FSCSError(f"pretrain config key 'optim.lr' is {out.optim.lr}; it must be > 0")
+    _check_values(out)
     if out.dino.weight <= 0 and out.labels.fold is None:
         raise FSCSError("pretrain config: dino.weight is 0 and labels.fold is null, so nothing is learned; "
                         "set dino.weight > 0 or labels.fold")
-    _check_values(out)
     if out.export is not None and (not out.export.endswith(".safetensors") or Path(out.export).is_dir()):
         raise FSCSError(f"pretrain config key 'export' is '{out.export}'; name a .safetensors file (the loaders "
                         "read .safetensors by its suffix), e.g. export=backbones/mine.safetensors")
@@ -165,13 +157,15 @@ def _check_values(cfg: PretrainConfig) -> None:
         if not ok:
             raise FSCSError(f"pretrain config key '{key}' is {value}; {rule}")
 
+    for key, value, least in (("log_every", cfg.log_every, 1), ("ckpt_every", cfg.ckpt_every, 1),
+                              ("optim.steps", o.steps, 1), ("optim.batch_size", o.batch_size, 1),
+                              ("optim.seed", o.seed, 0), ("model.image_size", cfg.model.image_size, 16)):
+        need(key, value, value >= least, f"it must be >= {least}")  # else a numpy/torch traceback mid-set-up
     patch = get_spec(cfg.model.backbone).patch_size
     need("model.image_size", cfg.model.image_size, cfg.model.image_size > 0 and cfg.model.image_size % patch == 0,
          f"it must be a positive multiple of the patch size {patch} of {cfg.model.backbone}")
     need("data.load_size", cfg.data.load_size, cfg.data.load_size >= 0, "it must be >= 0 (0 = keep the stored size)")
     need("model.drop_path", cfg.model.drop_path, 0 <= cfg.model.drop_path < 1, "it must be in [0, 1)")
-    for key, value in (("optim.steps", o.steps), ("optim.batch_size", o.batch_size)):
-        need(key, value, value >= 1, "it must be >= 1")
     for key, value in (("optim.warmup_steps", o.warmup_steps), ("optim.min_lr", o.min_lr),
                        ("optim.weight_decay", o.weight_decay), ("optim.weight_decay_end", o.weight_decay_end),
                        ("optim.clip_grad", o.clip_grad), ("data.max_images", cfg.data.max_images),
