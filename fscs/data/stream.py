@@ -51,11 +51,15 @@ class _StreamGuard(CorruptShardLog):
             self.count += 1
         if url is not None:
             self.bad.add(url)
+        self._failed_in_a_row(str(exn))
+        return True
+
+    def _failed_in_a_row(self, last: str) -> None:
+        """Count one more failed read in a row; too many (every shard bad) is an FSCSError, not a spin."""
         self.in_a_row += 1
         if self.in_a_row >= self.limit:
-            raise FSCSError(f"{self.where}: {self.in_a_row} shard reads failed in a row (last: {exn}); "
+            raise FSCSError(f"{self.where}: {self.in_a_row} shard reads failed in a row (last: {last}); "
                             "regenerate the shards")
-        return True
 
     def bad_sample(self, url: str, key: str, exn: BaseException) -> None:
         """One image of an otherwise readable shard failed to decode: warn naming it and skip it alone (the
@@ -64,10 +68,7 @@ class _StreamGuard(CorruptShardLog):
         self.errors.append(f"{url} {key}: {exn}")
         logger.warning("%s: skipping training image %r of %s that cannot be decoded (%s)", self.where, key, url,
                        exn)
-        self.in_a_row += 1
-        if self.in_a_row >= self.limit:
-            raise FSCSError(f"{self.where}: {self.in_a_row} shard reads failed in a row (last: {key} in {url}: "
-                            f"{exn}); regenerate the shards")
+        self._failed_in_a_row(f"{key} in {url}: {exn}")
 
     def drop_bad(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Pipeline stage over {"url"} dicts: skip shards that failed before."""
