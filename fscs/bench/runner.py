@@ -379,6 +379,7 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
     regime = regime or loaded.cfg.train.regime
     if env.is_main:  # before the first episode: an unusable --out must not cost the whole evaluation
         make_output_dir(out_dir, "--out")
+        remove_stale_tmp(out_dir)  # files of a killed earlier attempt
     if save_predictions is not None:  # one run's predictions per folder, and which run made them
         if env.is_main:
             for setting in cfg.bench.settings:
@@ -407,8 +408,6 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
         logger.info("%s %s fold %d %s: %s", loaded.cfg.name, regime, cfg.data.fold, setting,
                     format_metrics(res["metrics"], res["segmentation_episodes"]))
         if env.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            remove_stale_tmp(out_dir)  # files of a killed earlier attempt
             path = out_dir / f"{loaded.cfg.name}_{regime}_fold{cfg.data.fold}_{setting}.json"
             res = write_result(res, path)
         results.append(res)
