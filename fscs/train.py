@@ -22,14 +22,14 @@ from fscs.engine.checkpoint import (ENGINE_DIR, TRAINER_FILE, CheckpointStore, c
 from fscs.errors import FSCSError
 from fscs.losses import CHANCE_CE, at_chance, batch_loss
 from fscs.parallel import end_new_children
-from fscs.run_dir import (BEST, CHECKPOINT, HEAD_FORMAT, SUMMARY, TRAIN_LOG, build_model, check_backbone_identity,
-                          check_backbone_novel_fold, resolve_checkpoint, truncate_train_log)
+from fscs.run_dir import (BEST, CHECKPOINT, HEAD_FORMAT, SUMMARY, TRAIN_LOG, build_model,
+                          check_backbone_identity, check_backbone_novel_fold, resolve_checkpoint,
+                          truncate_train_log)
 from fscs.runtime import resolve_device, resolve_precision, seed_all
 from fscs.signals import CheckpointRequests, Decision, ignore_in_worker
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = HEAD_FORMAT
 STATE_FORMAT = "fscs-train-state/1"
 
 
@@ -124,7 +124,7 @@ class Trainer:
         except FSCSError:
             return  # unreadable: nothing to lose, it is replaced
         fmt = state.get("format") if isinstance(state, dict) else None
-        if fmt != EXPORT_FORMAT:
+        if fmt != HEAD_FORMAT:
             raise FSCSError(f"{path} is not a `fscs train` checkpoint (format {fmt!r}; "
                             f"{'a pretraining run' if str(fmt).startswith('fscs-pretrain') else 'another file'}), "
                             "and training here would overwrite it; pick another name or out_dir")
@@ -136,7 +136,7 @@ class Trainer:
 
     def _export(self, head: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The head file bench/predict load (checkpoint.pt, best.pt): no optimizer, no backbone weights."""
-        return {"format": EXPORT_FORMAT, "engine": {"head": head}, "epoch": self.epoch, "step": self.step,
+        return {"format": HEAD_FORMAT, "engine": {"head": head}, "epoch": self.epoch, "step": self.step,
                 "config": config_to_dict(self.cfg), "backbone": self.model.backbone.identity,
                 "dataset": self.index.dataset, "index_sha256": self.index.sha256, "selection": self.selection}
 
