@@ -124,13 +124,6 @@ def executor_parameters(settings: dict[str, Any], name: str = "fscs") -> dict[st
     return params
 
 
-def node_address(host: str, lookup: Callable[[str], str | None] | None = None) -> str:
-    """An address for `host` (a SLURM node name): DNS when it resolves, else the node's NodeAddr."""
-    from fscs.distributed import node_address as resolve
-
-    return resolve(host, lookup)
-
-
 def preemption_grace_s(lookup: Callable[[], str | None] | None = None) -> float:
     """Seconds until a preempted job's EndTime (SLURM moves it to now + GraceTime and sets PreemptTime);
     0 when the job is not being preempted or scontrol does not answer."""
@@ -162,8 +155,10 @@ def distributed_env(lookup: Callable[[str], str | None] | None = None) -> dict[s
     ranks from the SLURM task variables, MASTER_ADDR = first node of the job, MASTER_PORT from the job id)."""
     from submitit.helpers import TorchDistributedEnvironment
 
+    from fscs.distributed import node_address  # inside the job: fscs imports there
+
     tde = TorchDistributedEnvironment()
-    tde.master_addr = node_address(tde.master_addr, lookup)
+    tde.master_addr = node_address(tde.master_addr, lookup)  # DNS, else the node's NodeAddr
     tde.export(set_cuda_visible_devices=False, overwrite=True)  # fscs maps LOCAL_RANK to cuda:LOCAL_RANK
     return {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                        "MASTER_PORT")}
@@ -328,11 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "partition", "account",
             "qos", "constraint", "time_min", "max_requeues", "signal_delay_s")
     cli = {k: getattr(args, k) for k in keys}
-    from fscs.errors import FSCSError
-
-    import subprocess
-
     from submitit.core.utils import FailedJobError
+
+    from fscs.errors import FSCSError
 
     try:
         settings = merge_settings(load_preset(args.preset) if args.preset else None, cli)
