@@ -3,6 +3,7 @@
 
     python launchers/slurm.py --preset example --nodes 2 --gpus-per-node 4 -- train name=weak
     python launchers/slurm.py --partition gpu --time 240 --gpus-per-node 8 -- bench --run-dir runs/weak
+    python launchers/slurm.py --sweep fold=0,1,2,3 -- train name=weak_f{fold} data.fold={fold}  # array job
 
 One generic task (`FscsTask`) per SLURM task: it exports the torch.distributed variables from submitit's
 `TorchDistributedEnvironment` (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR = first node,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import logging
 import os
 import re
@@ -248,23 +250,90 @@ class FscsTask:
         return DelayedSubmission(FscsTask(self.argv, self.max_requeues, self.result_file, requeues=done + 1))
 
 
+def run_config(argv: Sequence[str]) -> Any:
+    """The validated config of a `train` or `pretrain` command line (what the job will load), else None."""
+    if not argv or argv[0] not in ("train", "pretrain"):
+        return None
+    rest, config = list(argv[1:]), None
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 == len(rest):
+            _fail(f"fscs {argv[0]}: --config needs a YAML file after it")
+        config, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    if argv[0] == "train":
+        from fscs.config import load_config
+
+        return load_config(config, overrides)
+    from fscs.pretrain_config import load_pretrain_config
+
+    return load_pretrain_config(config, overrides)
+
+
 def default_result_file(argv: Sequence[str]) -> str | None:
     """For `train`: the run's train_summary.json (absolute), so the job's result carries the summary."""
     if not argv or argv[0] != "train":
         return None
-    from fscs.config import load_config
-
-    rest, config = list(argv[1:]), None
-    if "--config" in rest:
-        i = rest.index("--config")
-        config, rest = rest[i + 1], rest[:i] + rest[i + 2:]
-    cfg = load_config(config, [a for a in rest if "=" in a and not a.startswith("-")])
-    return str((cfg.run_dir / "train_summary.json").resolve())
+    return str((run_config(argv).run_dir / "train_summary.json").resolve())
 
 
-def submit(argv: Sequence[str], settings: dict[str, Any], folder: str | os.PathLike, name: str = "fscs",
-           cluster: str | None = None, python: str | None = None) -> Any:
-    """Submit one job of `fscs <argv>` (settings as merge_settings returns them); returns the submitit Job."""
+SWEEP = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
+
+
+def expand_sweeps(command: Sequence[str], specs: Sequence[str]) -> list[tuple[dict[str, str], list[str]]]:
+    """One command per combination of the --sweep values: [(values, argv)], in the order of the product
+    (the first --sweep varies slowest). Every `{NAME}` in the command becomes the task's value of NAME.
+
+    `--sweep fold=0,1,2,3 -- train name=weak_f{fold} data.fold={fold}` -> 4 commands. A NAME the command
+    never mentions, an empty or repeated value, or a NAME given twice is a one-line error.
+    """
+    axes: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        match = SWEEP.match(spec)
+        if not match:
+            _fail(f"--sweep {spec!r}: expected NAME=V1,V2,... with NAME a plain word, e.g. "
+                  "--sweep fold=0,1,2,3 and {fold} in the command")
+        name, values = match[1], [v.strip() for v in match[2].split(",")]
+        if not all(values):
+            _fail(f"--sweep {spec}: an empty value; list the values separated by commas, e.g. {name}=0,1,2,3")
+        if len(set(values)) < len(values):
+            _fail(f"--sweep {spec}: a value is listed twice (two tasks would run the same command)")
+        if name in dict(axes):
+            _fail(f"--sweep {name} is given twice; list all its values in one --sweep {name}=...")
+        if not any("{" + name + "}" in arg for arg in command):
+            _fail(f"--sweep {name}: the command has no {{{name}}}, so every task would run the same command; "
+                  f"use it where the value goes, e.g. name=weak_f{{{name}}} data.fold={{{name}}}")
+        axes.append((name, values))
+    tasks = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        chosen = dict(zip((name for name, _ in axes), combo))
+        argv = list(command)
+        for name, value in chosen.items():
+            argv = [arg.replace("{" + name + "}", value) for arg in argv]
+        tasks.append((chosen, argv))
+    return tasks
+
+
+def _label(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
+def check_distinct_outputs(tasks: Sequence[tuple[dict[str, str], list[str]]]) -> None:
+    """Two array tasks of one run directory would overwrite each other's checkpoints: a one-line error
+    naming both (train/pretrain: the resolved run directory; other commands: the whole command line)."""
+    seen: dict[str, dict[str, str]] = {}
+    for values, argv in tasks:
+        cfg = run_config(argv)
+        key = str(cfg.run_dir.resolve()) if cfg is not None else " ".join(argv)
+        if key in seen:
+            what = f"the run directory {key}" if cfg is not None else f"the command `{key}`"
+            _fail(f"--sweep: tasks {_label(seen[key])} and {_label(values)} share {what}; put the sweep's "
+                  "{NAME} in name= (train/pretrain) or in --run-dir/--out (bench), e.g. name=weak_f{fold}")
+        seen[key] = values
+
+
+def _executor(settings: dict[str, Any], folder: str | os.PathLike, name: str, cluster: str | None,
+              python: str | None) -> Any:
     import shlex
 
     import submitit
@@ -281,12 +350,41 @@ def submit(argv: Sequence[str], settings: dict[str, Any], folder: str | os.PathL
                                      slurm_python=python or shlex.quote(sys.executable),
                                      slurm_max_num_timeout=int(settings["max_requeues"]))
     executor.update_parameters(**executor_parameters(settings, name))
-    task = FscsTask(argv, settings["max_requeues"], default_result_file(argv))
+    return executor
+
+
+@contextlib.contextmanager
+def _sbatch_stderr_once() -> Any:
+    """submitit prints a refusing sbatch's stderr before raising: it is dropped (the refusal is main()'s one
+    line, from the exception); what a submission that went through printed is passed on."""
     said = io.StringIO()
-    with contextlib.redirect_stderr(said):  # submitit prints a refusing sbatch's stderr before raising it
-        job = executor.submit(task)
-    sys.stderr.write(said.getvalue())  # the refusal itself is main()'s one line, from the exception
-    return job
+    with contextlib.redirect_stderr(said):
+        yield
+    sys.stderr.write(said.getvalue())
+
+
+def submit(argv: Sequence[str], settings: dict[str, Any], folder: str | os.PathLike, name: str = "fscs",
+           cluster: str | None = None, python: str | None = None) -> Any:
+    """Submit one job of `fscs <argv>` (settings as merge_settings returns them); returns the submitit Job."""
+    executor = _executor(settings, folder, name, cluster, python)
+    task = FscsTask(argv, settings["max_requeues"], default_result_file(argv))
+    with _sbatch_stderr_once():
+        return executor.submit(task)
+
+
+def submit_array(argvs: Sequence[Sequence[str]], settings: dict[str, Any], folder: str | os.PathLike,
+                 name: str = "fscs", cluster: str | None = None, python: str | None = None,
+                 parallelism: int | None = None) -> list[Any]:
+    """Submit one SLURM array job, one array task per command line (each with the full resources of
+    `settings`, its own rendezvous port and its own requeues); returns the submitit Jobs in order."""
+    executor = _executor(settings, folder, name, cluster, python)
+    executor.update_parameters(slurm_array_parallelism=int(parallelism or len(argvs)))
+    tasks = [FscsTask(argv, settings["max_requeues"], default_result_file(argv)) for argv in argvs]
+    jobs: list[Any] = []
+    with _sbatch_stderr_once(), executor.batch():
+        for task in tasks:
+            jobs.append(executor.submit(task))
+    return jobs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -308,6 +406,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default="runs/slurm/%j", help="submitit logs and pickles")
     p.add_argument("--name", default="fscs", help="job name")
     p.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="submit an array job, one task per value (repeat for a grid); {NAME} in the command "
+                        "becomes the value: --sweep fold=0,1,2,3 -- train name=w_f{fold} data.fold={fold}")
+    p.add_argument("--array-parallelism", type=int,
+                   help="with --sweep: array tasks running at once (default all)")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- then an fscs command line (train ..., bench ...)")
     return p
@@ -329,7 +432,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = merge_settings(load_preset(args.preset) if args.preset else None, cli)
-        job = submit(command, settings, args.folder, name=args.name)
+        if args.array_parallelism is not None and (not args.sweep or args.array_parallelism < 1):
+            _fail(f"--array-parallelism {args.array_parallelism}: needs --sweep and a value >= 1")
+        tasks = expand_sweeps(command, args.sweep)
+        if args.sweep:
+            check_distinct_outputs(tasks)
+            jobs = submit_array([argv for _, argv in tasks], settings, args.folder, name=args.name,
+                                parallelism=args.array_parallelism)
+        else:
+            jobs = [submit(command, settings, args.folder, name=args.name)]
     except FSCSError as exc:
         print(f"launchers/slurm.py: error: {exc}", file=sys.stderr)
         return 2
@@ -341,18 +452,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launchers/slurm.py: error: sbatch could not submit the job ({line}); check --partition, "
               "--account, --qos and that the SLURM controller answers (sinfo)", file=sys.stderr)
         return 2
-    print(f"submitted job {job.job_id}: {settings['nodes']} node(s) x {settings['tasks_per_node']} task(s); "
-          f"logs in {job.paths.folder}")
-    if args.wait:
-        from submitit.core.utils import UncompletedJobError
+    shape = f"{settings['nodes']} node(s) x {settings['tasks_per_node']} task(s)"
+    if args.sweep:
+        array = jobs[0].job_id.split("_")[0]
+        print(f"submitted array job {array}: {len(jobs)} array task(s) of {shape} each")
+        for job, (values, _) in zip(jobs, tasks):
+            print(f"  {job.job_id}: {_label(values)}; logs in {job.paths.folder}")
+    else:
+        print(f"submitted job {jobs[0].job_id}: {shape}; logs in {jobs[0].paths.folder}")
+    if not args.wait:
+        return 0
+    failed = 0
+    for job, (values, _) in zip(jobs, tasks):
+        failed += not _print_result(job, _label(values))
+    return 1 if failed else 0
 
-        try:
-            print(job.results()[0])
-        except UncompletedJobError:  # FailedJobError too: a task raised, or the job ended without a result
-            print(f"launchers/slurm.py: error: job {job.job_id} ended without a result: "
-                  f"{failure_line(job.stderr() or '')}; logs in {job.paths.folder}", file=sys.stderr)
-            return 1
-    return 0
+
+def _print_result(job: Any, label: str = "") -> bool:
+    """Wait for `job`; print rank 0's result (prefixed by the array task's values), or one error line."""
+    from submitit.core.utils import UncompletedJobError
+
+    prefix = f"{job.job_id} {label}: " if label else ""
+    try:
+        print(f"{prefix}{job.results()[0]}")
+        return True
+    except UncompletedJobError:  # FailedJobError too: a task raised, or the job ended without a result
+        print(f"launchers/slurm.py: error: job {job.job_id} ended without a result: "
+              f"{failure_line(job.stderr() or '')}; logs in {job.paths.folder}", file=sys.stderr)
+        return False
 
 
 FSCS_ERROR = re.compile(r"^(?:\[rank\d+\]: )?(fscs [a-z]+: error: .*)$", re.MULTILINE)

@@ -129,3 +129,33 @@ def test_requeued_job_resumes_to_the_weights_of_an_uninterrupted_run(requeued):
     assert "requeue 2 of at most 3" in text and "resumed" in text
     ref, got = _head(out / "uninterrupted"), _head(out / "requeued")
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_sweep_runs_one_array_task_per_value(slurm_launcher, cluster, shards, tmp_path, capsys):
+    """`--sweep seed=0,1` submits one SLURM array job whose two tasks train two runs (distinct run
+    directories, their own seeds) and `--wait` prints each task's result."""
+    out = tmp_path / "runs"
+    code = slurm_launcher.main(
+        ["--preset", "cpu", "--partition", cluster.partition, "--tasks-per-node", "1", "--time", "10",
+         "--folder", str(tmp_path / "jobs" / "%j"), "--name", "fscs-sweep", "--sweep", "seed=0,1", "--wait",
+         "--",
+         "train", f"data.shards={shards}", f"out_dir={out}", "name=s{seed}", "train.seed={seed}",
+         "model.image_size=64", "data.batch_size=2", "data.num_workers=0", "train.steps_per_epoch=3",
+         "train.epochs=1"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0, printed
+    array = printed[0].split()[3].rstrip(":")
+    assert printed[0] == f"submitted array job {array}: 2 array task(s) of 1 node(s) x 1 task(s) each"
+    assert [line.split(";")[0] for line in printed[1:3]] == [f"  {array}_0: seed=0", f"  {array}_1: seed=1"]
+    summaries = [json.loads((out / f"s{s}" / "train_summary.json").read_text()) for s in (0, 1)]
+    assert all(s["status"] == "completed" and s["steps"] == 3 for s in summaries)
+    assert [f"{array}_{i} seed={i}:" in "\n".join(printed[3:]) for i in (0, 1)] == [True, True]
+    seeds = [(out / f"s{s}" / "config.yaml").read_text() for s in (0, 1)]
+    assert "seed: 0" in seeds[0] and "seed: 1" in seeds[1]
+    assert _head(out / "s0").keys() == _head(out / "s1").keys()
+    import torch
+
+    assert not all(torch.equal(a, b) for a, b in zip(_head(out / "s0").values(), _head(out / "s1").values()))
+    for i in (0, 1):
+        state = cluster.wait_job_state(f"{array}_{i}", ["COMPLETED", "FAILED", "CANCELLED"], timeout=30)
+        assert state == "COMPLETED"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 
@@ -361,3 +362,79 @@ def test_a_preempted_task_waits_out_the_grace_time(slurm_launcher, monkeypatch):
     with pytest.raises(SystemExit):
         slurm_launcher.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: None)
     assert 120 <= clock[0] < 125
+
+
+def test_sweep_expands_to_one_command_per_combination(slurm_launcher):
+    command = ["train", "name=w_f{fold}_s{seed}", "data.fold={fold}", "train.seed={seed}"]
+    tasks = slurm_launcher.expand_sweeps(command, ["fold=0,1", "seed=3, 4"])
+    assert tasks == [({"fold": "0", "seed": "3"}, ["train", "name=w_f0_s3", "data.fold=0", "train.seed=3"]),
+                     ({"fold": "0", "seed": "4"}, ["train", "name=w_f0_s4", "data.fold=0", "train.seed=4"]),
+                     ({"fold": "1", "seed": "3"}, ["train", "name=w_f1_s3", "data.fold=1", "train.seed=3"]),
+                     ({"fold": "1", "seed": "4"}, ["train", "name=w_f1_s4", "data.fold=1", "train.seed=4"])]
+    bench = ["bench", "--run-dir", "r"]
+    assert slurm_launcher.expand_sweeps(bench, []) == [({}, bench)]
+
+
+@pytest.mark.parametrize("specs, message", [
+    (["fold"], "expected NAME=V1,V2,..."),
+    (["data.fold=0,1"], "expected NAME=V1,V2,... with NAME a plain word"),
+    (["fold=0,,1"], "an empty value"),
+    (["fold=0,0"], "a value is listed twice"),
+    (["fold=0", "fold=1"], "--sweep fold is given twice"),
+    (["seed=1,2"], "the command has no {seed}, so every task would run the same command"),
+])
+def test_bad_sweeps_are_one_line_errors(slurm_launcher, specs, message):
+    with pytest.raises(FSCSError, match=re.escape(message)):
+        slurm_launcher.expand_sweeps(["train", "name=w_f{fold}", "data.fold={fold}"], specs)
+
+
+def test_sweep_tasks_sharing_a_run_directory_are_refused_before_sbatch(slurm_launcher, monkeypatch, capsys):
+    """Two array tasks training into one run directory would resume from and overwrite each other."""
+    monkeypatch.setattr(slurm_launcher, "submit_array", lambda *a, **k: pytest.fail("submitted"))
+    assert slurm_launcher.main(["--sweep", "seed=0,1", "--", "train", "name=w", "train.seed={seed}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tasks seed=0 and seed=1 share the run directory" in err
+    assert err.endswith("e.g. name=weak_f{fold}")
+    assert slurm_launcher.main(["--array-parallelism", "2", "--", "train", "name=w"]) == 2
+    assert "--array-parallelism 2: needs --sweep" in capsys.readouterr().err
+    # a config error in one task's command is found before anything is submitted
+    assert slurm_launcher.main(["--sweep", "lr=1e-3,oops", "--", "train", "name=w{lr}", "train.lr={lr}"]) == 2
+    assert "train.lr" in capsys.readouterr().err
+
+
+def test_sweep_submits_one_array_and_waits_for_every_task(slurm_launcher, monkeypatch, capsys, tmp_path):
+    submitted = {}
+
+    class Job:
+        def __init__(self, i, ok):
+            self.job_id, self.ok = f"900_{i}", ok
+            self.paths = type("Paths", (), {"folder": tmp_path / f"900_{i}"})()
+
+        def results(self):
+            from submitit.core.utils import FailedJobError
+
+            if not self.ok:
+                raise FailedJobError("failed")
+            return [{"rank": 0, "job": self.job_id}]
+
+        def stderr(self):
+            return "fscs bench: error: runs/w_f1/checkpoint.pt: no trained head; train it first\n"
+
+    def submit_array(argvs, settings, folder, name="fscs", parallelism=None):
+        submitted.update(argvs=argvs, parallelism=parallelism)
+        return [Job(i, ok=i == 0) for i in range(len(argvs))]
+
+    monkeypatch.setattr(slurm_launcher, "submit_array", submit_array)
+    code = slurm_launcher.main(["--sweep", "fold=0,1", "--array-parallelism", "1", "--wait", "--",
+                                "bench", "--run-dir", "runs/w_f{fold}"])
+    assert code == 1  # one task failed
+    assert submitted == {"argvs": [["bench", "--run-dir", "runs/w_f0"], ["bench", "--run-dir", "runs/w_f1"]],
+                         "parallelism": 1}
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["submitted array job 900: 2 array task(s) of 1 node(s) x 1 task(s) each",
+                                f"  900_0: fold=0; logs in {tmp_path / '900_0'}",
+                                f"  900_1: fold=1; logs in {tmp_path / '900_1'}",
+                                "900_0 fold=0: {'rank': 0, 'job': '900_0'}"]
+    assert err.strip() == ("launchers/slurm.py: error: job 900_1 ended without a result: fscs bench: error: "
+                           "runs/w_f1/checkpoint.pt: no trained head; train it first; "
+                           f"logs in {tmp_path / '900_1'}")
