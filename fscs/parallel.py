@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 from collections import deque
@@ -30,9 +31,17 @@ def _apply(fn: Callable[[Any], Any], chunk: list[Any]) -> list[Any]:
     return [fn(item) for item in chunk]
 
 
-def _die_with_parent() -> None:
-    """Worker initializer: on Linux the kernel kills the worker when the process that started it dies, so a
-    killed conversion leaves no orphaned workers holding their memory (PR_SET_PDEATHSIG)."""
+def _exit_on_ctrl_c(signum: int, frame: Any) -> None:
+    os._exit(128 + signum)
+
+
+def _init_worker() -> None:
+    """Worker initializer. Ctrl-C reaches the workers too (the terminal signals the whole process group): a
+    worker ends at once and quietly, leaving the parent's one-line message alone on the screen instead of a
+    KeyboardInterrupt traceback per worker. On Linux the kernel also kills the worker when the process that
+    started it dies, so a killed conversion leaves no orphaned workers holding their memory (PR_SET_PDEATHSIG).
+    """
+    signal.signal(signal.SIGINT, _exit_on_ctrl_c)
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -58,7 +67,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunk
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     source = iter(items)
     pending: deque[Future] = deque()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_die_with_parent) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
         try:
             while True:
                 while len(pending) < workers * ahead:

@@ -102,3 +102,40 @@ def test_workers_die_with_a_killed_parent():
                 os.kill(k, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_ctrl_c_stops_the_workers_quietly():
+    """Ctrl-C signals the terminal's whole process group: each busy worker printed a KeyboardInterrupt
+    traceback under the command's one-line "interrupted" message. Now the workers end quietly at once."""
+    import subprocess
+    import sys
+    import time
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = ("import sys\n"
+              f"sys.path.insert(0, {here!r})\n"
+              "import test_parallel as t\n"
+              "from fscs.parallel import ordered_map\n"
+              "try:\n"
+              "    list(ordered_map(t._slow, range(8), 2, chunksize=1))\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted', file=sys.stderr)\n"
+              "    sys.exit(130)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group, as a terminal's foreground job
+    try:
+        kids: list[str] = []
+        deadline = time.time() + 30
+        while time.time() < deadline and len(kids) < 2:
+            time.sleep(0.2)
+            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(kids) >= 2, "the pool's workers did not start"
+        time.sleep(0.5)  # the workers are inside _slow
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)  # the workers would sleep 60 s if they ignored Ctrl-C
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.strip() == "interrupted", err
