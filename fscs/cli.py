@@ -201,7 +201,9 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING),
         format=f"%(asctime)s [r{rank}] %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
-    for noisy in ("DeepSpeed", "torch.distributed", "urllib3", "PIL", "matplotlib"):
+    # torch's own loggers: torch sets them to WARNING once its import completes; a Ctrl-C during that import
+    # left them at the root's INFO, and torch's exit hooks then logged cache statistics under our message
+    for noisy in ("DeepSpeed", "torch", "urllib3", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -111,3 +111,17 @@ def test_log_lines_name_the_srun_task(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert log_rank() == 3
+
+
+def test_torch_internal_info_logs_stay_out_of_our_log():
+    """A Ctrl-C during `import torch` left torch's loggers at our root level (INFO): its exit hooks then
+    printed "FakeTensor cache stats" lines under the one-line "interrupted" message. In a fresh process,
+    a torch logger's INFO before torch is imported must not reach our handler."""
+    import subprocess
+    import sys
+
+    script = ("import logging\nfrom fscs.cli import _setup_logging\n_setup_logging(False)\n"
+              "logging.getLogger('torch._subclasses.fake_tensor').info('FakeTensor cache stats:')\n"
+              "logging.getLogger('fscs.x').info('ours')\n")
+    err = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stderr
+    assert "fscs.x: ours" in err and "FakeTensor" not in err, err
