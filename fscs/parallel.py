@@ -39,7 +39,8 @@ def _init_worker() -> None:
     """Worker initializer. Ctrl-C reaches the workers too (the terminal signals the whole process group): a
     worker ends at once and quietly, leaving the parent's one-line message alone on the screen instead of a
     KeyboardInterrupt traceback per worker. On Linux the kernel also kills the worker when the process that
-    started it dies, so a killed conversion leaves no orphaned workers holding their memory (PR_SET_PDEATHSIG).
+    started it dies, so a killed conversion leaves no orphaned workers holding their memory
+    (PR_SET_PDEATHSIG).
     """
     signal.signal(signal.SIGINT, _exit_on_ctrl_c)
     if not sys.platform.startswith("linux"):

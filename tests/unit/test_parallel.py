@@ -128,7 +128,8 @@ def test_ctrl_c_stops_the_workers_quietly():
         deadline = time.time() + 30
         while time.time() < deadline and len(kids) < 2:
             time.sleep(0.2)
-            kids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+            kids = found.stdout.split()
         assert len(kids) >= 2, "the pool's workers did not start"
         time.sleep(0.5)  # the workers are inside _slow
         os.killpg(proc.pid, signal.SIGINT)
