@@ -195,6 +195,10 @@ class Predictor:
         self.model: FSCSModel = loaded.model.to(self.device).eval()
         self.size = self.model.image_size
         self.regime = loaded.cfg.train.regime if regime == "auto" else regime
+        if self.regime == "mixed" and self.model.enhancer is None:  # before any output is touched
+            raise FSCSError(f"--regime mixed: run {run_dir} was trained {loaded.cfg.train.regime} and has no "
+                            "pseudo-mask enhancer; use --regime full or weak (or a run trained "
+                            "train.regime=mixed)")
         self.classes = scan_support(support) if isinstance(support, (str, Path)) else list(support)
         bb = self.model.backbone
         pair_bytes = 4 * bb.num_heads * bb.num_layers * bb.grid[0] * bb.grid[1] * 145

@@ -141,3 +141,17 @@ def test_cli_predict_full_regime_with_disk_cache(world, tmp_path, capsys):
     assert main(["predict", "--run", str(world["run"]), "--support", str(world["support"]), "--query",
                  str(tmp_path / "nothing*.png"), "--out", str(tmp_path / "c")]) == 2
     assert "no images found" in capsys.readouterr().err
+
+
+def test_mixed_regime_without_enhancer_is_refused_before_outputs_change(world, tmp_path):
+    """A weak run has no enhancer: --regime mixed stops at once and leaves an earlier prediction intact."""
+    from fscs.errors import FSCSError
+
+    out = tmp_path / "pred"
+    run_predict(world["run"], world["support"], [str(world["queries"] / "q1.jpg")], out, progress=False)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(FSCSError, match="--regime mixed: .* no pseudo-mask enhancer; use --regime full or "
+                                        "weak"):
+        run_predict(world["run"], world["support"], [str(world["queries"] / "q2.jpg")], out, regime="mixed",
+                    progress=False)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
