@@ -281,18 +281,23 @@ class Predictor:
         return self.model.decode_episode(feats, None, self.regime)
 
 
-def _remove_previous_outputs(out: Path) -> None:
-    """Remove the per-query files an earlier `fscs predict` into `out` listed in its summary.json, so the
-    folder holds one run's predictions (other files there are left alone)."""
+def _previous_outputs(out: Path) -> list[Path]:
+    """The per-query files an earlier `fscs predict` into `out` listed in its summary.json (existing ones)."""
     try:
         previous = json.loads((out / "summary.json").read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
-        return
+        return []
+    return [out / name for name in previous
+            if isinstance(name, str) and Path(name).name == name and (out / name).is_file()]
+
+
+def _remove_previous_outputs(out: Path) -> None:
+    """Remove the per-query files an earlier `fscs predict` into `out` listed in its summary.json, so the
+    folder holds one run's predictions (other files there are left alone)."""
     gone = 0
-    for name in previous:
-        if isinstance(name, str) and Path(name).name == name and (out / name).is_file():
-            (out / name).unlink()
-            gone += 1
+    for path in _previous_outputs(out):
+        path.unlink()
+        gone += 1
     if gone:
         logger.info("%s: removed %d files of the previous prediction run", out, gone)
 
@@ -310,6 +315,10 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
         raise FSCSError(f"--threshold {threshold} must be in [0, 1], --batch-size {batch_size} >= 1 and "
                         f"--max-side {max_side} >= 0 (0 = original size)")
     paths = expand_queries(queries)
+    ours = {p.resolve() for p in _previous_outputs(Path(out_dir))}  # `--query new/ --out new/pred`, rerun
+    if ours and any(p.resolve() in ours for p in paths):
+        logger.info("%s: the previous prediction's masks and overlays there are not queries", out_dir)
+        paths = [p for p in paths if p.resolve() not in ours]
     if not paths:
         raise FSCSError(f"--query {' '.join(queries)}: no images found; pass image files, folders or quoted "
                         "globs")

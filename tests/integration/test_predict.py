@@ -155,3 +155,15 @@ def test_mixed_regime_without_enhancer_is_refused_before_outputs_change(world, t
         run_predict(world["run"], world["support"], [str(world["queries"] / "q2.jpg")], out, regime="mixed",
                     progress=False)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_rerun_with_out_inside_the_query_folder_does_not_predict_its_own_outputs(world, tmp_path):
+    """`--query new/ --out new/pred` twice: the first run's masks/overlays are not queries of the second."""
+    new = tmp_path / "new"
+    new.mkdir()
+    for name in ("q1.jpg", "q2.jpg"):
+        (new / name).write_bytes((world["queries"] / name).read_bytes())
+    first = run_predict(world["run"], world["support"], [str(new)], new / "pred", progress=False)
+    second = run_predict(world["run"], world["support"], [str(new)], new / "pred", progress=False)
+    assert first["queries"] == second["queries"] == second["predicted"] == 2 and second["skipped"] == []
+    assert second["files"] == first["files"]
