@@ -298,6 +298,8 @@ def _remove_previous_outputs(out: Path) -> None:
     for path in _previous_outputs(out):
         path.unlink()
         gone += 1
+    for table in ("index.html", "predictions.csv"):  # they listed the files just removed
+        (out / table).unlink(missing_ok=True)
     if gone:
         logger.info("%s: removed %d files of the previous prediction run", out, gone)
 
@@ -328,6 +330,11 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
                      batch_size=batch_size)
     remove_stale_tmp(out)  # files of a killed earlier run
     _remove_previous_outputs(out)
+    names = unique_names(paths)
+    planned = sorted(f"{n}{ext}" for n in names for ext in (".json", ".mask.png", ".overlay.png"))
+    # listed before the first is written: a rerun after an interrupted run removes what it left
+    write_text_atomic(out / "summary.json", json.dumps({"complete": False, "queries": len(paths),
+                                                        "out": str(out), "files": planned}, indent=2))
     colours = [class_colour(i) for i in range(len(pred.classes))]
     palette = np.array([(0, 0, 0), *colours] + [(0, 0, 0)] * (255 - len(colours)), dtype=np.uint8)
     classes = [{"id": i, "name": sc.name, "color": "#{:02x}{:02x}{:02x}".format(*colours[i - 1]),
@@ -349,7 +356,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
         bar.update(len(batch))
 
     batch: list[tuple[Path, str, np.ndarray]] = []
-    for path, name in zip(paths, unique_names(paths)):
+    for path, name in zip(paths, names):
         try:
             batch.append((path, name, read_rgb(path)))
         except _READ_ERRORS as exn:
@@ -370,7 +377,7 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
         writer.writerow([r["image"], ";".join(r["present"]), *probs])
     write_text_atomic(out / "predictions.csv", table.getvalue())
     write_index_html(out, records, classes, skipped, meta)
-    summary = {"queries": len(paths), "predicted": len(records), "skipped": skipped,
+    summary = {"complete": True, "queries": len(paths), "predicted": len(records), "skipped": skipped,
                "seconds": round(time.time() - t0, 2), "device": str(pred.device), "out": str(out),
                "files": sorted({f for r in records for f in (f"{r['name']}.json", r["mask"], r["overlay"])})}
     write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))

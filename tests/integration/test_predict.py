@@ -167,3 +167,33 @@ def test_rerun_with_out_inside_the_query_folder_does_not_predict_its_own_outputs
     second = run_predict(world["run"], world["support"], [str(new)], new / "pred", progress=False)
     assert first["queries"] == second["queries"] == second["predicted"] == 2 and second["skipped"] == []
     assert second["files"] == first["files"]
+
+
+def test_an_interrupted_run_leaves_nothing_stale_for_the_next(world, tmp_path, monkeypatch):
+    """Stopped after one query: no table of the previous run points at removed files, and the rerun removes
+    what the stopped run wrote."""
+    import fscs.predict as predict_mod
+
+    out = tmp_path / "pred"
+    run_predict(world["run"], world["support"], [str(world["queries"] / "q1.jpg")], out, progress=False)
+    real, calls = predict_mod.write_query, []
+
+    def stop_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_mod, "write_query", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        run_predict(world["run"], world["support"], [str(world["queries"] / "q[234].jpg")], out, batch_size=1,
+                    progress=False)
+    left = sorted(f.name for f in out.iterdir())
+    assert left == ["classes.json", "q2.json", "q2.mask.png", "q2.overlay.png", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
+    monkeypatch.setattr(predict_mod, "write_query", real)
+    again = run_predict(world["run"], world["support"], [str(world["queries"] / "q1.jpg")], out,
+                        progress=False)
+    assert again["complete"] is True
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        ["classes.json", "index.html", "predictions.csv", "summary.json", *again["files"]])
