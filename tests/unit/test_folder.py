@@ -210,6 +210,8 @@ def _mask_case(tmp_path: Path, values: dict[str, int], name: str = "mix/ab0.png"
     ("mask_unknown_value", r"ab0.png: value 9 is not a class id"),
     ("mask_unlabelled_class", r"ab0.png: contains class 'c' \(id 3\), not labelled"),
     ("mask_rgb", r"ab0.png: mask mode RGB is not an index PNG"),
+    ("mask_binary_as_index", r"ab0.png: only 0 and 255 \(ignore\), no pixel of a/b; a binary mask .* needs "
+                             r"--mask-format binary"),
     ("binary_unknown_class", r"zebra.png: 'zebra' is not a class"),
     ("binary_missing_class", r"no b.png although ab0.png is labelled 'b'"),
     ("no_header", r"labels.csv: first line must be the header"),
@@ -230,7 +232,8 @@ def test_bad_inputs_raise_one_line_errors(tmp_path, case, match):
         kwargs = {}
     elif case.startswith("mask_"):
         spec = {"mask_size": ({}, (5, 10), "L"), "mask_unknown_value": ({"x": 9}, (H, W), "L"),
-                "mask_unlabelled_class": ({"x": 3}, (H, W), "L"), "mask_rgb": ({}, (H, W), "RGB")}[case]
+                "mask_unlabelled_class": ({"x": 3}, (H, W), "L"), "mask_rgb": ({}, (H, W), "RGB"),
+                "mask_binary_as_index": ({"x": 255}, (H, W), "L")}[case]
         images, csv, masks = _mask_case(tmp_path, spec[0], shape=spec[1], mode=spec[2])
         kwargs["masks"] = masks
     elif case.startswith("binary_"):

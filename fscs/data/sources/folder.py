@@ -358,6 +358,10 @@ def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndar
         if plan.class_names[v - 1] not in item.labels:
             raise FSCSError(f"{path}: contains class {plan.class_names[v - 1]!r} (id {v}), not labelled for "
                             f"{item.path.name} ({item.where}); add the label or fix the mask")
+    if (mask == IGNORE).any() and (mask == 0).any() and not ((mask != 0) & (mask != IGNORE)).any():
+        # a 0/255 black-and-white mask read as index PNG: every object would be 'ignore', never scored
+        raise FSCSError(f"{path}: only 0 and 255 (ignore), no pixel of {'/'.join(item.labels)}; a binary "
+                        "mask (255 = the object) needs --mask-format binary (or masks/<image>/<class>.png)")
     return mask
 
 
