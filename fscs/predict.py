@@ -324,6 +324,9 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     if not paths:
         raise FSCSError(f"--query {' '.join(queries)}: no images found; pass image files, folders or quoted "
                         "globs")
+    if isinstance(support, (str, Path)) and Path(out_dir).resolve().is_relative_to(Path(support).resolve()):
+        raise FSCSError(f"--out {out_dir} is inside --support {support}, whose every sub-folder is a class; "
+                        "write the predictions elsewhere")
     t0 = time.time()
     out = make_output_dir(out_dir, "--out")  # before the model is loaded and the supports encoded
     pred = Predictor(run_dir, support, device=device, regime=regime, cache_dir=cache_dir,

@@ -197,3 +197,16 @@ def test_an_interrupted_run_leaves_nothing_stale_for_the_next(world, tmp_path, m
     assert again["complete"] is True
     assert sorted(f.name for f in out.iterdir()) == sorted(
         ["classes.json", "index.html", "predictions.csv", "summary.json", *again["files"]])
+
+
+def test_out_inside_the_support_folder_is_refused_before_it_is_made(world, tmp_path):
+    from fscs.errors import FSCSError
+
+    support = tmp_path / "support"
+    for c in ("cross", "ring"):
+        (support / c).mkdir(parents=True)
+        (support / c / "s0.png").write_bytes((world["support"] / c / "s0.png").read_bytes())
+    with pytest.raises(FSCSError, match=r"--out .*pred is inside --support .*; write the predictions "):
+        run_predict(world["run"], support, [str(world["queries"] / "q1.jpg")], support / "pred",
+                    progress=False)
+    assert sorted(p.name for p in support.iterdir()) == ["cross", "ring"]
