@@ -118,12 +118,14 @@ def scan_support(support_dir: str | Path) -> list[SupportClass]:
 
 
 def expand_queries(patterns: Iterable[str]) -> list[Path]:
-    """Query arguments (files, folders searched recursively, globs) -> unique image files in order."""
+    """Query arguments (files, folders searched recursively but without `*.mask.png`, globs) -> unique image
+    files in order."""
     out: dict[Path, None] = {}
     for pat in patterns:
         p = Path(pat)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if _is_image(f))
+        if p.is_dir():  # without the `*.mask.png` masks of a folder laid out like --support
+            found = sorted(f for f in p.rglob("*")
+                           if _is_image(f) and not f.name.lower().endswith(".mask.png"))
         elif p.is_file():
             found = [p]
         else:

@@ -47,3 +47,15 @@ def test_a_bad_device_is_a_one_line_error_before_the_run_is_loaded(tmp_path):
         with pytest.raises(FSCSError, match=needle) as err:  # the run directory does not even exist
             Predictor(tmp_path / "no-run", tmp_path / "no-support", device=device)
         assert "\n" not in str(err.value)
+
+
+def test_a_query_folder_laid_out_like_support_yields_its_images_not_their_masks(tmp_path):
+    from fscs.predict import expand_queries
+
+    img = np.zeros((6, 8, 3), dtype=np.uint8)
+    (tmp_path / "dent").mkdir()
+    for name in ("a.jpg", "b.PNG", "b.mask.png", "c.MASK.PNG", ".hidden.png"):
+        Image.fromarray(img).save(tmp_path / "dent" / name, format="PNG")
+    assert [p.name for p in expand_queries([str(tmp_path)])] == ["a.jpg", "b.PNG"]
+    named = expand_queries([str(tmp_path / "dent" / "b.mask.png")])
+    assert [p.name for p in named] == ["b.mask.png"]  # a mask named explicitly is a query
