@@ -317,3 +317,20 @@ def test_unchanged_images_are_stored_byte_for_byte(tmp_path):
     samples = load_samples(read_index(out), {"a_a1", "b_b0"})
     assert samples["a_a1"].image.shape == (W, H, 3)  # upright after the EXIF rotation
     np.testing.assert_array_equal(samples["b_b0"].image, np.asarray(Image.open(images / "b" / "b0.png")))
+
+
+def test_a_blank_mask_is_no_mask(tmp_path, caplog):
+    """An all-0 (or all-255) mask of a labelled image, as annotation tools export for images not yet drawn,
+    does not turn its objects into background: the image is stored unmasked, with a warning."""
+    images, csv = _dataset(tmp_path, _rows(3))
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "masks" / "d" / "d0.png")
+    Image.fromarray(np.full((H, W), 255, np.uint8)).save(tmp_path / "masks" / "d" / "d1.png")
+    drawn = np.zeros((H, W), np.uint8)
+    drawn[2:6, 2:6] = 4
+    Image.fromarray(drawn).save(tmp_path / "masks" / "d" / "d2.png")
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
+    index = read_index(out)
+    assert [index.samples[k]["mask"] for k in ("d_d0", "d_d1", "d_d2")] == [False, False, True]
+    assert "d0.png: no pixel of d (labelled for d0.png); stored without a mask" in caplog.text

@@ -387,7 +387,11 @@ def iter_folder_samples(plan: FolderPlan, max_side: int = 1024) -> Iterator[tupl
         mask = _read_mask(item, image, plan) if item.mask is not None else None
         if mask is not None:
             empty = [c for c in item.labels if not (mask == ids[c]).any()]
-            if empty:
+            if len(empty) == len(item.labels):  # all 0 / all 255: e.g. an unannotated image's blank export
+                logger.warning("%s: no pixel of %s (labelled for %s); stored without a mask, not as an image "
+                               "whose objects are background", item.mask, "/".join(empty), item.path.name)
+                mask = None
+            elif empty:
                 logger.warning("%s: labelled %s but its mask has no pixels of it", item.mask, empty)
         shrunk, mask = _shrink(image, mask, max_side)
         if shrunk is not image:
