@@ -71,7 +71,10 @@ def _mask_pixels(im: Image.Image) -> np.ndarray:
 def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     """`<stem>.mask.png` beside the image or `masks/<stem>.png` in its class folder (nonzero = object)."""
     stem = img_path.stem
-    for cand in (img_path.with_name(f"{stem}.mask.png"), img_path.parent / "masks" / f"{stem}.png"):
+    for folder, name in ((img_path.parent, f"{stem}.mask.png"), (img_path.parent / "masks", f"{stem}.png")):
+        cand = folder / name
+        if not cand.is_file() and folder.is_dir():  # b.MASK.PNG is skipped as an image: it is b's mask
+            cand = next((f for f in folder.iterdir() if f.name.lower() == name.lower() and f.is_file()), cand)
         if cand.is_file():
             try:
                 with Image.open(cand) as im:

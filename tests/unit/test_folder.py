@@ -334,3 +334,19 @@ def test_a_blank_mask_is_no_mask(tmp_path, caplog):
     index = read_index(out)
     assert [index.samples[k]["mask"] for k in ("d_d0", "d_d1", "d_d2")] == [False, False, True]
     assert "d0.png: no pixel of d (labelled for d0.png); stored without a mask" in caplog.text
+
+
+def test_masks_with_an_upper_case_extension_are_found(tmp_path):
+    images, csv = _dataset(tmp_path, _rows(3))
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    drawn = np.zeros((H, W), np.uint8)
+    drawn[2:6, 2:6] = 4
+    Image.fromarray(drawn).save(tmp_path / "masks" / "d" / "d0.PNG", format="PNG")
+    per_class = tmp_path / "masks" / "mix" / "ad0"
+    per_class.mkdir(parents=True)
+    for c, shift in (("a", 0), ("d", 8)):
+        Image.fromarray(np.roll(drawn > 0, shift, axis=1).astype(np.uint8) * 255).save(per_class / f"{c}.PNG",
+                                                                                       format="PNG")
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
+    index = read_index(out)
+    assert index.samples["d_d0"]["mask"] and index.samples["mix_ad0"]["mask"]

@@ -59,3 +59,15 @@ def test_a_query_folder_laid_out_like_support_yields_its_images_not_their_masks(
     assert [p.name for p in expand_queries([str(tmp_path)])] == ["a.jpg", "b.PNG"]
     named = expand_queries([str(tmp_path / "dent" / "b.mask.png")])
     assert [p.name for p in named] == ["b.mask.png"]  # a mask named explicitly is a query
+
+
+def test_support_masks_with_an_upper_case_extension_are_found(tmp_path):
+    obj = np.zeros((6, 8), dtype=np.uint8)
+    obj[2:4, 3:6] = 1
+    for name in ("a.JPG", "b.jpg"):
+        Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / name, format="JPEG")
+    Image.fromarray(obj * 255).save(tmp_path / "a.MASK.PNG", format="PNG")
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(obj * 255).save(tmp_path / "masks" / "b.PNG", format="PNG")
+    assert np.array_equal(_support_mask(tmp_path / "a.JPG", (6, 8, 3)), obj)
+    assert np.array_equal(_support_mask(tmp_path / "b.jpg", (6, 8, 3)), obj)

@@ -145,10 +145,17 @@ def _relative(path: Path, root: Path) -> Path:
         return Path(path.name)
 
 
+def _png_files(folder: Path) -> list[Path]:
+    """The `*.png` files of a per-class mask folder, extension in any case (sorted)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png")
+
+
 def _find_mask(masks_dir: Path, rel: Path) -> Path | None:
     """`masks/<rel stem>.png` (one PNG for the image) or `masks/<rel stem>/` (one binary PNG per class)."""
     stem = masks_dir / rel.with_suffix("")
     single, folder = stem.with_name(stem.name + ".png"), stem
+    if not single.is_file() and stem.with_name(stem.name + ".PNG").is_file():  # cameras, Windows tools
+        single = stem.with_name(stem.name + ".PNG")
     if single.is_file() and folder.is_dir():
         raise FSCSError(f"{single} and {folder}/ both exist; keep one mask format per image")
     return single if single.is_file() else folder if folder.is_dir() else None
@@ -322,7 +329,7 @@ def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndar
     assert path is not None
     if path.is_dir():
         mask = np.zeros(image.shape[:2], dtype=np.uint8)
-        files = {p.stem: p for p in sorted(path.glob("*.png"))}
+        files = {p.stem: p for p in _png_files(path)}
         for name, f in files.items():
             if name not in ids:
                 raise FSCSError(f"{f}: {name!r} is not a class ({', '.join(plan.class_names)}); rename or "
@@ -420,7 +427,7 @@ def folder_lists(plan: FolderPlan) -> dict[str, dict[int, list[tuple[str, int]]]
 def _fingerprint(plan: FolderPlan) -> str:
     """sha256 over every input file's path, size and mtime plus the labels (detects edited inputs)."""
     def stat(p: Path) -> list[Any]:
-        files = sorted(p.glob("*.png")) if p.is_dir() else [p]
+        files = _png_files(p) if p.is_dir() else [p]
         return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     rows = [[it.key, it.labels, stat(it.path), stat(it.mask) if it.mask else None] for it in plan.items]
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
