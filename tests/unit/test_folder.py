@@ -350,3 +350,19 @@ def test_masks_with_an_upper_case_extension_are_found(tmp_path):
     out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
     index = read_index(out)
     assert index.samples["d_d0"]["mask"] and index.samples["mix_ad0"]["mask"]
+
+
+def test_a_masks_folder_inside_an_image_folder_is_not_a_class(tmp_path):
+    """photos/<class>/*.png with --masks photos/masks: the masks are masks, not images of a class 'masks'."""
+    fg = np.zeros((H, W), np.uint8)
+    fg[4:8, 4:8] = 255
+    for c in ("p", "q", "r"):
+        for i in range(3):
+            _img(tmp_path / "photos" / c / f"{i}.png", i)
+            (tmp_path / "photos" / "masks" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(fg).save(tmp_path / "photos" / "masks" / c / f"{i}.png")
+    out = build_folder_shards(tmp_path / "photos", tmp_path / "s", masks=tmp_path / "photos" / "masks",
+                              mask_format="binary", novel=["r"])
+    index = read_index(out)
+    assert list(index.class_names.values()) == ["p", "q", "r"]
+    assert len(index.samples) == 9 and all(s["mask"] for s in index.samples.values())

@@ -123,9 +123,13 @@ def read_labels_csv(csv_path: Path, images_dir: Path) -> list[tuple[Path, tuple[
     return out
 
 
-def scan_image_folder(images_dir: Path) -> list[tuple[Path, tuple[str, ...], str]]:
-    """ImageFolder layout: one sub-folder per class (single-label) -> (file, (class,), where)."""
-    class_dirs = sorted(d for d in images_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+def scan_image_folder(images_dir: Path, masks_dir: Path | None = None
+                      ) -> list[tuple[Path, tuple[str, ...], str]]:
+    """ImageFolder layout: one sub-folder per class (single-label) -> (file, (class,), where); a `masks_dir`
+    inside `images_dir` (photos/masks/) is not a class."""
+    skip = masks_dir.resolve() if masks_dir is not None else None
+    class_dirs = sorted(d for d in images_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
+                        and d.resolve() != skip)
     if not class_dirs:
         raise FSCSError(f"{images_dir}: no class sub-folders; pass --labels labels.csv or put the images in "
                         "one folder per class")
@@ -213,7 +217,9 @@ def plan_folder(images: str | Path, labels: str | Path | None = None, masks: str
         raise FSCSError(f"--mask-format {mask_format!r}: use one of {', '.join(MASK_FORMATS)}")
     if not 0.0 <= select_fraction < 1.0:
         raise FSCSError(f"--select-fraction {select_fraction}: must be in [0, 1)")
-    rows = read_labels_csv(Path(labels), images) if labels is not None else scan_image_folder(images)
+    masks_dir = Path(masks) if masks is not None else None
+    rows = (read_labels_csv(Path(labels), images) if labels is not None else
+            scan_image_folder(images, masks_dir))
     counts = Counter(c for _, names, _ in rows for c in names)
     if classes:
         order = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
@@ -228,7 +234,6 @@ def plan_folder(images: str | Path, labels: str | Path | None = None, masks: str
                         "--classes")
     if len(order) > 254:
         raise FSCSError(f"{len(order)} classes: masks hold at most 254 class ids; merge classes")
-    masks_dir = Path(masks) if masks is not None else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise FSCSError(f"{masks_dir}: --masks must be a directory")
     rels = [_relative(p, images) for p, _, _ in rows]
