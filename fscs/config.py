@@ -44,7 +44,7 @@ class DataConfig:
     num_workers: int = 1
     """Loader worker processes per rank (0 = read in the training process)."""
     buffer_per_class: int = 64
-    """Recent images kept per training class to draw supports from."""
+    """Recent images kept per training class to draw supports from (as their encoded shard bytes)."""
 
 
 @dataclass

@@ -7,7 +7,8 @@ import hashlib
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,21 @@ class _SubsetMasks:
         return key in self.subset
 
 
+@dataclass(frozen=True)
+class _Held:
+    """One buffered training image as read from its shard: the tar members' bytes (image, json and, when the
+    regime reads it, mask.png), decoded again by `decode` for each episode that uses it. Decoded arrays at
+    full size were ~7x the JPEG bytes (COCO: ~0.9 MB per 640 x 480 image against ~0.15 MB)."""
+
+    key: str
+    files: Mapping[str, bytes]
+    decode_masks: bool
+
+    def decode(self) -> Sample:
+        """The Sample these bytes decoded to when they entered the buffer (PIL decoding is deterministic)."""
+        return decode_sample(self.key, self.files, decode_masks=self.decode_masks)
+
+
 def _partial_support_masks(rows: Sequence[Sequence[Sample]], classes: Sequence[int], size: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """float [N, K, size, size] way-class masks (zeros where a support has no mask) and bool has_gt [N, K]."""
@@ -145,11 +161,12 @@ class TrainEpisodeStream(IterableDataset):
     (zeros for supports without GT), support_has_gt [N,K] bool, query_target (all 255 when the query has no
     GT) and query_has_gt (0-dim bool). Weak (use_masks=False, gt_fraction=0): no mask file is ever read.
     Each rank/worker reads its own slice of one seeded resampled shard sequence and keeps per-class buffers of
-    recent training images. The query follows index.json params["query_mode"] like the evaluation sampler:
-    "entry" (default, PASCAL-5i) turns every incoming training image into a query, of one of its training
-    classes drawn uniformly; "class" (COCO-20i, the reference's training rule) draws the query class
-    uniformly over the training classes and the query image uniformly from that class's buffer, so frequent
-    classes are not over-represented. Episodes start once the buffers they need are warm.
+    recent training images (their shard bytes, decoded again for each episode that uses them). The query
+    follows index.json params["query_mode"] like the evaluation sampler: "entry" (default, PASCAL-5i) turns
+    every incoming training image into a query, of one of its training classes drawn uniformly; "class"
+    (COCO-20i, the reference's training rule) draws the query class uniformly over the training classes and
+    the query image uniformly from that class's buffer, so frequent classes are not over-represented.
+    Episodes start once the buffers they need are warm.
     """
 
     def __init__(self, shard_dir: str | Path, fold: int, way: int, shot: int, image_size: int, seed: int,
@@ -218,7 +235,7 @@ class TrainEpisodeStream(IterableDataset):
             wds.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),
                         rng=random.Random(int(rng.integers(2**31)))),
         )
-        buffers: dict[int, OrderedDict[str, Sample]] = {c: OrderedDict() for c in self.train_classes}
+        buffers: dict[int, OrderedDict[str, _Held]] = {c: OrderedDict() for c in self.train_classes}
         no_mask_in_a_row = 0
         for raw in pipeline:
             classes = self.allowed.get(raw["__key__"])
@@ -245,16 +262,17 @@ class TrainEpisodeStream(IterableDataset):
                 guard.bad_sample(str(raw.get("__url__")), raw["__key__"], exn)
                 continue
             guard.in_a_row = 0
+            held = _Held(sample.key, files, wants_mask)  # decoded once above: a good sample
             if self.query_mode == "class":
-                self._remember(sample, classes, buffers)
-                episode = self._class_episode(buffers, rng)
+                self._remember(held, classes, buffers)
+                episode = self._class_episode(buffers, rng, sample)
             else:
                 episode = self._episode(sample, classes[int(rng.integers(len(classes)))], buffers, rng)
-                self._remember(sample, classes, buffers)
+                self._remember(held, classes, buffers)
             if episode is not None:
                 yield episode
 
-    def _remember(self, sample: Sample, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, Sample]]
+    def _remember(self, sample: _Held, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, _Held]]
                   ) -> None:
         """Put `sample` last in the buffer of each of its training classes (oldest dropped past the size)."""
         for c in classes:
@@ -263,16 +281,17 @@ class TrainEpisodeStream(IterableDataset):
             if len(buffers[c]) > self.buffer_per_class:
                 buffers[c].popitem(last=False)
 
-    def _class_episode(self, buffers: dict[int, OrderedDict[str, Sample]], rng: np.random.Generator
-                       ) -> dict[str, torch.Tensor] | None:
+    def _class_episode(self, buffers: dict[int, OrderedDict[str, _Held]], rng: np.random.Generator,
+                       latest: Sample) -> dict[str, torch.Tensor] | None:
         """query_mode "class" (COCO-20i): query class uniform over the training classes, query image uniform
-        among that class's buffered images (None while that buffer is empty), as the reference trains."""
+        among that class's buffered images (None while that buffer is empty), as the reference trains.
+        `latest` is the image just buffered, already decoded."""
         query_class = self.train_classes[int(rng.integers(len(self.train_classes)))]
         pool = buffers[query_class]
         if not pool:
             return None
-        query = list(pool.values())[int(rng.integers(len(pool)))]
-        return self._episode(query, query_class, buffers, rng)
+        held = list(pool.values())[int(rng.integers(len(pool)))]
+        return self._episode(latest if held.key == latest.key else held.decode(), query_class, buffers, rng)
 
     def _file_filter(self):
         """Which tar members are read: everything (full), no mask (weak), the subset's masks (mixed)."""
@@ -280,19 +299,21 @@ class TrainEpisodeStream(IterableDataset):
             return None
         return _SubsetMasks(self.gt_keys) if self.mixed else _without_masks
 
-    def _episode(self, query: Sample, query_class: int, buffers: dict[int, OrderedDict[str, Sample]],
+    def _episode(self, query: Sample, query_class: int, buffers: dict[int, OrderedDict[str, _Held]],
                  rng: np.random.Generator) -> dict[str, torch.Tensor] | None:
         """One episode with `query` as an image of `query_class` (None while a needed buffer has < K images
-        besides the query)."""
+        besides the query). The supports are decoded here, once each, after all of them are drawn."""
         picks = rng.choice(len(self.train_classes), size=self.way, replace=False,
                            p=support_class_probs(self.train_classes, query_class))
         way_classes = [self.train_classes[j] for j in picks]
-        support: list[list[Sample]] = []
+        drawn: list[list[_Held]] = []
         for c in way_classes:
             cands = [s for k, s in buffers[c].items() if k != query.key]
             if len(cands) < self.shot:
                 return None
-            support.append([cands[j] for j in rng.choice(len(cands), size=self.shot, replace=False)])
+            drawn.append([cands[j] for j in rng.choice(len(cands), size=self.shot, replace=False)])
+        decoded = {h.key: h.decode() for row in drawn for h in row}  # an image in two ways is decoded once
+        support = [[decoded[h.key] for h in row] for row in drawn]
         size = self.image_size
         out = {"query_img": to_tensor_image(query.image, size),
                "support_img": torch.stack([torch.stack([to_tensor_image(s.image, size) for s in row])

@@ -229,3 +229,91 @@ def test_class_query_mode_draws_the_query_class_uniformly(tmp_path):
     assert 0.11 < classes.count(3) / len(classes) < 0.23  # 1 / 6 (binomial sd 0.015)
     entry = query_classes("entry")  # PASCAL-5i: every image once, so class 3 dominates as it does the list
     assert entry.count(3) / len(entry) > 0.5
+
+
+def _png_shards(tmp_path, query_mode):
+    """8 classes in 4 folds, 48 lossless 16 px images with 1-2 labels and index masks (PNG decodes to the same
+    pixels with any libpng; at image_size 16 nothing is resized, so the episode tensors are exact)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from fscs.data.types import Sample
+
+    rng = np.random.default_rng(7)
+    samples = []
+    for n in range(48):
+        labels = tuple(sorted(int(c) for c in rng.choice(8, size=1 + n % 2, replace=False) + 1))
+        image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        mask = np.zeros((16, 16), np.uint8)
+        for i, c in enumerate(labels):
+            mask[2 + 6 * i:8 + 6 * i, 3:13] = c
+        mask[0, :] = 255
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        samples.append((Sample(f"p{n:02d}", image, mask, labels, encoded=("png", buf.getvalue())), "trn"))
+    folds, names = {0: [1, 2], 1: [3, 4], 2: [5, 6], 3: [7, 8]}, [f"k{c}" for c in range(1, 9)]
+    return write_shards(samples, tmp_path / f"png-{query_mode}", dataset="png", class_names=names,
+                        folds=folds, samples_per_shard=12, params={"query_mode": query_mode})
+
+
+def _episodes_digest(h, stream, count):
+    for _, e in zip(range(count), stream):
+        for name in sorted(e):
+            t = e[name].contiguous()
+            h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.numpy().tobytes())
+
+
+@pytest.mark.parametrize(("mode", "regime"), [("entry", "weak"), ("entry", "full"), ("entry", "mixed"),
+                                              ("class", "weak"), ("class", "full"), ("class", "mixed")])
+def test_episodes_unchanged_by_buffering_encoded_bytes(tmp_path, mode, regime):
+    """The buffers hold the tar members' bytes and decode at episode assembly (they held decoded arrays: ~1 GB
+    per worker on COCO). Same seed -> the same episodes, bit for bit: digests recorded with the decoded-array
+    buffers (commit 526247c) over 40 episodes of 2-way 2-shot, buffer_per_class 6, two epochs."""
+    import hashlib
+
+    expected = {
+        ("entry", "weak"): "85bb1eed77bb378f77a843a28705e9190a76f0c7f2eba2145b7d00923ae4773f",
+        ("entry", "full"): "4ec617c496539f991990d41fcec55d51b748dbacc395918afbf1f098c4164c2d",
+        ("entry", "mixed"): "620e790f88dcbdabbf55aeb7f7a47f51854b6ea5ab348acf0f51b0c2f1ce42fb",
+        ("class", "weak"): "c8e3c98afdb2670f976d3cf3479267912d2ed1c8f8ee1720cdc3ddee76199153",
+        ("class", "full"): "0e8f1793704bfcd50bb4055faee3df6e2ab4b0be4d1d9f50c5a4a4d8d96cefc2",
+        ("class", "mixed"): "62e6704c122b70a2e5e3c4560d8f1cc134ad62a81e8224ce49a97664da997a08",
+    }
+    stream = TrainEpisodeStream(_png_shards(tmp_path, mode), fold=0, way=2, shot=2, image_size=16, seed=3,
+                                use_masks=regime == "full", buffer_per_class=6, shuffle_buffer=8,
+                                gt_fraction=0.5 if regime == "mixed" else 0.0)
+    h = hashlib.sha256()
+    _episodes_digest(h, stream, 40)
+    stream.set_epoch(1)
+    _episodes_digest(h, stream, 40)
+    assert h.hexdigest() == expected[(mode, regime)]
+
+
+@pytest.mark.parametrize("use_masks", [False, True])
+def test_buffers_hold_the_shard_bytes_not_decoded_arrays(shard_dir, monkeypatch, use_masks):
+    """What a worker keeps per buffered image is what the tar holds for it (JPEG + json [+ mask.png]), not
+    the decoded uint8 arrays: ~7x larger, 2.5 GB of RSS per worker on COCO-like shards (docs/real-data.md)."""
+    import tarfile
+
+    import numpy as np
+
+    index = read_index(shard_dir)
+    held = []
+    real = TrainEpisodeStream._remember
+
+    def spy(self, sample, classes, buffers):
+        held.append(sample)
+        return real(self, sample, classes, buffers)
+
+    monkeypatch.setattr(TrainEpisodeStream, "_remember", spy)
+    eps = [e for _, e in zip(range(8), _stream(shard_dir, use_masks=use_masks))]
+    assert len(eps) == 8 and held
+    for h in held:
+        assert not any(isinstance(v, np.ndarray) for v in vars(h).values()), h.key
+        with tarfile.open(index.root / index.samples[h.key]["shard"]) as tf:
+            members = {m.name.partition(".")[2]: tf.extractfile(m).read() for m in tf.getmembers()
+                       if m.name.partition(".")[0] == h.key}
+        assert dict(h.files) == {e: b for e, b in members.items() if use_masks or e != "mask.png"}
