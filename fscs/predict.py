@@ -142,6 +142,8 @@ def expand_queries(patterns: Iterable[str]) -> list[Path]:
 class FeatureCache:
     """Backbone features of support images on disk, keyed by sha256(file bytes) + backbone identity."""
 
+    KEYS = ("tokens", "q", "k")
+
     def __init__(self, root: str | Path, identity: dict[str, Any]) -> None:
         self.root = Path(root)
         self.tag = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -155,10 +157,15 @@ class FeatureCache:
         if not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            feats = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exn:  # noqa: BLE001 - a damaged cache entry is recomputed
             logger.warning("%s: unreadable cache entry (%s); recomputing", path, type(exn).__name__)
             return None
+        if not isinstance(feats, dict) or not all(isinstance(feats.get(k), torch.Tensor) for k in self.KEYS):
+            # another tool's (or an older fscs's) file under this name: recomputed, not a KeyError later
+            logger.warning("%s: cache entry lacks %s; recomputing", path, "/".join(self.KEYS))
+            return None
+        return feats
 
     def put(self, file: Path, feats: dict[str, torch.Tensor]) -> None:
         cpu = {k: v.detach().cpu().clone() for k, v in feats.items()}  # own storage: not the whole batch's
@@ -232,7 +239,7 @@ class Predictor:
                 if cache:
                     cache.put(sc.files[i], parts[i])
         stack = {key: torch.stack([p[key] for p in parts]).to(self.device).float()  # type: ignore[index]
-                 for key in ("tokens", "q", "k")}
+                 for key in FeatureCache.KEYS}
         grid, size = self.model.backbone.grid, (self.size, self.size)
         masks = self.model.distiller.support_masks(stack["q"], stack["k"], grid, size).float()
         has_gt = torch.tensor([m is not None for m in sc.masks])

@@ -29,11 +29,11 @@ def test_cache_entry_holds_one_image_not_its_batch(tmp_path):
     cache = FeatureCache(tmp_path / "cache", {"name": "b", "weights_sha256": "w", "image_size": 64})
     src = tmp_path / "img.png"
     src.write_bytes(b"pixels")
-    cache.put(src, {"tokens": batch[3]})
+    cache.put(src, {"tokens": batch[3], "q": batch[2], "k": batch[1]})
     stored = cache.get(src)["tokens"]
     assert torch.equal(stored, batch[3])
     assert stored.untyped_storage().nbytes() == batch[3].numel() * 4  # not the 8-image storage
-    assert cache._path(src).stat().st_size < 2 * batch[3].numel() * 4
+    assert cache._path(src).stat().st_size < 2 * 3 * batch[3].numel() * 4  # three images' features
 
 
 def test_a_bad_device_is_a_one_line_error_before_the_run_is_loaded(tmp_path):
@@ -71,3 +71,19 @@ def test_support_masks_with_an_upper_case_extension_are_found(tmp_path):
     Image.fromarray(obj * 255).save(tmp_path / "masks" / "b.PNG", format="PNG")
     assert np.array_equal(_support_mask(tmp_path / "a.JPG", (6, 8, 3)), obj)
     assert np.array_equal(_support_mask(tmp_path / "b.jpg", (6, 8, 3)), obj)
+
+
+def test_a_cache_entry_without_every_feature_is_recomputed(tmp_path, caplog):
+    """An entry that loads but is not {tokens, q, k} of tensors (another tool's file, an older layout) is a
+    cache miss with a warning, not a KeyError traceback when the class is stacked."""
+    cache = FeatureCache(tmp_path / "cache", {"name": "b", "weights_sha256": "w", "image_size": 64})
+    src = tmp_path / "img.png"
+    src.write_bytes(b"pixels")
+    cache.put(src, {"tokens": torch.zeros(2, 3)})
+    assert cache.get(src) is None
+    assert "cache entry lacks tokens/q/k; recomputing" in caplog.text
+    torch.save([torch.zeros(2)], cache._path(src))
+    assert cache.get(src) is None
+    full = {k: torch.full((2, 3), float(i)) for i, k in enumerate(FeatureCache.KEYS)}
+    cache.put(src, full)
+    assert all(torch.equal(cache.get(src)[k], full[k]) for k in FeatureCache.KEYS)
