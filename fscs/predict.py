@@ -340,9 +340,18 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
         raise FSCSError(f"--out {out_dir} is inside --support {support}, whose every sub-folder is a class; "
                         "write the predictions elsewhere")
     t0 = time.time()
+    created = [d for d in (Path(out_dir), *Path(out_dir).parents) if not d.exists()]  # innermost first
     out = make_output_dir(out_dir, "--out")  # before the model is loaded and the supports encoded
-    pred = Predictor(run_dir, support, device=device, regime=regime, cache_dir=cache_dir,
-                     batch_size=batch_size)
+    try:
+        pred = Predictor(run_dir, support, device=device, regime=regime, cache_dir=cache_dir,
+                         batch_size=batch_size)
+    except BaseException:  # a bad run or support folder: no empty --out left behind
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty (another process wrote there): kept
+                break
+        raise
     remove_stale_tmp(out)  # files of a killed earlier run
     _remove_previous_outputs(out)
     names = unique_names(paths)

@@ -87,3 +87,25 @@ def test_a_cache_entry_without_every_feature_is_recomputed(tmp_path, caplog):
     full = {k: torch.full((2, 3), float(i)) for i, k in enumerate(FeatureCache.KEYS)}
     cache.put(src, full)
     assert all(torch.equal(cache.get(src)[k], full[k]) for k in FeatureCache.KEYS)
+
+
+def test_a_failed_start_leaves_no_empty_out_folder(tmp_path):
+    """--out is created early (an unwritable one fails fast) but removed again, with the parents this run
+    created, when the run or the support folder is refused; an existing --out stays."""
+    import pytest
+
+    from fscs.errors import FSCSError
+    from fscs.predict import run_predict
+
+    (tmp_path / "support" / "empty").mkdir(parents=True)
+    (tmp_path / "q").mkdir()
+    new = tmp_path / "new" / "pred"
+    Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / "q" / "a.png")
+    with pytest.raises(FSCSError):
+        run_predict(tmp_path / "no-run", tmp_path / "support", [str(tmp_path / "q")], new, progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(FSCSError):
+        run_predict(tmp_path / "no-run", tmp_path / "support", [str(tmp_path / "q")], tmp_path / "kept",
+                    progress=False)
+    assert (tmp_path / "kept").is_dir()
