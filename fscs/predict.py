@@ -122,8 +122,9 @@ def scan_support(support_dir: str | Path) -> list[SupportClass]:
 
 def expand_queries(patterns: Iterable[str]) -> list[Path]:
     """Query arguments (files, folders searched recursively but without `*.mask.png`, globs) -> unique image
-    files in order."""
-    out: dict[Path, None] = {}
+    files in order; a file reached twice (absolute and relative path, overlapping globs, a symlink) is
+    predicted once, under the first spelling."""
+    out: dict[Path, Path] = {}  # resolved -> as given
     for pat in patterns:
         p = Path(pat)
         if p.is_dir():  # without the `*.mask.png` masks of a folder laid out like --support
@@ -135,8 +136,9 @@ def expand_queries(patterns: Iterable[str]) -> list[Path]:
             found = sorted(Path(f) for f in glob.glob(pat, recursive=True) if _is_image(Path(f)))
             if not found:
                 logger.warning("query %r: no such file, folder or matching image; skipped", pat)
-        out.update(dict.fromkeys(found))
-    return list(out)
+        for f in found:
+            out.setdefault(f.resolve(), f)
+    return list(out.values())
 
 
 class FeatureCache:

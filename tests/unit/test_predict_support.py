@@ -109,3 +109,15 @@ def test_a_failed_start_leaves_no_empty_out_folder(tmp_path):
         run_predict(tmp_path / "no-run", tmp_path / "support", [str(tmp_path / "q")], tmp_path / "kept",
                     progress=False)
     assert (tmp_path / "kept").is_dir()
+
+
+def test_a_query_given_twice_by_different_paths_is_predicted_once(tmp_path, monkeypatch):
+    from fscs.predict import expand_queries
+
+    (tmp_path / "q").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / "q" / name)
+    monkeypatch.chdir(tmp_path)
+    got = expand_queries(["q/a.png", str(tmp_path / "q" / "a.png"), "q", str(tmp_path / "q" / "*.png"),
+                          "./q/../q/b.png"])
+    assert [str(p) for p in got] == ["q/a.png", "q/b.png"]
