@@ -366,3 +366,25 @@ def test_a_masks_folder_inside_an_image_folder_is_not_a_class(tmp_path):
     index = read_index(out)
     assert list(index.class_names.values()) == ["p", "q", "r"]
     assert len(index.samples) == 9 and all(s["mask"] for s in index.samples.values())
+
+
+def test_mask_warnings_count_the_masks_stored_not_the_blank_files(tmp_path, caplog):
+    """Blank mask files (dropped when read) do not count as masks in the 'N of M have masks' warnings."""
+    images, csv = _dataset(tmp_path, _rows(3))
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    drawn = np.zeros((H, W), np.uint8)
+    drawn[2:6, 2:6] = 4
+    Image.fromarray(drawn).save(tmp_path / "masks" / "d" / "d0.png")
+    for name in ("d1", "d2"):  # exported by an annotation tool before anyone drew on them
+        Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "masks" / "d" / f"{name}.png")
+    for out in ("s", "s"):  # built, then reused: the same count both times
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+            build_folder_shards(images, tmp_path / out, labels=csv, masks=tmp_path / "masks", novel=["d"])
+        assert "1 of 15 images have masks" in caplog.text
+        assert "1 of 4 novel test images have masks" in caplog.text
+    caplog.clear()
+    Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "masks" / "d" / "d0.png")
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        build_folder_shards(images, tmp_path / "s2", labels=csv, masks=tmp_path / "masks", novel=["d"])
+    assert "have masks" not in caplog.text and "the 4 novel test images have no masks" in caplog.text

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fscs.data.shards import ROLES, write_shards
+from fscs.data.shards import ROLES, read_index, write_shards
 from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
@@ -248,7 +248,7 @@ def plan_folder(images: str | Path, labels: str | Path | None = None, masks: str
 
 
 def _warn_small(plan: FolderPlan, shots: Sequence[int]) -> None:
-    """Warnings: classes with too few images for `shots`, and missing masks (what `fscs bench` can score)."""
+    """Warnings: classes with too few images for `shots` (masks: `_warn_masks`, after the pixels are read)."""
     need = max(shots or (1,)) + 1
     novel = set(plan.novel)
     per = {s: Counter(c for it in plan.items if plan.split[it.key] == s for c in it.labels)
@@ -261,12 +261,19 @@ def _warn_small(plan: FolderPlan, shots: Sequence[int]) -> None:
             logger.warning("class %r has %d %s images; %d-shot episodes need %d (a query + %d supports): add "
                            "images or use fewer shots", c, n, "novel test" if c in novel else "training",
                            need - 1, need, need - 1)
-    with_mask = sum(it.mask is not None for it in plan.items)
+    if not plan.novel:
+        logger.warning("no novel classes: every class is trained on and `fscs bench` has nothing to test")
+
+
+def _warn_masks(plan: FolderPlan, masked_keys: set[str]) -> None:
+    """Warnings on missing masks (what `fscs bench` can score) from the images stored with a mask
+    (`masked_keys`: a blank mask file counts as none)."""
+    with_mask = sum(it.key in masked_keys for it in plan.items)
     test = [it for it in plan.items if plan.split[it.key] == "test"]
     if 0 < with_mask < len(plan.items):
         logger.warning("%d of %d images have masks: train.regime=full needs a mask on every training image "
                        "(train weak, or mixed)", with_mask, len(plan.items))
-    masked = [it for it in test if it.mask is not None]
+    masked = [it for it in test if it.key in masked_keys]
     if test and not masked:
         logger.warning("the %d novel test images have no masks: `fscs bench` reports ER (classification) "
                        "only, no mIoU; mask a few per novel class (masks/<image>.png) for mIoU", len(test))
@@ -278,8 +285,6 @@ def _warn_small(plan: FolderPlan, shots: Sequence[int]) -> None:
         if unmasked:
             logger.warning("novel class %r has no masked test image: its IoU (part of the mIoU mean) can "
                            "only be 0; mask a few of its images", unmasked[0])
-    if not plan.novel:
-        logger.warning("no novel classes: every class is trained on and `fscs bench` has nothing to test")
 
 
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}
@@ -460,6 +465,9 @@ def build_folder_shards(images: str | Path, out: str | Path, *, labels: str | Pa
     logger.info("%d images, %d classes (novel: %s): %d trn, %d val, %d test", len(plan.items),
                 len(plan.class_names), ", ".join(plan.novel) or "none", splits["trn"], splits["val"],
                 splits["test"])
-    return write_shards(iter_folder_samples(plan, max_side), out, dataset=dataset,
-                        class_names=plan.class_names, folds=folds, lists_fn=lambda records, fold_map: lists,
-                        samples_per_shard=samples_per_shard, params=params)
+    out = write_shards(iter_folder_samples(plan, max_side), out, dataset=dataset,
+                       class_names=plan.class_names, folds=folds, lists_fn=lambda records, fold_map: lists,
+                       samples_per_shard=samples_per_shard, params=params)
+    # counted from what was stored (also when reused): blank mask files were dropped while reading
+    _warn_masks(plan, {k for k, s in read_index(out).samples.items() if s["mask"]})
+    return out
