@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fscs.atomic import make_output_dir, remove_stale_tmp, write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
-from fscs.data.transforms import pil_rgb, resize_mask, to_tensor_image
+from fscs.data.transforms import mask_foreground, pil_rgb, resize_mask, to_tensor_image
 from fscs.errors import FSCSError
 from fscs.model.correlation import correlation
 from fscs.model.fscs_model import EpisodeFeatures, EpisodeOutput, FSCSModel
@@ -59,13 +59,8 @@ class SupportClass:
 
 
 def _mask_pixels(im: Image.Image) -> np.ndarray:
-    """uint8 {0,1} [H, W], nonzero = object: the grey level, or the alpha channel of an RGBA/LA mask whose
-    colour is the same everywhere (objects drawn only in transparency)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = np.asarray(im.convert("RGBA"))
-        if (rgba[..., :3] == rgba[0, 0, :3]).all():
-            return (rgba[..., 3] > 0).astype(np.uint8)
-    return (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+    """uint8 {0,1} [H, W], 1 = object (`mask_foreground`: alpha where it varies, else grey level > 0)."""
+    return mask_foreground(im)
 
 
 def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -32,6 +32,21 @@ def pil_rgb(im: Image.Image) -> np.ndarray:
     grey = np.clip(np.rint(arr * (255.0 / scale)), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
 
+def mask_foreground(im: Image.Image) -> np.ndarray:
+    """A binary mask file -> uint8 {0,1} [H, W], 1 = object; the one rule of `fscs predict` support masks and
+    `fscs shards folder` binary masks.
+
+    A mask with transparency (RGBA, LA, PA, or a palette with a transparent entry) whose alpha is not the
+    same everywhere was drawn on a transparent layer: the object is where alpha > 0, whatever its colour
+    (black on transparent white is not inverted). Otherwise the object is where the grey level is > 0.
+    """
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3]
+        if alpha.size and alpha.min() != alpha.max():
+            return (alpha > 0).astype(np.uint8)
+    return (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -388,3 +388,23 @@ def test_mask_warnings_count_the_masks_stored_not_the_blank_files(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
         build_folder_shards(images, tmp_path / "s2", labels=csv, masks=tmp_path / "masks", novel=["d"])
     assert "have masks" not in caplog.text and "the 4 novel test images have no masks" in caplog.text
+
+
+def test_binary_masks_drawn_in_the_alpha_channel_are_read_like_predict_reads_them(tmp_path):
+    """A per-class binary mask whose object exists only in its alpha channel is that object (as for
+    `fscs predict` support masks), not an empty mask."""
+    from fscs.predict import _mask_pixels
+
+    images, csv = _dataset(tmp_path, _rows(3))
+    d = tmp_path / "masks" / "mix" / "ab0"
+    d.mkdir(parents=True)
+    for c, rows in (("a", slice(0, 8)), ("b", slice(12, 20))):
+        rgba = np.full((H, W, 4), 255, np.uint8)
+        rgba[..., 3] = 0
+        rgba[rows, 4:12] = (0, 0, 0, 255)  # black on a transparent white layer
+        Image.fromarray(rgba, "RGBA").save(d / f"{c}.png")
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
+    mask = load_samples(read_index(out), {"mix_ab0"})["mix_ab0"].mask
+    assert (mask == 1).sum() == 64 and (mask == 2).sum() == 64 and mask[2, 6] == 1 and mask[14, 6] == 2
+    with Image.open(d / "a.png") as im:
+        assert np.array_equal(_mask_pixels(im), (mask == 1).astype(np.uint8))

@@ -34,3 +34,28 @@ def test_float_and_eight_bit_modes():
     np.testing.assert_array_equal(pil_rgb(Image.fromarray(rgb)), rgb)
     grey = np.full((3, 3), 17, dtype=np.uint8)
     np.testing.assert_array_equal(pil_rgb(Image.fromarray(grey)), np.full((3, 3, 3), 17, dtype=np.uint8))
+
+
+def test_mask_foreground_one_rule_for_every_way_of_drawing_a_binary_mask():
+    from PIL import Image
+
+    from fscs.data.transforms import mask_foreground
+
+    obj = np.zeros((6, 8), dtype=bool)
+    obj[2:4, 3:6] = True
+    grey = Image.fromarray(obj.astype(np.uint8) * 255)
+    alpha_only = np.zeros((6, 8, 4), dtype=np.uint8)  # black everywhere, the object drawn in transparency
+    alpha_only[..., 3] = obj * 255
+    on_white = np.full((6, 8, 4), 255, dtype=np.uint8)  # black object painted on a transparent white layer
+    on_white[..., 3] = 0
+    on_white[obj] = (0, 0, 0, 255)
+    opaque = np.zeros((6, 8, 4), dtype=np.uint8)  # an RGBA file without transparency: the grey level
+    opaque[..., 3] = 255
+    opaque[obj, :3] = 200
+    la = np.stack([np.full((6, 8), 255, np.uint8), obj.astype(np.uint8) * 255], axis=-1)
+    pal = Image.fromarray(obj.astype(np.uint8), "P")
+    pal.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+    pal.info["transparency"] = 0  # index 0 (white) transparent, index 1 (black) = the object
+    for im in (grey, Image.fromarray(alpha_only, "RGBA"), Image.fromarray(on_white, "RGBA"),
+               Image.fromarray(opaque, "RGBA"), Image.fromarray(la, "LA"), pal):
+        assert np.array_equal(mask_foreground(im), obj), im.mode

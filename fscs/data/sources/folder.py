@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fscs.data.shards import ROLES, read_index, write_shards
-from fscs.data.transforms import pil_rgb
+from fscs.data.transforms import mask_foreground, pil_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
 
@@ -310,8 +310,8 @@ def _read_png(path: Path, binary: bool) -> np.ndarray:
     """A mask file -> uint8 [H, W]: raw index values, or {0, 1} (nonzero) when `binary`."""
     try:
         with Image.open(path) as im:
-            if binary:
-                return (np.asarray(im.convert("L")) > 0).astype(np.uint8)
+            if binary:  # the same rule as predict's support masks (alpha-drawn masks included)
+                return mask_foreground(im)
             if im.mode in ("L", "P"):
                 return np.array(im, dtype=np.uint8)
             if im.mode.startswith("I"):
