@@ -98,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--mask-format", choices=["index", "binary"], default="index",
                     help="how <stem>.png masks are read: class-id values, or nonzero = the image's one label")
     fo.add_argument("--out", required=True, type=Path, help="output shard directory")
-    fo.add_argument("--classes", default=None, help="comma-separated class order = ids 1..C (default sorted)")
+    fo.add_argument("--classes", default=None,
+                    help="comma-separated class order = ids 1..C (default sorted; \\, = a comma in a name)")
     fo_novel = fo.add_mutually_exclusive_group()
-    fo_novel.add_argument("--novel", default=None, help="comma-separated held-out classes (fold 0)")
+    fo_novel.add_argument("--novel", default=None,
+                          help="comma-separated held-out classes (fold 0; \\, = a comma in a name)")
     fo_novel.add_argument("--novel-count", type=int, default=None,
                           help="hold out this many classes chosen with --seed (default about C/4; 0 = none)")
     fo.add_argument("--seed", type=_non_negative, default=0,
@@ -287,10 +289,7 @@ def _cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards_folder(args: argparse.Namespace) -> int:
-    from fscs.data.sources.folder import build_folder_shards
-
-    def names(text: str | None) -> list[str] | None:
-        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+    from fscs.data.sources.folder import build_folder_shards, split_names as names
 
     try:
         shots = [int(s) for s in args.shots.split(",") if s.strip()]

@@ -408,3 +408,18 @@ def test_binary_masks_drawn_in_the_alpha_channel_are_read_like_predict_reads_the
     assert (mask == 1).sum() == 64 and (mask == 2).sum() == 64 and mask[2, 6] == 1 and mask[14, 6] == 2
     with Image.open(d / "a.png") as im:
         assert np.array_equal(_mask_pixels(im), (mask == 1).astype(np.uint8))
+
+
+def test_an_image_folder_class_with_a_comma_can_be_named_escaped(tmp_path, capsys):
+    """ImageFolder class `nuts, bolts`: `--novel 'nuts\\, bolts'` names it; the plain form is refused with
+    the escape in the error (it would be two names)."""
+    for c in ("nuts, bolts", "gears", "springs"):
+        for i in range(3):
+            _img(tmp_path / "photos" / c / f"{i}.png", i)
+    common = ["shards", "folder", "--images", str(tmp_path / "photos"), "--out", str(tmp_path / "s")]
+    assert main([*common, "--novel", "nuts, bolts"]) != 0
+    assert r"a comma inside a class name is written \, (e.g. 'nuts\, bolts')" in capsys.readouterr().err
+    assert main([*common, "--novel", r"nuts\, bolts", "--classes", r"springs,nuts\, bolts,gears"]) == 0
+    index = read_index(tmp_path / "s")
+    assert index.class_names == {1: "springs", 2: "nuts, bolts", 3: "gears"}
+    assert index.folds[NOVEL_FOLD] == [2]

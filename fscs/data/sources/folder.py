@@ -165,6 +165,21 @@ def _find_mask(masks_dir: Path, rel: Path) -> Path | None:
     return single if single.is_file() else folder if folder.is_dir() else None
 
 
+def split_names(text: str | None) -> list[str] | None:
+    """`--novel` / `--classes` text -> class names: comma-separated, `\\,` is a comma inside a name (an
+    ImageFolder class folder `nuts, bolts` is `--novel 'nuts\\, bolts'`)."""
+    if not text:
+        return None
+    return [t.strip().replace("\\,", ",") for t in re.split(r"(?<!\\),", text) if t.strip()]
+
+
+def _comma_hint(names: Sequence[str]) -> str:
+    """The escape to suggest when a class name holds a comma (it cannot be written plainly in a list)."""
+    comma = next((n for n in names if "," in n), None)
+    escaped = comma.replace(",", "\\,") if comma is not None else ""
+    return f"; a comma inside a class name is written \\, (e.g. '{escaped}')" if comma is not None else ""
+
+
 def choose_novel(class_names: Sequence[str], novel: Sequence[str] | None, novel_count: int | None,
                  seed: int) -> list[str]:
     """Held-out classes: `novel` by name, else `novel_count` (default about C / 4, >= 1) drawn with `seed`."""
@@ -173,7 +188,7 @@ def choose_novel(class_names: Sequence[str], novel: Sequence[str] | None, novel_
         unknown = [n for n in novel if n not in names]
         if unknown:
             raise FSCSError(f"--novel {unknown[0]!r} is not a class (classes: {', '.join(names)}); fix the "
-                            "name")
+                            f"name{_comma_hint(names)}")
         chosen = sorted(set(novel))
     else:
         count = max(1, min(len(names) - 1, (len(names) + 2) // 4)) if novel_count is None else novel_count
@@ -225,7 +240,8 @@ def plan_folder(images: str | Path, labels: str | Path | None = None, masks: str
         order = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
         extra = sorted(set(counts) - set(order))
         if extra:
-            raise FSCSError(f"class {extra[0]!r} (used by the labels) is missing from --classes; add it")
+            raise FSCSError(f"class {extra[0]!r} (used by the labels) is missing from --classes; add it"
+                            f"{_comma_hint(extra)}")
     else:
         order = sorted(counts)
     empty = [c for c in order if counts[c] == 0]
