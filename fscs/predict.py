@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fscs.atomic import make_output_dir, remove_stale_tmp, write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
 from fscs.data.transforms import mask_foreground, pil_rgb, resize_mask, to_tensor_image
+from fscs.data.sources.folder import turned_hint
 from fscs.errors import FSCSError
 from fscs.model.correlation import correlation
 from fscs.model.fscs_model import EpisodeFeatures, EpisodeOutput, FSCSModel
@@ -78,7 +79,8 @@ def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
                 logger.warning("%s: unreadable support mask (%s); ignored", cand, exn)
                 return None
             if mask.shape != shape[:2]:
-                logger.warning("%s: mask %s differs from its image %s; ignored", cand, mask.shape, shape[:2])
+                logger.warning("%s: mask %s differs from its image %s; ignored%s", cand, mask.shape, shape[:2],
+                               turned_hint(mask.shape, shape))
                 return None
             if not mask.any():  # a support image shows its class: an empty mask is a broken file, not a label
                 logger.warning("%s: the mask marks no pixel; ignored (pseudo-mask used instead)", cand)

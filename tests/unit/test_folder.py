@@ -423,3 +423,20 @@ def test_an_image_folder_class_with_a_comma_can_be_named_escaped(tmp_path, capsy
     index = read_index(tmp_path / "s")
     assert index.class_names == {1: "springs", 2: "nuts, bolts", 3: "gears"}
     assert index.folds[NOVEL_FOLD] == [2]
+
+
+def test_a_mask_drawn_on_the_image_as_stored_not_upright_is_named_as_such(tmp_path):
+    """Masks match the upright (EXIF-rotated) image; a mask with the stored, unrotated size says so."""
+    images, csv = _dataset(tmp_path, _rows(3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: upright it is H wide and W high
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(images / "d" / "d0.jpg", exif=exif)
+    (images / "d" / "d0.png").unlink()
+    csv.write_text(csv.read_text().replace("d/d0.png", "d/d0.jpg"))
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    stored = np.zeros((H, W), np.uint8)
+    stored[2:6, 2:6] = 4
+    Image.fromarray(stored).save(tmp_path / "masks" / "d" / "d0.png")
+    with pytest.raises(FSCSError, match=r"d0.png: mask is 32x24 but image .* is 24x32 .* masks match the "
+                                        r"upright image \(EXIF orientation applied\)"):
+        build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])

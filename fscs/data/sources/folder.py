@@ -342,11 +342,19 @@ def _read_png(path: Path, binary: bool) -> np.ndarray:
                         ) from None
 
 
+def turned_hint(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> str:
+    """A hint when a mask has its image's size turned 90 degrees: drawn on the image as stored, not upright."""
+    if mask_shape[:2] != image_shape[:2] and mask_shape[:2] == image_shape[1::-1]:
+        return ("; it has the image's size turned 90 degrees: masks match the upright image (EXIF orientation "
+                "applied), rotate the mask the same way")
+    return ""
+
+
 def _check_size(mask: np.ndarray, mpath: Path, image: np.ndarray, ipath: Path) -> None:
     if mask.shape != image.shape[:2]:
         raise FSCSError(f"{mpath}: mask is {mask.shape[1]}x{mask.shape[0]} but image {ipath} is "
                         f"{image.shape[1]}x{image.shape[0]} (WxH); masks must match their image pixel for "
-                        "pixel")
+                        f"pixel{turned_hint(mask.shape, image.shape)}")
 
 
 def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndarray:
