@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fscs.atomic import make_output_dir, remove_stale_tmp, write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
-from fscs.data.transforms import mask_foreground, pil_rgb, resize_mask, to_tensor_image
+from fscs.data.transforms import mask_foreground, open_image, resize_mask, to_tensor_image, upright_rgb
 from fscs.data.sources.folder import turned_hint
 from fscs.errors import FSCSError
 from fscs.model.correlation import correlation
@@ -36,13 +36,20 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 REGIMES = ("auto", "weak", "full", "mixed")
 _READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError)
+SUPPORT_SIDE = 2048
+"""Support images over Pillow's ~179 MP limit are read with this longer side (the model sees far fewer)."""
 
 
+def read_image(path: Path, max_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 [h, w, 3] upright, its full (H, W)): an image over Pillow's ~179 MP limit is read downscaled to
+    max_side (`upright_rgb`); raises the PIL/OS error for unreadable files (and for one over ~537 MP)."""
+    with open_image(path) as im:
+        return upright_rgb(im, max_side)
 
-def read_rgb(path: Path) -> np.ndarray:
-    """uint8 [H, W, 3] (EXIF orientation applied); raises the PIL/OS error for unreadable files."""
-    with Image.open(path) as im:
-        return pil_rgb(ImageOps.exif_transpose(im))
+
+def read_rgb(path: Path, max_side: int = 0) -> np.ndarray:
+    """uint8 [H, W, 3] (EXIF orientation applied; see `read_image`)."""
+    return read_image(path, max_side)[0]
 
 
 def _is_image(p: Path) -> bool:
@@ -64,8 +71,10 @@ def _mask_pixels(im: Image.Image) -> np.ndarray:
     return mask_foreground(im)
 
 
-def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
-    """`<stem>.mask.png` beside the image or `masks/<stem>.png` in its class folder (nonzero = object)."""
+def _support_mask(img_path: Path, shape: tuple[int, ...], read_shape: tuple[int, ...] | None = None
+                  ) -> np.ndarray | None:
+    """`<stem>.mask.png` beside the image or `masks/<stem>.png` in its class folder (nonzero = object); the
+    file must have the image's full size `shape`, it is returned at `read_shape` (default `shape`)."""
     stem = img_path.stem
     for folder, name in ((img_path.parent, f"{stem}.mask.png"), (img_path.parent / "masks", f"{stem}.png")):
         cand = folder / name
@@ -73,7 +82,7 @@ def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
             cand = next((f for f in folder.iterdir() if f.name.lower() == name.lower() and f.is_file()), cand)
         if cand.is_file():
             try:
-                with Image.open(cand) as im:
+                with open_image(cand) as im:
                     mask = _mask_pixels(im)
             except _READ_ERRORS as exn:
                 logger.warning("%s: unreadable support mask (%s); ignored", cand, exn)
@@ -85,12 +94,15 @@ def _support_mask(img_path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
             if not mask.any():  # a support image shows its class: an empty mask is a broken file, not a label
                 logger.warning("%s: the mask marks no pixel; ignored (pseudo-mask used instead)", cand)
                 return None
+            if read_shape is not None and tuple(read_shape[:2]) != mask.shape:  # a downscaled large image
+                mask = np.asarray(Image.fromarray(mask).resize(read_shape[1::-1], Image.NEAREST))
             return mask
     return None
 
 
-def scan_support(support_dir: str | Path) -> list[SupportClass]:
-    """Support folder: one sub-folder per class with a few images (+ optional masks); bad images skipped."""
+def scan_support(support_dir: str | Path, max_side: int = SUPPORT_SIDE) -> list[SupportClass]:
+    """Support folder: one sub-folder per class with a few images (+ optional masks); bad images skipped;
+    images over Pillow's ~179 MP limit are read with their longer side max_side."""
     root = Path(support_dir)
     dirs = sorted(d for d in (root.iterdir() if root.is_dir() else ()) if d.is_dir() and d.name[0] != ".")
     if not dirs:
@@ -100,13 +112,13 @@ def scan_support(support_dir: str | Path) -> list[SupportClass]:
         sc = SupportClass(d.name)
         for p in sorted(p for p in d.iterdir() if _is_image(p) and not p.name.lower().endswith(".mask.png")):
             try:
-                img = read_rgb(p)
+                img, full = read_image(p, max_side)
             except _READ_ERRORS as exn:
                 logger.warning("%s: unreadable support image (%s); skipped", p, exn)
                 continue
             sc.files.append(p)
             sc.images.append(img)
-            sc.masks.append(_support_mask(p, img.shape))
+            sc.masks.append(_support_mask(p, full, img.shape))
         if not sc.files:
             raise FSCSError(f"{d}: support class {d.name!r} has no readable images; add a few or remove the "
                             "folder")
@@ -371,17 +383,19 @@ def run_predict(run_dir: str | Path, support: str | Path, queries: Sequence[str]
     skipped: list[dict[str, str]] = []
     bar = progress_bar(total=len(paths), unit="img", desc="predict", disable=not progress)
 
-    def flush(batch: list[tuple[Path, str, np.ndarray]]) -> None:
-        x = torch.stack([to_tensor_image(image, pred.size) for *_, image in batch])
+    def flush(batch: list[tuple[Path, str, np.ndarray, tuple[int, int]]]) -> None:
+        x = torch.stack([to_tensor_image(b[2], pred.size) for b in batch])
         presence, logits = pred.predict_tensors(x)
-        for (path, name, image), p, lg in zip(batch, presence, logits):
-            records.append(write_query(out, name, path, image, p, lg, classes, palette, threshold, max_side))
+        for (path, name, image, full), p, lg in zip(batch, presence, logits):
+            records.append(write_query(out, name, path, image, p, lg, classes, palette, threshold, max_side,
+                                       full))
         bar.update(len(batch))
 
-    batch: list[tuple[Path, str, np.ndarray]] = []
+    read_side = max(max_side, pred.size) if max_side else 0  # images over ~179 MP: read downscaled
+    batch: list[tuple[Path, str, np.ndarray, tuple[int, int]]] = []
     for path, name in zip(paths, names):
         try:
-            batch.append((path, name, read_rgb(path)))
+            batch.append((path, name, *read_image(path, read_side)))
         except _READ_ERRORS as exn:
             logger.warning("%s: unreadable query image (%s); skipped", path, exn)
             skipped.append({"image": str(path), "error": f"{type(exn).__name__}: {exn}"})

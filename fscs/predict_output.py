@@ -103,12 +103,13 @@ figure{{margin:0;width:240px}} img{{max-width:240px;max-height:240px}} ul{{margi
 
 def write_query(out: Path, name: str, path: Path, image: np.ndarray, presence: torch.Tensor,
                  logits: torch.Tensor, classes: list[dict[str, Any]], palette: np.ndarray, threshold: float,
-                 max_side: int) -> dict[str, Any]:
+                 max_side: int, size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Write `<name>.mask.png` (original size), `<name>.overlay.png` and `<name>.json`; returns the record.
 
-    presence [C] probabilities, logits [C, 2, S, S] mask log-probs of one query.
+    presence [C] probabilities, logits [C, 2, S, S] mask log-probs of one query; size: the original (H, W)
+    when `image` was read downscaled (default: image's own size).
     """
-    h, w = image.shape[:2]
+    h, w = size or image.shape[:2]
     labels = label_map(presence, logits, work_size(h, w, max_side), threshold)
     full = labels
     if labels.shape != (h, w):

@@ -2,13 +2,68 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
+
+PIL_LIMIT_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+"""Pillow refuses larger images (~179 MP) as possible decompression bombs, a guard for untrusted uploads."""
+MAX_READ_PIXELS = 1 << 29
+"""The largest image fscs reads (~537 MP, e.g. 30000 x 17000): a PNG/TIFF of that size decodes to ~2 GB
+before it is downscaled (a JPEG is decoded at 1/2 to 1/8 scale: far less)."""
+
+
+def open_image(source: str | Path | BinaryIO) -> Image.Image:
+    """Image.open for the user's own files: no decompression-bomb refusal up to MAX_READ_PIXELS (drone,
+    satellite and scanner images are often over Pillow's ~179 MP); a larger image raises
+    DecompressionBombError naming its size and the fix. Only the header is read here."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        im = Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    w, h = im.size
+    if w * h > MAX_READ_PIXELS:
+        im.close()
+        side = int(max(w, h) * (MAX_READ_PIXELS / (w * h)) ** 0.5)
+        raise Image.DecompressionBombError(
+            f"{w}x{h} pixels ({w * h / 1e6:.0f} MP) is over the {MAX_READ_PIXELS / 1e6:.0f} MP fscs reads; "
+            f"downscale it (longer side <= {side} px, e.g. to 8000 px) and save it as JPEG/PNG")
+    return im
+
+
+def upright_rgb(im: Image.Image, max_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
+    """An opened image -> (uint8 [h, w, 3] RGB with its EXIF orientation applied, its full upright (H, W)).
+
+    An image over Pillow's limit (PIL_LIMIT_PIXELS) is read downscaled so its longer side is max_side
+    (0 = full size): a JPEG is decoded at a reduced scale, other formats are reduced right after decoding,
+    so memory stays near the working size. Other images are returned at full size, (h, w) == (H, W).
+    """
+    w, h = im.size
+    full = (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90 degrees
+    if not (max_side and w * h > PIL_LIMIT_PIXELS and max(w, h) > max_side):
+        return pil_rgb(ImageOps.exif_transpose(im)), full
+    scale = max_side / max(w, h)
+    im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # JPEG: decoded at 1/2..1/8 scale
+    if im.getexif().get(0x0112, 1) not in (0, 1):  # (exif_transpose would copy even an upright image)
+        im = ImageOps.exif_transpose(im)
+    sixteen = im.mode.startswith("I;16")  # resized as 32-bit, then scaled like 16-bit data (pil_rgb)
+    if sixteen:
+        im = im.convert("I")
+    elif not (im.mode in ("I", "F", "RGB")):
+        im = im.convert("RGB")
+    size = (max(1, round(full[1] * scale)), max(1, round(full[0] * scale)))  # (w, h) as _shrink rounds it
+    if im.size != size:
+        im = im.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    if sixteen:
+        im = Image.fromarray(np.asarray(im).clip(0, 65535).astype(np.uint16))
+    return pil_rgb(im), full
 
 
 def pil_rgb(im: Image.Image) -> np.ndarray:

@@ -210,3 +210,23 @@ def test_out_inside_the_support_folder_is_refused_before_it_is_made(world, tmp_p
         run_predict(world["run"], support, [str(world["queries"] / "q1.jpg")], support / "pred",
                     progress=False)
     assert sorted(p.name for p in support.iterdir()) == ["cross", "ring"]
+
+
+def test_a_query_over_pillows_limit_is_predicted_from_a_downscaled_read(world, tmp_path, monkeypatch):
+    """A query over Pillow's ~179 MP limit (here: over 2 x 2000 pixels) was skipped as a 'decompression
+    bomb'; it is read downscaled, predicted, and its mask written at the original size."""
+    import fscs.data.transforms as tr
+
+    big = np.asarray(Image.fromarray(make_image(["ring"], 2100)[0]).resize((3 * SIZE, 2 * SIZE)))
+    Image.fromarray(big).save(tmp_path / "big.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    monkeypatch.setattr(tr, "PIL_LIMIT_PIXELS", 4000)
+    summary = run_predict(world["run"], world["support"], [str(tmp_path / "big.jpg")], tmp_path / "pred",
+                          max_side=SIZE, progress=False)
+    assert summary["predicted"] == 1 and not summary["skipped"]
+    rec = json.loads((tmp_path / "pred" / "big.json").read_text())
+    assert (rec["width"], rec["height"]) == (3 * SIZE, 2 * SIZE)
+    monkeypatch.undo()
+    with Image.open(tmp_path / "pred" / "big.mask.png") as mask, \
+            Image.open(tmp_path / "pred" / "big.overlay.png") as overlay:
+        assert mask.size == (3 * SIZE, 2 * SIZE) and max(overlay.size) == SIZE

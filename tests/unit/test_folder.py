@@ -440,3 +440,33 @@ def test_a_mask_drawn_on_the_image_as_stored_not_upright_is_named_as_such(tmp_pa
     with pytest.raises(FSCSError, match=r"d0.png: mask is 32x24 but image .* is 24x32 .* masks match the "
                                         r"upright image \(EXIF orientation applied\)"):
         build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
+
+
+def test_images_over_pillows_limit_are_converted_downscaled_with_their_masks(tmp_path, monkeypatch):
+    """Pillow refuses images over ~179 MP (here: over 600 pixels); they are read downscaled to --max-side,
+    their full-size masks brought to the same size. One over fscs's read limit is a one-line error with
+    its size and a fix that works (not 're-save it as JPEG/PNG')."""
+    import fscs.data.transforms as tr
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    monkeypatch.setattr(tr, "PIL_LIMIT_PIXELS", 600)
+    monkeypatch.setattr(tr, "MAX_READ_PIXELS", 5000)
+    images, csv = _dataset(tmp_path, _rows(3))
+    (tmp_path / "masks" / "d").mkdir(parents=True)
+    drawn = np.zeros((H, W), np.uint8)
+    drawn[:, : W // 2] = 4
+    Image.fromarray(drawn).save(tmp_path / "masks" / "d" / "d0.png")
+    out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"],
+                              max_side=16)
+    got = load_samples(read_index(out), {"d_d0", "a_a0"})
+    assert got["d_d0"].image.shape == (12, 16, 3) and got["a_a0"].image.shape == (12, 16, 3)
+    assert got["d_d0"].mask.shape == (12, 16) and (got["d_d0"].mask[:, :8] == 4).all()
+    assert (got["d_d0"].mask[:, 8:] == 0).all()
+    with pytest.raises(FSCSError, match=r"a0.png: 32x24 pixels is over .* convert with --max-side"):
+        build_folder_shards(images, tmp_path / "s1", labels=csv, novel=["d"], max_side=0)  # kept as it is
+    _img(images / "a" / "a0.png", 0, size=(100, 80))  # 8000 pixels: over the read limit
+    with pytest.raises(FSCSError) as err:
+        build_folder_shards(images, tmp_path / "s2", labels=csv, novel=["d"], max_side=16)
+    msg = str(err.value)
+    assert "a0.png: 100x80 pixels" in msg and "downscale it" in msg and "re-save" not in msg
+    assert "\n" not in msg

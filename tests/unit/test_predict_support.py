@@ -121,3 +121,21 @@ def test_a_query_given_twice_by_different_paths_is_predicted_once(tmp_path, monk
     got = expand_queries(["q/a.png", str(tmp_path / "q" / "a.png"), "q", str(tmp_path / "q" / "*.png"),
                           "./q/../q/b.png"])
     assert [str(p) for p in got] == ["q/a.png", "q/b.png"]
+
+
+def test_a_support_image_over_pillows_limit_is_read_downscaled_with_its_mask(tmp_path, monkeypatch):
+    """Pillow refuses images over ~179 MP (here: over 600 pixels): the support image is read with its
+    longer side at max_side and its full-size mask brought to that size, instead of being skipped."""
+    import fscs.data.transforms as tr
+    from fscs.predict import scan_support
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
+    monkeypatch.setattr(tr, "PIL_LIMIT_PIXELS", 600)
+    (tmp_path / "dent").mkdir()
+    Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(tmp_path / "dent" / "a.png")
+    obj = np.zeros((40, 60), dtype=np.uint8)
+    obj[:, :30] = 255
+    Image.fromarray(obj).save(tmp_path / "dent" / "a.mask.png")
+    (sc,) = scan_support(tmp_path, max_side=15)
+    assert sc.images[0].shape == (10, 15, 3) and sc.masks[0].shape == (10, 15)
+    assert sc.masks[0][:, :7].all() and not sc.masks[0][:, 8:].any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fscs.data.transforms import pil_rgb
@@ -59,3 +60,54 @@ def test_mask_foreground_one_rule_for_every_way_of_drawing_a_binary_mask():
     for im in (grey, Image.fromarray(alpha_only, "RGBA"), Image.fromarray(on_white, "RGBA"),
                Image.fromarray(opaque, "RGBA"), Image.fromarray(la, "LA"), pal):
         assert np.array_equal(mask_foreground(im), obj), im.mode
+
+
+@pytest.fixture
+def small_pillow_limit(monkeypatch):
+    """Pillow's decompression-bomb limit at 2 x 600 pixels (and fscs's read limit at 40 000): a 60 x 40
+    test image is then 'over Pillow's limit' like a 20000 x 10000 drone image."""
+    import fscs.data.transforms as tr
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    monkeypatch.setattr(tr, "PIL_LIMIT_PIXELS", 1200)
+    monkeypatch.setattr(tr, "MAX_READ_PIXELS", 40_000)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_image_over_pillows_limit_is_read_downscaled_upright(tmp_path, small_pillow_limit, fmt):
+    from fscs.data.transforms import open_image, upright_rgb
+
+    arr = np.zeros((40, 60, 3), dtype=np.uint8)
+    arr[:, :30] = (200, 40, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: upright 40 wide, 60 high
+    Image.fromarray(arr).save(tmp_path / "big", format=fmt, exif=exif)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big")  # what predict and shards folder did before
+    with open_image(tmp_path / "big") as im:
+        small, full = upright_rgb(im, 15)
+    assert full == (60, 40) and small.shape == (15, 10, 3)
+    assert abs(int(small[1, 5, 0]) - 200) < 20 and int(small[-2, 5, 0]) < 20  # red half on top, upright
+    with open_image(tmp_path / "big") as im:
+        whole, full = upright_rgb(im, 0)  # 0 = full size
+    assert whole.shape == (60, 40, 3) and full == (60, 40)
+
+
+def test_a_sixteen_bit_image_over_pillows_limit_keeps_its_scaling(tmp_path, small_pillow_limit):
+    from fscs.data.transforms import open_image, upright_rgb
+
+    Image.fromarray(np.full((40, 60), 200 * 257, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    with open_image(tmp_path / "grey16.png") as im:
+        assert im.mode.startswith("I;16")
+        small, full = upright_rgb(im, 15)
+    assert small.shape == (10, 15, 3) and full == (40, 60) and (small == 200).all()
+
+
+def test_an_image_over_the_read_limit_names_its_size_and_a_working_fix(tmp_path, small_pillow_limit):
+    from fscs.data.transforms import open_image
+
+    Image.fromarray(np.zeros((200, 250), dtype=np.uint8)).save(tmp_path / "huge.png")
+    with pytest.raises(Image.DecompressionBombError,
+                       match=r"^250x200 pixels \(\d+ MP\) is over the \d+ MP fscs reads; downscale it "
+                             r"\(longer side <= 223 px"):
+        open_image(tmp_path / "huge.png")

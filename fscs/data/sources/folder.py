@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from fscs.data import transforms
 from fscs.data.shards import ROLES, read_index, write_shards
-from fscs.data.transforms import mask_foreground, pil_rgb
+from fscs.data.transforms import mask_foreground, open_image, upright_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError
 
@@ -307,16 +308,24 @@ _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}
 """Source formats stored byte for byte when the pixels are used unchanged (shards decode them the same way)."""
 
 
-def _read_image(path: Path, where: str) -> tuple[np.ndarray, tuple[str, bytes] | None]:
-    """RGB uint8 [H, W, 3] (EXIF orientation applied) and, for a JPEG/PNG that needed no rotation, its
-    file bytes (`Sample.encoded`: the shard then holds the original file, not a re-encoded JPEG)."""
+def _read_image(path: Path, where: str, max_side: int = 0
+                ) -> tuple[np.ndarray, tuple[str, bytes] | None, tuple[int, int]]:
+    """RGB uint8 [h, w, 3] (EXIF orientation applied); for a JPEG/PNG that needed no rotation nor
+    downscaling, its file bytes (`Sample.encoded`: the shard then holds the original file, not a re-encoded
+    JPEG); its full upright (H, W). An image over Pillow's ~179 MP limit is read downscaled to max_side."""
     try:
         raw = path.read_bytes()
-        with Image.open(io.BytesIO(raw)) as im:
+        with open_image(io.BytesIO(raw)) as im:
             upright = im.getexif().get(0x0112, 1) in (0, 1)  # EXIF orientation: 1 (or none) = as stored
             ext = _KEEP_FORMATS.get(im.format or "") if upright else None
-            return pil_rgb(ImageOps.exif_transpose(im)), (
-                (ext, raw) if ext else None)
+            if not max_side and im.width * im.height > transforms.PIL_LIMIT_PIXELS:  # stored as it is
+                raise FSCSError(f"{path}: {im.width}x{im.height} pixels is over the "
+                                f"{transforms.PIL_LIMIT_PIXELS / 1e6:.0f} MP that training and bench decode "
+                                f"from shards ({where}); convert with --max-side (e.g. 1024, the default)")
+            image, full = upright_rgb(im, max_side)
+            return image, ((ext, raw) if ext and image.shape[:2] == full else None), full
+    except Image.DecompressionBombError as exn:  # over MAX_READ_PIXELS: the message has the size and the fix
+        raise FSCSError(f"{path}: {exn} ({where})") from None
     except _READ_ERRORS as exn:
         raise FSCSError(f"{path}: unreadable image ({_one_line(exn)}; {where}); re-save it as JPEG/PNG or "
                         "remove it") from None
@@ -325,7 +334,7 @@ def _read_image(path: Path, where: str) -> tuple[np.ndarray, tuple[str, bytes] |
 def _read_png(path: Path, binary: bool) -> np.ndarray:
     """A mask file -> uint8 [H, W]: raw index values, or {0, 1} (nonzero) when `binary`."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             if binary:  # the same rule as predict's support masks (alpha-drawn masks included)
                 return mask_foreground(im)
             if im.mode in ("L", "P"):
@@ -350,19 +359,21 @@ def turned_hint(mask_shape: tuple[int, ...], image_shape: tuple[int, ...]) -> st
     return ""
 
 
-def _check_size(mask: np.ndarray, mpath: Path, image: np.ndarray, ipath: Path) -> None:
-    if mask.shape != image.shape[:2]:
+def _check_size(mask: np.ndarray, mpath: Path, size: tuple[int, int], ipath: Path) -> None:
+    """`size`: the image's full upright (H, W)."""
+    if mask.shape != size:
         raise FSCSError(f"{mpath}: mask is {mask.shape[1]}x{mask.shape[0]} but image {ipath} is "
-                        f"{image.shape[1]}x{image.shape[0]} (WxH); masks must match their image pixel for "
-                        f"pixel{turned_hint(mask.shape, image.shape)}")
+                        f"{size[1]}x{size[0]} (WxH); masks must match their image pixel for "
+                        f"pixel{turned_hint(mask.shape, size)}")
 
 
-def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndarray:
-    """The item's mask as absolute ids (0 bg, 1..C, 255 ignore), validated against its labels."""
+def _read_mask(item: FolderItem, size: tuple[int, int], plan: FolderPlan) -> np.ndarray:
+    """The item's mask as absolute ids (0 bg, 1..C, 255 ignore) at the image's full size (H, W), validated
+    against its labels."""
     ids, path = plan.class_id, item.mask
     assert path is not None
     if path.is_dir():
-        mask = np.zeros(image.shape[:2], dtype=np.uint8)
+        mask = np.zeros(size, dtype=np.uint8)
         files = {p.stem: p for p in _png_files(path)}
         for name, f in files.items():
             if name not in ids:
@@ -372,7 +383,7 @@ def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndar
                 raise FSCSError(f"{f}: class {name!r} is not labelled for {item.path.name} ({item.where}); "
                                 "add the label or remove the mask")
             fg = _read_png(f, binary=True).astype(bool)
-            _check_size(fg, f, image, item.path)
+            _check_size(fg, f, size, item.path)
             taken = mask != 0
             mask[fg & taken] = IGNORE  # overlapping classes: ignore
             mask[fg & ~taken] = ids[name]
@@ -386,10 +397,10 @@ def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndar
             raise FSCSError(f"{path}: --mask-format binary needs single-label images, {item.path.name} has "
                             f"{len(item.labels)} labels; use masks/<image>/<class>.png")
         fg = _read_png(path, binary=True)
-        _check_size(fg, path, image, item.path)
+        _check_size(fg, path, size, item.path)
         return fg * np.uint8(ids[item.labels[0]])
     mask = _read_png(path, binary=False)
-    _check_size(mask, path, image, item.path)
+    _check_size(mask, path, size, item.path)
     for v in (int(v) for v in np.unique(mask)):
         if v in (0, IGNORE):
             continue
@@ -408,9 +419,12 @@ def _read_mask(item: FolderItem, image: np.ndarray, plan: FolderPlan) -> np.ndar
 
 def _shrink(image: np.ndarray, mask: np.ndarray | None, max_side: int
             ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Downscale so the longer side is <= max_side (image bilinear, mask nearest); 0 = keep size."""
+    """Downscale so the longer side is <= max_side (image bilinear, mask nearest); 0 = keep size. A mask
+    larger than its image (read downscaled: `_read_image`) is brought to the image's size."""
     h, w = image.shape[:2]
     if not max_side or max(h, w) <= max_side:
+        if mask is not None and mask.shape != (h, w):
+            mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
         return image, mask
     scale = max_side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -424,8 +438,8 @@ def iter_folder_samples(plan: FolderPlan, max_side: int = 1024) -> Iterator[tupl
     """(Sample, split) per planned image; FSCSError naming the file on any unreadable/inconsistent input."""
     ids = plan.class_id
     for item in plan.items:
-        image, encoded = _read_image(item.path, item.where)
-        mask = _read_mask(item, image, plan) if item.mask is not None else None
+        image, encoded, full = _read_image(item.path, item.where, max_side)
+        mask = _read_mask(item, full, plan) if item.mask is not None else None
         if mask is not None:
             empty = [c for c in item.labels if not (mask == ids[c]).any()]
             if len(empty) == len(item.labels):  # all 0 / all 255: e.g. an unannotated image's blank export
