@@ -211,6 +211,10 @@ class Predictor:
         if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
             raise FSCSError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible; "
                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
+        if (cache_dir is not None and isinstance(support, (str, Path))
+                and Path(cache_dir).resolve().is_relative_to(Path(support).resolve())):
+            raise FSCSError(f"--cache {cache_dir} is inside --support {support}, whose every sub-folder is a "
+                            "class (the next run would stop at a class of cache files); put the cache elsewhere")
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         loaded = load_run(run_dir)

@@ -139,3 +139,17 @@ def test_a_support_image_over_pillows_limit_is_read_downscaled_with_its_mask(tmp
     (sc,) = scan_support(tmp_path, max_side=15)
     assert sc.images[0].shape == (10, 15, 3) and sc.masks[0].shape == (10, 15)
     assert sc.masks[0][:, :7].all() and not sc.masks[0][:, 8:].any()
+
+
+def test_a_cache_inside_the_support_folder_is_refused_up_front(tmp_path):
+    """--cache support/cache worked once, then every later run stopped at a support class 'cache' without
+    images; it is refused before anything is loaded or created."""
+    import pytest
+
+    from fscs.errors import FSCSError
+    from fscs.predict import Predictor
+
+    (tmp_path / "support" / "dent").mkdir(parents=True)
+    with pytest.raises(FSCSError, match=r"--cache .* is inside --support .*put the cache elsewhere"):
+        Predictor(tmp_path / "no-run", tmp_path / "support", cache_dir=tmp_path / "support" / "cache")
+    assert not (tmp_path / "support" / "cache").exists()
