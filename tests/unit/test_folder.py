@@ -470,3 +470,17 @@ def test_images_over_pillows_limit_are_converted_downscaled_with_their_masks(tmp
     msg = str(err.value)
     assert "a0.png: 100x80 pixels" in msg and "downscale it" in msg and "re-save" not in msg
     assert "\n" not in msg
+
+
+def test_an_image_folder_laid_out_like_predict_support_does_not_take_its_masks_as_images(tmp_path):
+    """photos/<class>/masks/<stem>.png (fscs predict's support layout) are masks of <class>/<stem>.*, not
+    training images of <class>; like <stem>.mask.png, which was already skipped."""
+    for c in ("p", "q", "r"):
+        for i in range(3):
+            _img(tmp_path / "photos" / c / f"{i}.png", i)
+    _img(tmp_path / "photos" / "p" / "masks" / "0.png", 9)
+    _img(tmp_path / "photos" / "q" / "1.mask.png", 9)
+    _img(tmp_path / "photos" / "r" / "masks" / "face.png", 9)  # no r/face.*: a photo in a folder 'masks'
+    out = build_folder_shards(tmp_path / "photos", tmp_path / "s", novel=["r"])
+    assert sorted(read_index(out).samples) == ["p_0", "p_1", "p_2", "q_0", "q_1", "q_2", "r_0", "r_1", "r_2",
+                                               "r_masks_face"]

@@ -67,9 +67,17 @@ def _one_line(exn: BaseException) -> str:
 
 
 def image_files(root: Path) -> list[Path]:
-    """Image files under `root` (recursive, sorted), skipping hidden files and `*.mask.png`."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                  and not p.name.startswith(".") and not p.name.lower().endswith(".mask.png"))
+    """Image files under `root` (recursive, sorted), skipping hidden files and the masks of `fscs predict`'s
+    support layout: `*.mask.png`, and `masks/<stem>.png` beside an image `<stem>.*`."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                   and not p.name.startswith(".") and not p.name.lower().endswith(".mask.png"))
+    stems = {(p.parent, p.stem) for p in files}
+    masks = {p for p in files if p.parent.name.lower() == "masks" and p.suffix.lower() == ".png"
+             and (p.parent.parent, p.stem) in stems}
+    if masks:
+        logger.warning("%s: %d support-style masks (e.g. %s) are not images; masks for shards are read from "
+                       "--masks", root, len(masks), min(masks))
+    return [p for p in files if p not in masks]
 
 
 def make_keys(rel_paths: Sequence[str]) -> list[str]:
