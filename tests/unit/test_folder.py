@@ -484,3 +484,20 @@ def test_an_image_folder_laid_out_like_predict_support_does_not_take_its_masks_a
     out = build_folder_shards(tmp_path / "photos", tmp_path / "s", novel=["r"])
     assert sorted(read_index(out).samples) == ["p_0", "p_1", "p_2", "q_0", "q_1", "q_2", "r_0", "r_1", "r_2",
                                                "r_masks_face"]
+
+
+def test_a_masks_folder_deeper_inside_an_image_folder_is_not_read_as_images(tmp_path):
+    """--masks photos/annotations/masks: 'annotations' is no class of mask images."""
+    fg = np.zeros((H, W), np.uint8)
+    fg[4:8, 4:8] = 255
+    masks = tmp_path / "photos" / "annotations" / "masks"
+    for c in ("p", "q", "r"):
+        for i in range(3):
+            _img(tmp_path / "photos" / c / f"{i}.png", i)
+            (masks / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(fg).save(masks / c / f"{i}.png")
+    out = build_folder_shards(tmp_path / "photos", tmp_path / "s", masks=masks, mask_format="binary",
+                              novel=["r"])
+    index = read_index(out)
+    assert list(index.class_names.values()) == ["p", "q", "r"]
+    assert len(index.samples) == 9 and all(s["mask"] for s in index.samples.values())

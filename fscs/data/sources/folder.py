@@ -135,19 +135,21 @@ def read_labels_csv(csv_path: Path, images_dir: Path) -> list[tuple[Path, tuple[
 def scan_image_folder(images_dir: Path, masks_dir: Path | None = None
                       ) -> list[tuple[Path, tuple[str, ...], str]]:
     """ImageFolder layout: one sub-folder per class (single-label) -> (file, (class,), where); a `masks_dir`
-    inside `images_dir` (photos/masks/) is not a class."""
+    inside `images_dir` (photos/masks/, photos/annotations/masks/) is not a class, nor images of one."""
     skip = masks_dir.resolve() if masks_dir is not None else None
     class_dirs = sorted(d for d in images_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
                         and d.resolve() != skip)
-    if not class_dirs:
-        raise FSCSError(f"{images_dir}: no class sub-folders; pass --labels labels.csv or put the images in "
-                        "one folder per class")
     out = []
     for d in class_dirs:
-        files = image_files(d)
+        files = [p for p in image_files(d) if skip is None or not p.resolve().is_relative_to(skip)]
+        if not files and skip is not None and skip.is_relative_to(d.resolve()):
+            continue  # photos/annotations/ holding only the --masks folder
         if not files:
             raise FSCSError(f"{d}: class folder {d.name!r} has no images; add images or remove the folder")
         out += [(p, (d.name,), f"folder {d.name}") for p in files]
+    if not out:
+        raise FSCSError(f"{images_dir}: no class sub-folders; pass --labels labels.csv or put the images in "
+                        "one folder per class")
     return out
 
 
