@@ -135,8 +135,8 @@ RESUME_MUST_MATCH = ("model.backbone", "model.image_size", "data.fold", "train.r
 DEEPSPEED_MUST_MATCH = ("train.precision",)
 """Also refused for DeepSpeed: bf16 and fp32 runs save other optimizer files (bf16 master copies, loss
 scaler)."""
-RESUME_FREE = ("name", "out_dir", "data.shards", "train.epochs", "train.log_every", "train.save_every",
-               "train.keep_checkpoints", "train.stop_after_steps", "train.val_episodes")
+RESUME_FREE = ("name", "out_dir", "data.shards", "train.epochs", "train.log_every", "train.image_every",
+               "train.save_every", "train.keep_checkpoints", "train.stop_after_steps", "train.val_episodes")
 """Keys a resumed run may change freely (bench.* too); any other change only breaks bitwise exactness."""
 
 
