@@ -113,7 +113,7 @@ class Trainer:
         self.selection = state["selection"]
         self.resumed_from = self._saved_step = self.step
         if self.env.is_main:
-            logger.info("resumed %s at epoch %d, step %d (%d of the epoch done)", path, self.epoch, self.step,
+            logger.info("resumed %s at step %d: epoch %d, %d of its steps done", path, self.step, self.epoch + 1,
                         self.step_in_epoch)
 
     def _refuse_foreign_checkpoint(self, path: Path) -> None:
@@ -179,7 +179,8 @@ class Trainer:
             for k, v in parts.items():
                 self.writer.add_scalar(f"train/{k}", v, self.step)
         with open(self.run_dir / TRAIN_LOG, "a") as fh:
-            record = {"step": self.step, "epoch": self.epoch, "lr": self.engine.lr(), **parts}
+            # epoch: 1-based, the epoch this step belongs to (as in train_summary.json's history)
+            record = {"step": self.step, "epoch": self.epoch + 1, "lr": self.engine.lr(), **parts}
             fh.write(json.dumps(record) + "\n")
 
     def _select(self) -> None:
@@ -284,10 +285,10 @@ class Trainer:
         it = iter(loader)
         for done in range(skip):
             if next(it, None) is None:
-                raise FSCSError(f"the data stream of epoch {self.epoch} ended after {done} of the {skip} "
+                raise FSCSError(f"the data stream of epoch {self.epoch + 1} ended after {done} of the {skip} "
                                 "batches the checkpoint trained on; resume with the same data.* settings")
         if skip:
-            logger.info("data position restored: epoch %d, skipped %d batches", self.epoch, skip)
+            logger.info("data position restored: epoch %d, skipped %d batches", self.epoch + 1, skip)
         self._apply_pending_rng()
         return it
 
@@ -322,7 +323,7 @@ class Trainer:
                     self.sums[k] = self.sums.get(k, 0.0) + v
                 self._log(parts, batch)
                 bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.3f}", epoch=self.epoch)
+                bar.set_postfix(loss=f"{parts['loss']:.3f}", epoch=self.epoch + 1)
                 if decision.signum:
                     logger.warning("%s received: checkpoint at step %d, then stop", decision.signal_name,
                                    self.step)
@@ -343,7 +344,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         n = self.step_in_epoch
         if n < self.cfg.train.steps_per_epoch:
-            logger.warning("epoch %d ended after %d of %d steps (the loader ran dry)", self.epoch, n,
+            logger.warning("epoch %d ended after %d of %d steps (the loader ran dry)", self.epoch + 1, n,
                            self.cfg.train.steps_per_epoch)
         self.epoch += 1
         self.step_in_epoch = 0

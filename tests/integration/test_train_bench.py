@@ -51,6 +51,10 @@ def test_training_writes_checkpoint_config_and_tensorboard(weak_run):
     assert "regime: weak" in (weak_run / "config.yaml").read_text()
     summary = json.loads((weak_run / "train_summary.json").read_text())
     assert summary["steps"] == 6 and summary["world_size"] == 2
+    # train_log.jsonl numbers epochs like train_summary.json's history (1-based: steps 1-3 are epoch 1)
+    logged = [json.loads(line) for line in (weak_run / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in logged] == [(2, 1), (4, 2), (6, 2)]
+    assert [(h["epoch"], h["step"]) for h in summary["history"]] == [(1, 3), (2, 6)]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(weak_run / "tb"))
