@@ -134,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--run-dir", "--run", dest="run", default=None, type=Path,
                     help="run directory holding checkpoint.pt (under torchrun write --run-dir: torchrun "
                          "mistakes a bare --run for its own --run-path); or use --suite with --runs")
-    be.add_argument("--out", type=Path, default=None, help="results directory (default RUN/results)")
+    be.add_argument("--out", type=Path, default=None,
+                    help="results directory (default RUN/results; with --reference-checkpoint CKPT: "
+                         "<CKPT without its suffix>_results beside it)")
     be.add_argument("--reference-checkpoint", type=Path, default=None, metavar="CKPT",
                     help="evaluate the authors' released CST checkpoint (Lightning .ckpt) instead of a run; "
                          "loaded without unpickling code")
@@ -266,7 +268,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                             "--regime sets how the head decodes")
         loaded = load_run(args.run)
         cfg, out = load_config(None, args.overrides, base_cfg=loaded.cfg), args.out or Path(args.run) / "results"
-    bench_run(loaded, cfg, env, out, regime=args.regime, save_predictions=args.save_predictions)
+    results = bench_run(loaded, cfg, env, out, regime=args.regime, save_predictions=args.save_predictions)
+    if env.is_main:
+        print(f"bench: {len(results)} result(s) in {out}")
     distributed.finish(0)
     return 0
 

@@ -174,10 +174,11 @@ def test_bench_reference_checkpoint(shards, tmp_path):
     torch.save({"state_dict": ref, "hyper_parameters": ap.Namespace(lr=1e-3)}, ckpt)
     dino = tmp_path / "dino_vits16.pth"
     torch.save(FrozenBackbone("vit_small_patch16_224.dino", None, 224).model.state_dict(), dino)
-    out = tmp_path / "res"
-    _fscs(["bench", "--reference-checkpoint", str(ckpt), "--backbone-weights", str(dino), "--out", str(out),
-           f"data.shards={shards}", "model.backbone=vit_small_patch16_224.dino", "model.image_size=64",
-           "bench.settings=[1w1s]", "bench.episodes=6", "bench.bootstrap=0"])
+    out = tmp_path / "fold0_results"  # the default --out of a reference checkpoint: beside it, and printed
+    proc = _fscs(["bench", "--reference-checkpoint", str(ckpt), "--backbone-weights", str(dino),
+                  f"data.shards={shards}", "model.backbone=vit_small_patch16_224.dino", "model.image_size=64",
+                  "bench.settings=[1w1s]", "bench.episodes=6", "bench.bootstrap=0"])
+    assert proc.stdout.strip().splitlines()[-1] == f"bench: 1 result(s) in {out}"
     res = json.loads(next(out.glob("*.json")).read_text())
     assert res["regime"] == "weak" and res["metrics"]["episodes"] == 6
     assert res["checkpoint"].endswith("fold0.ckpt") and len(res["checkpoint_sha256"]) == 64
