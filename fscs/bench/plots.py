@@ -183,7 +183,7 @@ def epoch_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> 
 
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
-    line = "+".join("-" * (w + 2) for w in widths)
+    line = "-+-".join("-" * w for w in widths)  # '+' under every ' | ' of the rows
     out = [] if title is None else [title]
     out += [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), line]
     out += [" | ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]

@@ -82,6 +82,8 @@ def test_epoch_table_and_reliability():
     assert [c.strip() for c in lines[0].split("|")] == ["epoch", "loss", "val/miou"]
     assert [c.strip() for c in lines[2].split("|")] == ["1", "0.7123", "12"] and len(lines) == 4
     assert lines[3].split("|")[2].strip() == ""  # no value: an empty cell, not "nan" or 0
+    bars = [[i for i, c in enumerate(line) if c in "|+"] for line in lines]
+    assert bars[0] == bars[1] == bars[2] == bars[3] and len({len(line) for line in lines}) == 1  # columns line up
     st = plots.reliability_stats(np.array([0.05, 0.05, 0.95, 0.95]), np.array([0, 0, 1, 0]))
     assert st["count"][0] == 2 and st["count"][9] == 2
     assert st["freq"][9] == pytest.approx(0.5) and st["ece"] == pytest.approx((2 * 0.05 + 2 * 0.45) / 4)
