@@ -97,3 +97,14 @@ def test_every_slurm_launcher_option_in_the_docs_exists(slurm_launcher):
     for doc, args in shown:
         flags = set(re.findall(r"(?<!\S)--[a-z][a-z-]*", args))
         assert flags <= options, f"{doc}: launchers/slurm.py {sorted(flags - options)} not in its parser"
+
+
+def test_every_repository_path_named_in_the_docs_exists():
+    missing = []
+    for doc in DOCS:
+        for span in re.findall(r"`((?:fscs|shards|benchmarks|launchers|tests|configs|docs)/[^`\s]*)`", doc.read_text()):
+            if "NAME" in span or "<" in span:  # placeholders (launchers/presets/NAME.yaml)
+                continue
+            if not any(ROOT.glob(span)):  # globs (configs/*.yaml) need one match
+                missing.append(f"{doc.name}: {span}")
+    assert not missing, f"paths named in the docs that the repository lacks: {missing}"
