@@ -136,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
                          "mistakes a bare --run for its own --run-path); or use --suite with --runs")
     be.add_argument("--out", type=Path, default=None,
                     help="results directory (default RUN/results; with --reference-checkpoint CKPT: "
-                         "<CKPT without its suffix>_results beside it)")
+                         "<CKPT without its suffix>_results beside it; with --suite: runs/bench/<suite name>)")
     be.add_argument("--reference-checkpoint", type=Path, default=None, metavar="CKPT",
                     help="evaluate the authors' released CST checkpoint (Lightning .ckpt) instead of a run; "
                          "loaded without unpickling code")
