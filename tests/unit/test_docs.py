@@ -41,7 +41,10 @@ def _commands() -> list[tuple[str, str, list[str]]]:
             m = COMMAND.search(line.split(" # ")[0])
             if m is None:
                 continue
-            args = shlex.split(re.sub(r"\$\{?[fF]\}?", "1", m.group(2)))  # for-loop folds: a valid number
+            rest = re.sub(r"\$\{?[fF]\}?", "1", m.group(2))  # for-loop folds: a valid number
+            for name, value in re.findall(r"--sweep\s+([A-Za-z_]\w*)=([^\s,]+)", line):  # slurm.py arrays
+                rest = rest.replace("{" + name + "}", value)  # each task's command: the first value's
+            args = shlex.split(rest)
             found.append((doc.name, m.group(1), [a for a in args if a not in ("...", "|", "&&", ";", "done")]))
     return found
 
