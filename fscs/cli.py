@@ -14,7 +14,7 @@ logger = logging.getLogger("fscs")
 EXAMPLES = {
     "shards": "fscs shards synth --out data/synthetic-5i",
     "train": "torchrun --nproc_per_node=2 -m fscs train --config configs/default.yaml name=weak train.regime=weak",
-    "bench": "fscs bench --run-dir runs/weak bench.settings=[1w1s,2w1s] bench.episodes=1000",
+    "bench": "fscs bench --run-dir runs/weak 'bench.settings=[1w1s,2w1s]' bench.episodes=1000",
     "report": "fscs report runs/bench/synthetic5i --out runs/report",
     "demo": "fscs demo --out runs/demo",
     "pretrain": "torchrun --nproc_per_node=2 -m fscs pretrain --config configs/pretrain.yaml name=pretrain",
