@@ -151,6 +151,14 @@ class FSCSModel(nn.Module):
         query [B, 3, S, S]; support [B, N, K, 3, S, S]. Every distinct image passes the backbone once: the
         query's tokens are shared by all N*K (way, shot) pairs through a broadcast view, never recomputed.
         """
+        size = self.image_size
+        if query.dim() != 4 or tuple(query.shape[1:]) != (3, size, size):
+            raise ValueError(f"query must be [B, 3, {size}, {size}] (this model's image_size), got "
+                             f"{tuple(query.shape)}")
+        if (support.dim() != 6 or support.shape[0] != query.shape[0]
+                or tuple(support.shape[3:]) != (3, size, size)):
+            raise ValueError(f"support must be [B={query.shape[0]}, N, K, 3, {size}, {size}] (way, shot), "
+                             f"got {tuple(support.shape)}")
         b, n, k = support.shape[:3]
         feats = self.features(torch.cat([query, support.flatten(0, 2)], dim=0))
         grid = self.backbone.grid
@@ -238,6 +246,12 @@ class FSCSModel(nn.Module):
             raise ValueError("the mixed regime takes support_masks [B, N, K, S, S] and support_has_gt "
                              "[B, N, K] together (or neither: enhanced pseudo-masks for every support)")
         b, n, k = feats.batch, feats.way, feats.shot
+        want = (b, n, k, *feats.size)
+        if support_masks is not None and tuple(support_masks.shape) != want:
+            raise ValueError(f"support_masks must be [B, N, K, S, S] = {list(want)}, got "
+                             f"{tuple(support_masks.shape)}")
+        if query_presence is not None and tuple(query_presence.shape) != (b, n):
+            raise ValueError(f"query_presence must be [B, N] = [{b}, {n}], got {tuple(query_presence.shape)}")
         out_size = tuple(out_size or feats.size)
         pseudo_support = pseudo_query = s_logits = q_logits = None
         if regime == "weak":

@@ -44,6 +44,21 @@ def test_weak_regime_refuses_pixel_labels(model):
         model.forward_episode(q, s, None, regime="full")
 
 
+def test_wrong_input_shapes_name_the_argument_and_its_public_shape(model):
+    """A support mask without its K axis was reported in the head's flattened shapes ("support_mask must be
+    [B=2, Hs, Ws], got (128, 64)"); each argument is now checked against its documented shape."""
+    q, s = _episode()
+    want = rf"support_masks must be \[B, N, K, S, S\] = \[2, 2, 1, {SIZE}, {SIZE}\]"
+    with pytest.raises(ValueError, match=want):
+        model.forward_episode(q, s, torch.ones(2, 2, SIZE, SIZE), regime="full")
+    with pytest.raises(ValueError, match=rf"query must be \[B, 3, {SIZE}, {SIZE}\]"):
+        model.forward_episode(q[..., :-8], s)
+    with pytest.raises(ValueError, match=r"support must be \[B=2, N, K, 3"):
+        model.forward_episode(q, s[:, 0])  # no way axis
+    with pytest.raises(ValueError, match=r"query_presence must be \[B, N\] = \[2, 2\]"):
+        model.forward_episode(q, s, regime="weak", query_presence=torch.ones(2))
+
+
 def test_each_image_passes_backbone_once(model, monkeypatch):
     calls = []
     original = model.backbone.forward
