@@ -31,7 +31,8 @@ def _status_kb(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def build(out: str, images: int, width: int, height: int, seed: int) -> None:
+def build(out: str, images: int, width: int, height: int, seed: int, test_every: int = 10) -> None:
+    """COCO-like shards; every `test_every`-th image is a test image (1: all of them), the others trn."""
     from fscs.data.shards import write_shards
     from fscs.data.types import Sample
 
@@ -53,12 +54,13 @@ def build(out: str, images: int, width: int, height: int, seed: int) -> None:
             Image.fromarray(img).save(buf, format="JPEG", quality=90)
             with Image.open(io.BytesIO(buf.getvalue())) as im:
                 decoded = np.array(im.convert("RGB"))
-            split = "test" if n % 10 == 0 else "trn"
+            split = "test" if n % test_every == 0 else "trn"
             yield Sample(f"img{n:06d}", decoded, mask, labels, encoded=("jpg", buf.getvalue())), split
 
     write_shards(samples(), out, dataset="coco-like", class_names=[f"c{c}" for c in range(1, 81)],
                  folds=folds, samples_per_shard=250,
-                 params={"query_mode": "class", "images": images, "seed": seed, "size": [width, height]})
+                 params={"query_mode": "class", "images": images, "seed": seed, "size": [width, height],
+                         **({} if test_every == 10 else {"test_every": test_every})})
 
 
 def _buffer_bytes(buffers) -> tuple[int, int]:
@@ -109,6 +111,7 @@ def main() -> None:
     b.add_argument("--width", type=int, default=640)
     b.add_argument("--height", type=int, default=480)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--test-every", type=int, default=10, help="every n-th image is a test image (1: all)")
     m = sub.add_parser("measure")
     m.add_argument("--shards", required=True)
     m.add_argument("--regime", choices=("weak", "full", "mixed"), default="weak")
@@ -119,7 +122,7 @@ def main() -> None:
     m.add_argument("--buffer", type=int, default=64)
     a = p.parse_args()
     if a.cmd == "build":
-        build(a.out, a.images, a.width, a.height, a.seed)
+        build(a.out, a.images, a.width, a.height, a.seed, a.test_every)
     else:
         measure(a.shards, a.regime, a.episodes, a.way, a.shot, a.image_size, a.buffer)
 

@@ -22,7 +22,7 @@ from fscs.config import RunConfig, config_to_dict, parse_setting
 from fscs.data.episodes import (
     EpisodeSampler, EpisodeSpec, build_manifest, make_episode_tensors, manifest_hash,
 )
-from fscs.data.shards import ShardIndex, data_digest, load_samples, read_index, sample_digest
+from fscs.data.shards import EncodedSample, ShardIndex, data_digest, load_encoded, read_index
 from fscs.data.types import Sample
 from fscs.distributed import DistEnv, all_gather_objects, barrier
 from fscs.errors import FSCSError
@@ -107,26 +107,40 @@ def _query_pseudo(model: FSCSModel, feats: EpisodeFeatures, regime: str, presenc
     return model.pseudo_masks(feats, presence)[1]
 
 
-def _check_support_masks(where: str, specs: Sequence[EpisodeSpec], samples: Mapping[str, Sample]) -> None:
+def _check_support_masks(where: str, specs: Sequence[EpisodeSpec], samples: Mapping[str, EncodedSample]
+                         ) -> None:
     """The full regime scores with ground-truth support masks: one-line error naming a support without one."""
     for spec in specs:
         for key in (k for shots in spec.support for k in shots):
-            if samples[key].mask is None:
+            if not samples[key].has_mask:
                 raise FSCSError(f"{where}: the full regime uses ground-truth support masks, but support "
                                 f"image {key!r} (episode {spec.index}) has none; add masks for the test "
                                 "classes' images, or test with pseudo-masks (fscs bench --regime weak; "
                                 "suites: eval_regimes: [weak])")
 
 
-def _load(index: ShardIndex, specs: Sequence[EpisodeSpec], samples: dict[str, Sample] | None
-          ) -> dict[str, Sample]:
-    """The samples the episodes need, added to (and returned as) `samples` when given."""
+def _load(index: ShardIndex, specs: Sequence[EpisodeSpec], samples: dict[str, EncodedSample] | None
+          ) -> dict[str, EncodedSample]:
+    """The samples the episodes need, added to (and returned as) `samples` when given: their shard bytes
+    (each decoded once as it is read, so an unreadable one fails before the first episode; see
+    EncodedSample), not the decoded arrays, which for COCO-20i's 5,000 2-way 5-shot episodes could reach tens
+    of GB."""
     keys = {s.query for s in specs} | {k for s in specs for shots in s.support for k in shots}
     have = samples if samples is not None else {}
     missing = keys - have.keys()
     if missing:
-        have.update(load_samples(index, missing, decode_masks=True))
+        have.update(load_encoded(index, missing))
     return have
+
+
+def _decode_batch(specs: Sequence[EpisodeSpec], samples: Mapping[str, EncodedSample], support_masks: bool
+                  ) -> dict[str, Sample]:
+    """The decoded samples of one batch of episodes, each image once however many of its episodes use it.
+    Query masks are always decoded (the metric's truth); support masks only with `support_masks` (only the
+    full regime reads them)."""
+    queries = {s.query for s in specs}
+    keys = queries | {k for s in specs for shots in s.support for k in shots}
+    return {k: samples[k].decode(masks=support_masks or k in queries) for k in sorted(keys)}
 
 
 @torch.no_grad()
@@ -147,7 +161,7 @@ def evaluate_jobs(
     panels: tuple[int, int] = (4, 4),
     artifacts: bool = True,
     manifest: Mapping[str, Any] | None = None,
-    samples: dict[str, Sample] | None = None,
+    samples: dict[str, EncodedSample] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate several (model, regime) jobs on the same `episodes` index-seeded episodes; one result per job.
 
@@ -165,7 +179,8 @@ def evaluate_jobs(
     tile marked "no mask" for a first episode without one). artifacts=True adds result["artifacts"] =
     {"records" [E, 6 + 2C] int64, "record_columns", "panels": [{index, kind, iou, ..., "png": bytes}]} (not
     JSON: save with write_result). `manifest`: a prebuilt build_manifest(...) of these settings; `samples`: a
-    shared {key: Sample} cache that is filled as needed (reused across settings of a fold).
+    shared {key: EncodedSample} cache that is filled as needed (reused across settings of a fold): samples are
+    kept as their shard bytes and decoded again for each batch of episodes that uses them.
     """
     env = env or DistEnv()
     if not jobs:
@@ -184,10 +199,11 @@ def evaluate_jobs(
     samples = _load(index, my_specs, samples)
     mine = {k for spec in my_specs for k in (spec.query, *(x for shots in spec.support for x in shots))}
     digests: dict[str, str] = {}
-    for part in all_gather_objects({k: sample_digest(samples[k]) for k in mine}):
+    for part in all_gather_objects({k: samples[k].digest for k in mine}):
         digests.update(part)
     data_sha256 = data_digest(digests)  # what every rank read: the same pixels, masks and labels or not
-    if any(job.regime == "full" for job in jobs):
+    support_masks = any(job.regime == "full" for job in jobs)  # only the full regime reads them
+    if support_masks:
         _check_support_masks(str(index.root), my_specs, samples)
     fold_classes = sorted(index.fold_classes(role, fold))
     n_first, n_worst = (panels if artifacts else (0, 0))
@@ -198,13 +214,14 @@ def evaluate_jobs(
     t0 = time.time()
     for batch in my_batches:
         specs = [all_specs[i] for i in batch]
+        decoded = _decode_batch(specs, samples, support_masks)
         items_by_size: dict[int, list[dict[str, torch.Tensor]]] = {}
         for members in groups.values():
             encoder = jobs[members[0]].model
             device = next(encoder.head.parameters()).device
             size = encoder.image_size
             if size not in items_by_size:
-                items_by_size[size] = [make_episode_tensors(s, samples, size) for s in specs]
+                items_by_size[size] = [make_episode_tensors(s, decoded, size) for s in specs]
             items = items_by_size[size]
             query = torch.stack([it["query_img"] for it in items]).to(device)
             support = torch.stack([it["support_img"] for it in items]).to(device)
@@ -217,7 +234,8 @@ def evaluate_jobs(
                 # masks at the head's own resolution, upsampled once to each query's size in _score (cst.md)
                 out = job.model.decode_episode(feats, masks if job.regime == "full" else None,
                                                regime=job.regime, out_size=job.model.mask_size)
-                _score(job, tracks[j], feats, out, specs, items, samples, ignore_boundary)
+                _score(job, tracks[j], feats, out, specs, items, decoded, ignore_boundary)
+        del decoded  # before the next batch decodes its own
     gathered = all_gather_objects([_payload(t) for t in tracks])
     seconds = round(time.time() - t0, 2)
     results = []
@@ -393,7 +411,7 @@ def bench_run(loaded: LoadedRun, cfg: RunConfig, env: DistEnv, out_dir: Path, re
         barrier()
     loaded.model.to(resolve_device("auto", env))
     results = []
-    samples: dict[str, Sample] = {}
+    samples: dict[str, EncodedSample] = {}
     for setting in cfg.bench.settings:
         way, shot = parse_setting(setting)
         res = evaluate_jobs(

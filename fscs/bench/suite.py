@@ -21,8 +21,7 @@ from fscs.bench.runner import EvalJob, check_settings, evaluate_jobs
 from fscs.bench.runs import LoadedRun, label_gt_fraction, load_run, regime_label, run_metadata
 from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
-from fscs.data.shards import read_index, shards_fingerprint
-from fscs.data.types import Sample
+from fscs.data.shards import EncodedSample, read_index, shards_fingerprint
 from fscs.distributed import DistEnv, all_gather_objects
 from fscs.errors import FSCSError
 from fscs.runtime import resolve_device
@@ -235,7 +234,7 @@ def bench_suite(suite: SuiteConfig, run_dirs: list[str | os.PathLike], out_dir: 
         fold_runs = [r for r in runs if r.cfg.data.fold == fold]
         if not fold_runs:
             continue
-        samples: dict[str, Sample] = {}
+        samples: dict[str, EncodedSample] = {}  # shard bytes, shared by the settings of the fold
         for setting in suite.settings:
             way, shot = parse_setting(setting)
             sampler = EpisodeSampler(index, suite.role, fold, way, shot, suite.seed)

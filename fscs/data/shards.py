@@ -344,6 +344,16 @@ def iter_shard_samples(paths: Iterable[str | Path], *, decode_masks: bool = True
     with the file name and counts) and skipped whole; an undecodable sample is reported and skipped alone.
     The handler returning False stops the iteration.
     """
+    yield from _iter_shards(paths, lambda key, files: decode_sample(key, files, decode_masks),
+                            decode_masks=decode_masks, handler=handler, keys=keys)
+
+
+def _iter_shards(paths: Iterable[str | Path], convert: Callable[[str, dict[str, bytes]], Any], *,
+                 decode_masks: bool, handler: Callable[[BaseException], bool] | None,
+                 keys: set[str] | None) -> Iterator[Any]:
+    """`convert(key, files)` of each sample of each shard in order (see iter_shard_samples): files = its tar
+    members' bytes by extension (no "mask.png" unless decode_masks); an exception in `convert` skips the
+    sample like an unreadable one."""
     handler = handler if handler is not None else CorruptShardLog()
     for path in map(str, paths):
         try:
@@ -370,28 +380,69 @@ def iter_shard_samples(paths: Iterable[str | Path], *, decode_masks: bool = True
                 try:
                     wanted = {e: m for e, m in group.items() if decode_masks or e != "mask.png"}
                     files = {e: tf.extractfile(m).read() for e, m in wanted.items()}
-                    yield decode_sample(key, files, decode_masks)
+                    yield convert(key, files)
                 except Exception as exn:  # noqa: BLE001 - any bad sample is skipped, reported by name
                     if not handler(ShardReadError(f"{path}: sample {key!r}: {exn}")):
                         return
 
 
-def load_samples(index: ShardIndex, keys: set[str], decode_masks: bool = True) -> dict[str, Sample]:
-    """Random access for evaluation: read the shards holding `keys` (each once, in order) -> {key: Sample}."""
+def _read_keys(index: ShardIndex, keys: set[str], convert: Callable[[str, dict[str, bytes]], Any],
+               decode_masks: bool) -> dict[str, Any]:
+    """{key: convert(key, files)} of `keys`, reading the shards holding them (each once, in order); a one-line
+    FSCSError when a key is not in the index or its sample cannot be read."""
     unknown = [k for k in keys if k not in index.samples]
     if unknown:
         raise FSCSError(f"{index.root}/index.json: {len(unknown)} keys not in the index (e.g. "
                         f"{unknown[0]!r}); the episode manifest was built from another shard set")
     shards = sorted({index.samples[k]["shard"] for k in keys})
     log = CorruptShardLog()
-    out = {s.key: s for s in iter_shard_samples([index.root / f for f in shards], decode_masks=decode_masks,
-                                                handler=log, keys=set(keys))}
+    paths = [index.root / f for f in shards]
+    out = {s.key: s for s in _iter_shards(paths, convert, decode_masks=decode_masks, handler=log,
+                                          keys=set(keys))}
     missing = [k for k in keys if k not in out]
     if missing:
         raise FSCSError(f"{index.root}: {len(missing)} samples (e.g. {missing[0]!r}) unreadable in "
                         f"{log.errors[:1] or shards}; regenerate the shards "
                         f"({rebuild_hint(index.dataset, index.root)})")
     return out
+
+
+def load_samples(index: ShardIndex, keys: set[str], decode_masks: bool = True) -> dict[str, Sample]:
+    """Random access: read the shards holding `keys` (each once, in order) -> {key: decoded Sample}."""
+    return _read_keys(index, keys, lambda key, files: decode_sample(key, files, decode_masks), decode_masks)
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    """One sample as its shard holds it, for evaluation: the tar members' bytes (image, json, mask.png), plus
+    what was learnt when they were first decoded (the original size, whether a mask exists, the labels and
+    sample_digest of the decoded arrays). `decode` gives the same Sample again (PIL decoding is
+    deterministic); the arrays were ~8x the bytes (a 640 x 480 JPEG + mask: ~1.2 MB against ~0.14 MB)."""
+
+    key: str
+    files: Mapping[str, bytes]
+    size: tuple[int, int]
+    """(H, W) of the image (and of its mask)."""
+    has_mask: bool
+    labels: tuple[int, ...]
+    digest: str
+
+    def decode(self, masks: bool = True) -> Sample:
+        """The decoded Sample; masks=False leaves its mask undecoded (None)."""
+        return decode_sample(self.key, self.files, decode_masks=masks)
+
+
+def _encoded(key: str, files: dict[str, bytes]) -> EncodedSample:
+    """Decode once (a bad sample fails here, when it is read) to learn its size, mask and digest."""
+    sample = decode_sample(key, files, decode_masks=True)
+    return EncodedSample(key, files, sample.image.shape[:2], sample.mask is not None, sample.labels,
+                         sample_digest(sample))
+
+
+def load_encoded(index: ShardIndex, keys: set[str]) -> dict[str, EncodedSample]:
+    """Like load_samples (masks included, same errors), but each sample is kept as its shard bytes: decoded
+    once here (an unreadable one fails now) and again by EncodedSample.decode where it is used."""
+    return _read_keys(index, keys, _encoded, decode_masks=True)
 
 
 def sample_digest(sample: Sample) -> str:
