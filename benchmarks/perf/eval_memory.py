@@ -15,32 +15,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from stream_memory import held_bytes, status_kb
 
 
 def _held(cache: dict) -> tuple[int, int]:
     """(images, bytes) the shared cache holds: decoded arrays or encoded tar members."""
-    total = 0
-    for s in cache.values():
-        for name in ("image", "mask", "files"):
-            v = getattr(s, name, None)
-            if isinstance(v, np.ndarray):
-                total += v.nbytes
-            elif isinstance(v, dict):
-                total += sum(len(b) for b in v.values())
-    return len(cache), total
+    return len(cache), held_bytes(cache.values())
 
 
 def results_sha256(results: list[dict]) -> str:
@@ -79,7 +64,7 @@ def main() -> None:
     index = read_index(a.shards)
     way, shot = parse_setting(a.setting)
     cache: dict = {}
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     wall, cpu = time.perf_counter(), time.process_time()
     results = evaluate_jobs([EvalJob(model, r, r) for r in a.regimes.split(",")], index, fold=0, way=way,
                             shot=shot, episodes=a.episodes, seed=0, batch_size=a.batch_size, samples=cache)
@@ -87,8 +72,8 @@ def main() -> None:
     images, nbytes = _held(cache)
     print(json.dumps({"setting": a.setting, "episodes": a.episodes, "regimes": a.regimes,
                       "image_size": a.image_size, "rss_start_mb": round(rss0 / 1024),
-                      "peak_rss_mb": round(_status_kb("VmHWM") / 1024),
-                      "peak_minus_start_mb": round((_status_kb("VmHWM") - rss0) / 1024),
+                      "peak_rss_mb": round(status_kb("VmHWM") / 1024),
+                      "peak_minus_start_mb": round((status_kb("VmHWM") - rss0) / 1024),
                       "cached_images": images, "cached_mb": round(nbytes / 2**20, 1),
                       "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
                       "results_sha256": results_sha256(results)}))

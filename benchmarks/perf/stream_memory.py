@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 
-def _status_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A /proc/self/status field in kB (VmRSS, VmHWM); ru_maxrss where there is no /proc."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -63,18 +64,23 @@ def build(out: str, images: int, width: int, height: int, seed: int, test_every:
                          **({} if test_every == 10 else {"test_every": test_every})})
 
 
-def _buffer_bytes(buffers) -> tuple[int, int]:
-    """(distinct images, bytes) held by the stream's per-class buffers (decoded arrays or encoded bytes)."""
-    held = {id(s): s for b in buffers.values() for s in b.values()}
+def held_bytes(samples) -> int:
+    """Bytes the given samples hold: their decoded arrays (image, mask) or encoded tar members (files)."""
     total = 0
-    for s in held.values():
+    for s in samples:
         for name in ("image", "mask", "files"):
             v = getattr(s, name, None)
             if isinstance(v, np.ndarray):
                 total += v.nbytes
             elif isinstance(v, dict):
                 total += sum(len(b) for b in v.values())
-    return len(held), total
+    return total
+
+
+def _buffer_bytes(buffers) -> tuple[int, int]:
+    """(distinct images, bytes) held by the stream's per-class buffers (decoded arrays or encoded bytes)."""
+    held = {id(s): s for b in buffers.values() for s in b.values()}
+    return len(held), held_bytes(held.values())
 
 
 def measure(shards: str, regime: str, episodes: int, way: int, shot: int, image_size: int, buffer: int
@@ -86,7 +92,7 @@ def measure(shards: str, regime: str, episodes: int, way: int, shot: int, image_
                                 use_masks=regime == "full", buffer_per_class=buffer,
                                 gt_fraction=0.2 if regime == "mixed" else 0.0)
     it = iter(stream)
-    rss0 = _status_kb("VmRSS")
+    rss0 = status_kb("VmRSS")
     for _ in islice(it, 200):
         pass
     start = time.process_time()
@@ -96,8 +102,8 @@ def measure(shards: str, regime: str, episodes: int, way: int, shot: int, image_
     held, nbytes = _buffer_bytes(it.gi_frame.f_locals["buffers"])
     print(json.dumps({"regime": regime, "episodes": episodes, "way": way, "shot": shot,
                       "image_size": image_size, "buffer_per_class": buffer, "rss_start_mb": rss0 / 1024,
-                      "peak_rss_mb": _status_kb("VmHWM") / 1024,
-                      "peak_minus_start_mb": (_status_kb("VmHWM") - rss0) / 1024,
+                      "peak_rss_mb": status_kb("VmHWM") / 1024,
+                      "peak_minus_start_mb": (status_kb("VmHWM") - rss0) / 1024,
                       "buffered_images": held, "buffered_mb": nbytes / 2**20,
                       "episodes_per_cpu_s": (episodes - 200) / cpu}))
 
