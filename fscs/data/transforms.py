@@ -1,7 +1,9 @@
 """Image/mask to tensor transforms shared by evaluation and training (ImageNet normalisation)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,15 +21,24 @@ MAX_READ_PIXELS = 1 << 29
 before it is downscaled (a JPEG is decoded at 1/2 to 1/8 scale: far less)."""
 
 
+@contextlib.contextmanager
+def _no_bomb_check() -> Iterator[None]:
+    """Pillow's decompression-bomb check off for the block: it runs when a file is opened and again when
+    some formats decode their pixels (TIFF checks its tile size at load), so both need it lifted."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def open_image(source: str | Path | BinaryIO) -> Image.Image:
     """Image.open for the user's own files: no decompression-bomb refusal up to MAX_READ_PIXELS (drone,
     satellite and scanner images are often over Pillow's ~179 MP); a larger image raises
-    DecompressionBombError naming its size and the fix. Only the header is read here."""
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-    try:
+    DecompressionBombError naming its size and the fix. Only the header is read here: decode it with
+    `upright_rgb` (which keeps the check off while the pixels are read)."""
+    with _no_bomb_check():
         im = Image.open(source)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
     w, h = im.size
     if w * h > MAX_READ_PIXELS:
         im.close()
@@ -44,7 +55,13 @@ def upright_rgb(im: Image.Image, max_side: int = 0) -> tuple[np.ndarray, tuple[i
     An image over Pillow's limit (PIL_LIMIT_PIXELS) is read downscaled so its longer side is max_side
     (0 = full size): a JPEG is decoded at a reduced scale, other formats are reduced right after decoding,
     so memory stays near the working size. Other images are returned at full size, (h, w) == (H, W).
+    The size was checked by `open_image`: Pillow's own check stays off while the pixels are decoded.
     """
+    with _no_bomb_check():
+        return _upright_rgb(im, max_side)
+
+
+def _upright_rgb(im: Image.Image, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     w, h = im.size
     full = (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90 degrees
     if not (max_side and w * h > PIL_LIMIT_PIXELS and max(w, h) > max_side):

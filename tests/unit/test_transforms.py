@@ -111,3 +111,22 @@ def test_an_image_over_the_read_limit_names_its_size_and_a_working_fix(tmp_path,
                        match=r"^250x200 pixels \(\d+ MP\) is over the \d+ MP fscs reads; downscale it "
                              r"\(longer side <= 223 px"):
         open_image(tmp_path / "huge.png")
+
+
+@pytest.mark.parametrize("compression", ["raw", "tiff_lzw"])
+def test_a_tiff_over_pillows_limit_is_read_too(tmp_path, small_pillow_limit, compression):
+    """TIFF checks Pillow's limit again when its pixels are decoded (not only when opened): the usual format of
+    drone and satellite images must be read like a JPEG or PNG, not refused at decoding."""
+    from fscs.data.transforms import open_image, upright_rgb
+
+    arr = np.zeros((40, 60, 3), dtype=np.uint8)
+    arr[:, :30] = (200, 40, 40)
+    Image.fromarray(arr).save(tmp_path / "big.tif", compression=compression)
+    with open_image(tmp_path / "big.tif") as im:
+        small, full = upright_rgb(im, 15)
+    assert full == (40, 60) and small.shape == (10, 15, 3)
+    assert abs(int(small[5, 1, 0]) - 200) < 20 and int(small[5, -2, 0]) < 20
+    with open_image(tmp_path / "big.tif") as im:
+        whole, _ = upright_rgb(im, 0)
+    np.testing.assert_array_equal(whole, arr)
+    assert Image.MAX_IMAGE_PIXELS == 600  # Pillow's limit is back for everything else
