@@ -462,8 +462,13 @@ def test_images_over_pillows_limit_are_converted_downscaled_with_their_masks(tmp
     assert got["d_d0"].image.shape == (12, 16, 3) and got["a_a0"].image.shape == (12, 16, 3)
     assert got["d_d0"].mask.shape == (12, 16) and (got["d_d0"].mask[:, :8] == 4).all()
     assert (got["d_d0"].mask[:, 8:] == 0).all()
-    with pytest.raises(FSCSError, match=r"a0.png: 32x24 pixels is over .* convert with --max-side"):
+    with pytest.raises(FSCSError, match=r"a0.png: 32x24 pixels is over .* --max-side"):
         build_folder_shards(images, tmp_path / "s1", labels=csv, novel=["d"], max_side=0)  # kept as it is
+    # a --max-side above the image's longer side keeps it as it is too: refused, not stored undecodable
+    with pytest.raises(FSCSError, match=r"a0.png: 32x24 pixels is over .* --max-side"):
+        build_folder_shards(images, tmp_path / "s3", labels=csv, novel=["d"], max_side=40)
+    with pytest.raises(FSCSError, match=r"a0.png: 32x24 pixels \(stored at 30x22\) is over"):
+        build_folder_shards(images, tmp_path / "s4", labels=csv, novel=["d"], max_side=30)
     _img(images / "a" / "a0.png", 0, size=(100, 80))  # 8000 pixels: over the read limit
     with pytest.raises(FSCSError) as err:
         build_folder_shards(images, tmp_path / "s2", labels=csv, novel=["d"], max_side=16)

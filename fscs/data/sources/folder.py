@@ -328,10 +328,14 @@ def _read_image(path: Path, where: str, max_side: int = 0
         with open_image(io.BytesIO(raw)) as im:
             upright = im.getexif().get(0x0112, 1) in (0, 1)  # EXIF orientation: 1 (or none) = as stored
             ext = _KEEP_FORMATS.get(im.format or "") if upright else None
-            if not max_side and im.width * im.height > transforms.PIL_LIMIT_PIXELS:  # stored as it is
-                raise FSCSError(f"{path}: {im.width}x{im.height} pixels is over the "
+            w, h = im.size
+            scale = min(1.0, max_side / max(w, h)) if max_side else 1.0  # as _shrink stores it
+            if round(w * scale) * round(h * scale) > transforms.PIL_LIMIT_PIXELS:
+                kept = "" if scale == 1.0 else f" (stored at {round(w * scale)}x{round(h * scale)})"
+                raise FSCSError(f"{path}: {w}x{h} pixels{kept} is over the "
                                 f"{transforms.PIL_LIMIT_PIXELS / 1e6:.0f} MP that training and bench decode "
-                                f"from shards ({where}); convert with --max-side (e.g. 1024, the default)")
+                                f"from shards ({where}); convert with a --max-side that shrinks it (e.g. 1024, "
+                                "the default)")
             image, full = upright_rgb(im, max_side)
             return image, ((ext, raw) if ext and image.shape[:2] == full else None), full
     except Image.DecompressionBombError as exn:  # over MAX_READ_PIXELS: the message has the size and the fix
