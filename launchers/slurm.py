@@ -260,6 +260,9 @@ def run_config(argv: Sequence[str]) -> Any:
         if i + 1 == len(rest):
             _fail(f"fscs {argv[0]}: --config needs a YAML file after it")
         config, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+    elif any(a.startswith("--config=") for a in rest):  # argparse's other spelling, which fscs accepts too
+        i = next(i for i, a in enumerate(rest) if a.startswith("--config="))
+        config, rest = rest[i].partition("=")[2], rest[:i] + rest[i + 1:]
     overrides = [a for a in rest if "=" in a and not a.startswith("-")]
     if argv[0] == "train":
         from fscs.config import load_config

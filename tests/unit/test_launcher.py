@@ -122,6 +122,13 @@ def test_train_result_file_and_bad_command(slurm_launcher, tmp_path, capsys):
     assert path == str(tmp_path / "r1" / "train_summary.json")
     assert slurm_launcher.default_result_file(["bench", "--run-dir", "x"]) is None
     assert slurm_launcher.main(["--nodes", "1", "--", "shards", "synth"]) == 2
+    # `--config=FILE` (argparse's other spelling, accepted by fscs) is the job's config too: not the default's
+    # run directory, whose train_summary.json (of another run) --wait would print as this job's result
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: from_yaml\nout_dir: {tmp_path}\n")
+    for spelling in (["--config", str(cfg)], [f"--config={cfg}"]):
+        path = slurm_launcher.default_result_file(["train", *spelling, "train.seed=1"])
+        assert path == str(tmp_path / "from_yaml" / "train_summary.json"), spelling
     assert "give an fscs command" in capsys.readouterr().err
 
 
