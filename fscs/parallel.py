@@ -42,7 +42,8 @@ def _init_worker() -> None:
     started it dies, so a killed conversion leaves no orphaned workers holding their memory
     (PR_SET_PDEATHSIG).
     """
-    signal.signal(signal.SIGINT, _exit_on_ctrl_c)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with Ctrl-C ignored (`cmd &` in a
+        signal.signal(signal.SIGINT, _exit_on_ctrl_c)          # script): the workers keep ignoring it
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -140,3 +140,16 @@ def test_ctrl_c_stops_the_workers_quietly():
             proc.wait()
     assert proc.returncode == 130
     assert err.strip() == "interrupted", err
+
+
+def test_workers_of_a_process_that_ignores_ctrl_c_keep_ignoring_it():
+    """A background job (`cmd &` in a script) starts with SIGINT ignored: its workers must not start ending
+    on a SIGINT their parent ignores."""
+    import subprocess
+    import sys
+
+    script = ("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "from fscs.parallel import _init_worker\n_init_worker()\n"
+              "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
