@@ -54,8 +54,10 @@ def _dino(name: str, timm_name: str, patch: int, dim: int, heads: int) -> Backbo
 
 
 def _dinov2_reg(name: str, timm_name: str, dim: int, heads: int) -> BackboneSpec:
-    # DINOv2 interpolates with the same +0.1 scale-factor offset as DINO (interpolate_offset=0.1).
-    return BackboneSpec(name, timm_name, 14, dim, 12, heads, num_reg_tokens=4, pos_resample="dino",
+    # DINOv2's register models are built with interpolate_offset=0.0, interpolate_antialias=True (hub
+    # dinov2_vit*14_reg): bicubic to the new grid size, antialiased, i.e. timm's resample_abs_pos_embed.
+    # The +0.1 offset of DINO (and of DINOv2 without registers) would give them different features.
+    return BackboneSpec(name, timm_name, 14, dim, 12, heads, num_reg_tokens=4, pos_resample="timm",
                         default_image_size=518)
 
 
@@ -110,7 +112,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_p
 
     "dino": as DINO/DINOv2's interpolate_pos_encoding: bicubic, align_corners=False, with
     scale_factor=(g + 0.1) / M (the scale, not the output size, sets the sampling positions).
-    "timm": timm's resample_abs_pos_embed (bicubic to size=(gh, gw), antialias on), as timm's loader does.
+    "timm": timm's resample_abs_pos_embed (bicubic to size=(gh, gw), antialias on), as timm's loader does and
+    as DINOv2's register models do (interpolate_offset=0.0, interpolate_antialias=True).
     """
     num_old = pos_embed.shape[1] - num_prefix_tokens
     old = math.isqrt(num_old)

@@ -278,3 +278,38 @@ def test_random_init_is_reproducible_whatever_the_global_rng():
         assert torch.equal(pa, pb), name
     assert c.identity["weights_sha256"] != a.identity["weights_sha256"]
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def _dinov2_reg_reference_resample(patch_pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """DINOv2's interpolate_pos_encoding as its register models are built (dinov2_vit*14_reg:
+    interpolate_offset=0.0, interpolate_antialias=True): bicubic to size (g, g), antialiased."""
+    old = math.isqrt(patch_pos.shape[1])
+    grid_pos = patch_pos.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos, size=(grid, grid), mode="bicubic", antialias=True)
+    return grid_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+
+
+@pytest.mark.parametrize("size", [42, 112])  # grid 3 (down from 5) and 8 (up from 5)
+def test_dinov2_register_file_resampled_as_dinov2_reg_does(tmp_path, size: int) -> None:
+    source = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0,
+                               img_size=70).eval()
+    with torch.no_grad():
+        source.pos_embed.normal_(0, 1.0)  # strong pos_embed so the resampling rule shows in the outputs
+        source.cls_token.normal_()
+    state = dict(source.state_dict())
+    cls_pos = torch.randn(1, 1, 384)
+    hub = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    hub.update(register_tokens=state["reg_token"], cls_token=state["cls_token"] - cls_pos,
+               pos_embed=torch.cat([cls_pos, state["pos_embed"]], dim=1), mask_token=torch.zeros(1, 384))
+    path = tmp_path / "dinov2_vits14_reg4_pretrain_fake.pth"
+    torch.save(hub, path)
+
+    backbone = FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(path), size)
+    grid = size // 14
+    target = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0,
+                               img_size=size).eval()
+    target.load_state_dict(dict(state, pos_embed=_dinov2_reg_reference_resample(state["pos_embed"], grid)))
+    images = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        expected = _drop_regs(target.forward_features(images), 5)
+    torch.testing.assert_close(backbone(images).tokens[:, -1], expected, rtol=1e-4, atol=1e-4)
