@@ -228,12 +228,52 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _architecture(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int, bool] | None:
+    """(embed_dim, patch, depth, register tokens, LayerScale) of a timm-layout ViT state dict, or None."""
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.ndim != 4:
+        return None
+    depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
+    regs = state["reg_token"].shape[1] if "reg_token" in state and state["reg_token"].ndim == 3 else 0
+    return proj.shape[0], proj.shape[-1], depth, regs, "blocks.0.ls1.gamma" in state
+
+
+def _fitting_backbones(state: dict[str, torch.Tensor]) -> list[str]:
+    """Registered backbones whose shape (width, patch, depth, registers, LayerScale) a state dict has.
+
+    LayerScale is read off the registers: the registered DINOv2 models have both, the others neither.
+    """
+    arch = _architecture(state)
+    return [] if arch is None else [
+        s.name for s in BACKBONES.values()
+        if (s.embed_dim, s.patch_size, s.depth, s.num_reg_tokens, s.num_reg_tokens > 0) == arch]
+
+
 def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec,
                    source: str) -> dict[str, torch.Tensor]:
-    """Resample pos_embed to `model`'s grid and check every key and shape; misfits raise FSCSError."""
+    """Check every key and shape, then resample pos_embed to `model`'s grid; misfits raise FSCSError.
+
+    Keys and the other shapes are checked first, so weights of another architecture (registers or not,
+    other width, patch or depth) are named as such instead of failing on the pos_embed layout; the error
+    names the registered backbone the weights fit, when one does.
+    """
     state = dict(state)
-    fix = f"use weights made for backbone '{spec.name}' or pick the backbone name these weights belong to"
+    fits = [name for name in _fitting_backbones(state) if name != spec.name]
+    made_for = f"weights made for '{spec.name}' (model.weights=PATH, or null for random init)"
+    fix = (f"these weights fit backbone '{fits[0]}': pick it (model.backbone={fits[0]}) or use {made_for}"
+           if fits else f"use {made_for} or pick the backbone name these weights belong to")
     expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        regs = (f" (no register tokens in the file: '{spec.name}' needs a release with "
+                f"{spec.num_reg_tokens} registers)" if missing == ["reg_token"] else "")
+        raise FSCSError(f"backbone weights file {source}: missing keys {missing[:4]}, unexpected keys "
+                        f"{unexpected[:4]} ({len(missing)}/{len(unexpected)} in all){regs}; {fix}")
+    for key, value in state.items():
+        if key != "pos_embed" and value.shape != expected[key].shape:
+            raise FSCSError(f"backbone weights file {source}: key {key} has shape {tuple(value.shape)}, "
+                            f"model wants {tuple(expected[key].shape)}; {fix}")
     if "pos_embed" in state and model.pos_embed is not None:
         num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         try:
@@ -243,15 +283,10 @@ def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, spec: Backb
             shape = tuple(state["pos_embed"].shape)
             raise FSCSError(f"backbone weights file {source}: key pos_embed {shape} does not fit "
                             f"({exc}); {fix}") from exc
-    for key, value in state.items():
-        if key in expected and value.shape != expected[key].shape:
-            raise FSCSError(f"backbone weights file {source}: key {key} has shape {tuple(value.shape)}, "
-                            f"model wants {tuple(expected[key].shape)}; {fix}")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise FSCSError(f"backbone weights file {source}: missing keys {missing[:4]}, unexpected keys "
-                        f"{unexpected[:4]} ({len(missing)}/{len(unexpected)} in all); {fix}")
+        if state["pos_embed"].shape != expected["pos_embed"].shape:
+            raise FSCSError(f"backbone weights file {source}: key pos_embed has shape "
+                            f"{tuple(state['pos_embed'].shape)} after resampling, model wants "
+                            f"{tuple(expected['pos_embed'].shape)}; {fix}")
     return state
 
 

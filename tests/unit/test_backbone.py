@@ -255,7 +255,7 @@ def test_weights_errors_are_one_line(tmp_path) -> None:
 
     tiny = tmp_path / "tiny.pth"
     torch.save(FrozenBackbone("fscs_vit_tiny_patch8", None, 64).model.state_dict(), tiny)
-    with pytest.raises(FSCSError, match=r"tiny\.pth: key .* has shape") as err:
+    with pytest.raises(FSCSError, match=r"tiny\.pth: missing keys .* fit backbone 'fscs_vit_tiny_patch8'") as err:
         FrozenBackbone("vit_small_patch16_224.dino", str(tiny), 64)
     assert "\n" not in str(err.value)
 
@@ -313,3 +313,29 @@ def test_dinov2_register_file_resampled_as_dinov2_reg_does(tmp_path, size: int) 
     with torch.no_grad():
         expected = _drop_regs(target.forward_features(images), 5)
     torch.testing.assert_close(backbone(images).tokens[:, -1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_weights_of_another_token_layout_name_the_real_misfit(tmp_path) -> None:
+    """A file with (or without) register tokens is refused for what it is, not for its pos_embed layout."""
+    plain = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28)
+    no_regs = tmp_path / "dinov2_vits14_pretrain.pth"  # DINOv2 without registers (hub keys)
+    torch.save(dict(plain.state_dict(), mask_token=torch.zeros(1, 384)), no_regs)
+    with pytest.raises(FSCSError) as err:
+        FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(no_regs), 28)
+    msg = str(err.value)
+    assert "missing keys ['reg_token']" in msg and "no register tokens in the file" in msg
+    assert "square grid" not in msg and "\n" not in msg
+
+    regs = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=28)
+    reg_file = tmp_path / "reg4.safetensors"
+    save_file({k: v.contiguous() for k, v in regs.state_dict().items()}, str(reg_file))
+    with pytest.raises(FSCSError) as err:
+        FrozenBackbone("vit_small_patch16_224.dino", str(reg_file), 32)
+    msg = str(err.value)
+    assert "unexpected keys ['blocks.0.ls1.gamma'" in msg and "square grid" not in msg
+    assert "fit backbone 'vit_small_patch14_reg4_dinov2.lvd142m'" in msg
+
+    mini = tmp_path / "mini.safetensors"
+    save_file(FrozenBackbone("fscs_vit_mini_patch8", None, 32).model.state_dict(), str(mini))
+    with pytest.raises(FSCSError, match="fit backbone 'fscs_vit_mini_patch8'.*model.weights=PATH, or null"):
+        FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(mini), 28)
