@@ -207,6 +207,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - any read failure becomes one user-facing line
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise FSCSError(f"backbone weights file {path} could not be read safely ({reason}); {fix}") from exc
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if isinstance(fmt, str) and fmt.startswith("fscs-"):  # one of the harness's own checkpoints
+        what = ("a `fscs pretrain` training state; pass the backbone.safetensors that run exported"
+                if fmt.startswith("fscs-pretrain") else
+                "a `fscs train` checkpoint (the head only, no backbone weights); pass the backbone weights "
+                "file that run was trained with (its model.weights)")
+        raise FSCSError(f"backbone weights file {path} is {what}")
     while isinstance(obj, dict) and not any(torch.is_tensor(v) for v in obj.values()):
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:

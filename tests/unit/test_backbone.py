@@ -339,3 +339,15 @@ def test_weights_of_another_token_layout_name_the_real_misfit(tmp_path) -> None:
     save_file(FrozenBackbone("fscs_vit_mini_patch8", None, 32).model.state_dict(), str(mini))
     with pytest.raises(FSCSError, match="fit backbone 'fscs_vit_mini_patch8'.*model.weights=PATH, or null"):
         FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(mini), 28)
+
+
+@pytest.mark.parametrize("fmt,hint", [("fscs-pretrain-checkpoint/1", "backbone.safetensors"),
+                                      ("fscs-checkpoint/1", "head only"), ("fscs-train-state/1", "head only")])
+def test_harness_checkpoints_are_not_backbone_weights(tmp_path, fmt: str, hint: str) -> None:
+    """fscs's own checkpoints (whose tensors sit beside a 'format' key) are named, not read as a misfit ViT."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": fmt, "dino_center": torch.zeros(1, 8), "step": 3,
+                "teacher_vit": FrozenBackbone("fscs_vit_mini_patch8", None, 32).model.state_dict()}, path)
+    with pytest.raises(FSCSError, match=hint) as err:
+        FrozenBackbone("fscs_vit_mini_patch8", str(path), 32)
+    assert str(path) in str(err.value) and "missing keys" not in str(err.value)
