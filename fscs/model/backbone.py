@@ -228,6 +228,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if len(state) < len(tensors):
         logger.info("backbone weights %s: ignored %d head/extra tensors", path, len(tensors) - len(state))
     if "register_tokens" in state:  # DINOv2 layout -> timm no_embed_class layout (CLS pos folded into CLS)
+        lacking = [key for key in ("cls_token", "pos_embed") if key not in state]
+        if lacking:
+            raise FSCSError(f"backbone weights file {path} has DINOv2 register_tokens but no {lacking[0]}; "
+                            f"{fix}")
         state["reg_token"] = state.pop("register_tokens")
         pos = state.pop("pos_embed")
         state["cls_token"] = state["cls_token"] + pos[:, :1]

@@ -351,3 +351,12 @@ def test_harness_checkpoints_are_not_backbone_weights(tmp_path, fmt: str, hint: 
     with pytest.raises(FSCSError, match=hint) as err:
         FrozenBackbone("fscs_vit_mini_patch8", str(path), 32)
     assert str(path) in str(err.value) and "missing keys" not in str(err.value)
+
+
+def test_dinov2_file_without_pos_embed_is_one_line_error(tmp_path) -> None:
+    regs = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, img_size=28)
+    state = {k: v for k, v in regs.state_dict().items() if k not in ("reg_token", "pos_embed")}
+    path = tmp_path / "partial_dinov2.pth"
+    torch.save(dict(state, register_tokens=regs.reg_token.detach()), path)
+    with pytest.raises(FSCSError, match=r"partial_dinov2\.pth has DINOv2 register_tokens but no pos_embed"):
+        FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(path), 28)
