@@ -215,18 +215,25 @@ def test_load_timm_safetensors_and_pth(tmp_path) -> None:
     torch.testing.assert_close(same_size(images[:, :, :64, :64]).tokens[:, -1], expected64)
 
 
+def _save_dinov2_hub_file(source, path):
+    """Save a timm register ViT's weights in DINOv2's hub layout: `register_tokens`, the CLS position folded
+    into `pos_embed` (and taken out of `cls_token`), a `mask_token`. Returns the path."""
+    state = dict(source.state_dict())
+    cls_pos = torch.randn(1, 1, state["cls_token"].shape[-1])
+    hub = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
+    hub.update(register_tokens=state["reg_token"], cls_token=state["cls_token"] - cls_pos,
+               pos_embed=torch.cat([cls_pos, state["pos_embed"]], dim=1),
+               mask_token=torch.zeros(1, state["cls_token"].shape[-1]))
+    torch.save(hub, path)
+    return path
+
+
 def test_load_dinov2_register_layout(tmp_path) -> None:
     source = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0,
                                img_size=28).eval()
     with torch.no_grad():
         source.cls_token.normal_()  # timm inits it near 0, where LayerNorm would amplify rounding
-    state = dict(source.state_dict())
-    cls_pos = torch.randn(1, 1, 384)
-    official = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
-    official.update(register_tokens=state["reg_token"], cls_token=state["cls_token"] - cls_pos,
-                    pos_embed=torch.cat([cls_pos, state["pos_embed"]], dim=1), mask_token=torch.zeros(1, 384))
-    path = tmp_path / "dinov2_vits14_reg4_fake.pth"
-    torch.save(official, path)
+    path = _save_dinov2_hub_file(source, tmp_path / "dinov2_vits14_reg4_fake.pth")
     backbone = FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(path), 28)
     images = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
@@ -296,13 +303,8 @@ def test_dinov2_register_file_resampled_as_dinov2_reg_does(tmp_path, size: int) 
     with torch.no_grad():
         source.pos_embed.normal_(0, 1.0)  # strong pos_embed so the resampling rule shows in the outputs
         source.cls_token.normal_()
+    path = _save_dinov2_hub_file(source, tmp_path / "dinov2_vits14_reg4_pretrain_fake.pth")
     state = dict(source.state_dict())
-    cls_pos = torch.randn(1, 1, 384)
-    hub = {k: v for k, v in state.items() if k not in ("reg_token", "cls_token", "pos_embed")}
-    hub.update(register_tokens=state["reg_token"], cls_token=state["cls_token"] - cls_pos,
-               pos_embed=torch.cat([cls_pos, state["pos_embed"]], dim=1), mask_token=torch.zeros(1, 384))
-    path = tmp_path / "dinov2_vits14_reg4_pretrain_fake.pth"
-    torch.save(hub, path)
 
     backbone = FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(path), size)
     grid = size // 14
