@@ -63,17 +63,18 @@ def upright_rgb(im: Image.Image, max_side: int = 0) -> tuple[np.ndarray, tuple[i
 
 def _upright_rgb(im: Image.Image, max_side: int) -> tuple[np.ndarray, tuple[int, int]]:
     w, h = im.size
-    full = (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90 degrees
+    orientation = im.getexif().get(0x0112, 1)
+    full = (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # EXIF: turned 90 degrees
     if not (max_side and w * h > PIL_LIMIT_PIXELS and max(w, h) > max_side):
         return pil_rgb(ImageOps.exif_transpose(im)), full
     scale = max_side / max(w, h)
     im.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # JPEG: decoded at 1/2..1/8 scale
-    if im.getexif().get(0x0112, 1) not in (0, 1):  # (exif_transpose would copy even an upright image)
+    if orientation not in (0, 1):  # (exif_transpose would copy even an upright image)
         im = ImageOps.exif_transpose(im)
     sixteen = im.mode.startswith("I;16")  # resized as 32-bit, then scaled like 16-bit data (pil_rgb)
     if sixteen:
         im = im.convert("I")
-    elif not (im.mode in ("I", "F", "RGB")):
+    elif im.mode not in ("I", "F", "RGB"):
         im = im.convert("RGB")
     size = (max(1, round(full[1] * scale)), max(1, round(full[0] * scale)))  # (w, h) as _shrink rounds it
     if im.size != size:
@@ -103,6 +104,7 @@ def pil_rgb(im: Image.Image) -> np.ndarray:
         scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
     grey = np.clip(np.rint(arr * (255.0 / scale)), 0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=2)
+
 
 def mask_foreground(im: Image.Image) -> np.ndarray:
     """A binary mask file -> uint8 {0,1} [H, W], 1 = object; the one rule of `fscs predict` support masks and

@@ -187,8 +187,10 @@ def split_names(text: str | None) -> list[str] | None:
 def _comma_hint(names: Sequence[str]) -> str:
     """The escape to suggest when a class name holds a comma (it cannot be written plainly in a list)."""
     comma = next((n for n in names if "," in n), None)
-    escaped = comma.replace(",", "\\,") if comma is not None else ""
-    return f"; a comma inside a class name is written \\, (e.g. '{escaped}')" if comma is not None else ""
+    if comma is None:
+        return ""
+    escaped = comma.replace(",", "\\,")
+    return f"; a comma inside a class name is written \\, (e.g. '{escaped}')"
 
 
 def choose_novel(class_names: Sequence[str], novel: Sequence[str] | None, novel_count: int | None,
@@ -415,7 +417,8 @@ def _read_mask(item: FolderItem, size: tuple[int, int], plan: FolderPlan) -> np.
         return fg * np.uint8(ids[item.labels[0]])
     mask = _read_png(path, binary=False)
     _check_size(mask, path, size, item.path)
-    for v in (int(v) for v in np.unique(mask)):
+    values = {int(v) for v in np.unique(mask)}
+    for v in sorted(values):
         if v in (0, IGNORE):
             continue
         if not 1 <= v <= len(plan.class_names):
@@ -424,7 +427,7 @@ def _read_mask(item: FolderItem, size: tuple[int, int], plan: FolderPlan) -> np.
         if plan.class_names[v - 1] not in item.labels:
             raise FSCSError(f"{path}: contains class {plan.class_names[v - 1]!r} (id {v}), not labelled for "
                             f"{item.path.name} ({item.where}); add the label or fix the mask")
-    if (mask == IGNORE).any() and (mask == 0).any() and not ((mask != 0) & (mask != IGNORE)).any():
+    if values == {0, IGNORE}:
         # a 0/255 black-and-white mask read as index PNG: every object would be 'ignore', never scored
         raise FSCSError(f"{path}: only 0 and 255 (ignore), no pixel of {'/'.join(item.labels)}; a binary "
                         "mask (255 = the object) needs --mask-format binary (or masks/<image>/<class>.png)")
