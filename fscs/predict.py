@@ -66,11 +66,6 @@ class SupportClass:
     masks: list[np.ndarray | None] = field(default_factory=list)
 
 
-def _mask_pixels(im: Image.Image) -> np.ndarray:
-    """uint8 {0,1} [H, W], 1 = object (`mask_foreground`: alpha where it varies, else grey level > 0)."""
-    return mask_foreground(im)
-
-
 def _support_mask(img_path: Path, shape: tuple[int, ...], read_shape: tuple[int, ...] | None = None
                   ) -> np.ndarray | None:
     """`<stem>.mask.png` beside the image or `masks/<stem>.png` in its class folder (nonzero = object); the
@@ -83,7 +78,7 @@ def _support_mask(img_path: Path, shape: tuple[int, ...], read_shape: tuple[int,
         if cand.is_file():
             try:
                 with open_image(cand) as im:
-                    mask = _mask_pixels(im)
+                    mask = mask_foreground(im)  # alpha where it varies, else grey > 0
             except _READ_ERRORS as exn:
                 logger.warning("%s: unreadable support mask (%s); ignored", cand, exn)
                 return None

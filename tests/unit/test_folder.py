@@ -393,7 +393,7 @@ def test_mask_warnings_count_the_masks_stored_not_the_blank_files(tmp_path, capl
 def test_binary_masks_drawn_in_the_alpha_channel_are_read_like_predict_reads_them(tmp_path):
     """A per-class binary mask whose object exists only in its alpha channel is that object (as for
     `fscs predict` support masks), not an empty mask."""
-    from fscs.predict import _mask_pixels
+    from fscs.data.transforms import mask_foreground
 
     images, csv = _dataset(tmp_path, _rows(3))
     d = tmp_path / "masks" / "mix" / "ab0"
@@ -407,7 +407,7 @@ def test_binary_masks_drawn_in_the_alpha_channel_are_read_like_predict_reads_the
     mask = load_samples(read_index(out), {"mix_ab0"})["mix_ab0"].mask
     assert (mask == 1).sum() == 64 and (mask == 2).sum() == 64 and mask[2, 6] == 1 and mask[14, 6] == 2
     with Image.open(d / "a.png") as im:
-        assert np.array_equal(_mask_pixels(im), (mask == 1).astype(np.uint8))
+        assert np.array_equal(mask_foreground(im), (mask == 1).astype(np.uint8))
 
 
 def test_an_image_folder_class_with_a_comma_can_be_named_escaped(tmp_path, capsys):

@@ -5,16 +5,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fscs.predict import FeatureCache, _mask_pixels, _support_mask
+from fscs.data.transforms import mask_foreground
+from fscs.predict import FeatureCache, _support_mask
 
 
 def test_mask_pixels_grey_alpha_and_empty(tmp_path, caplog):
     obj = np.zeros((6, 8), dtype=np.uint8)
     obj[2:4, 3:6] = 1
-    assert np.array_equal(_mask_pixels(Image.fromarray(obj * 255)), obj)
+    assert np.array_equal(mask_foreground(Image.fromarray(obj * 255)), obj)
     alpha_only = np.zeros((6, 8, 4), dtype=np.uint8)  # black everywhere, the object drawn in transparency
     alpha_only[..., 3] = obj * 255
-    assert np.array_equal(_mask_pixels(Image.fromarray(alpha_only, "RGBA")), obj)
+    assert np.array_equal(mask_foreground(Image.fromarray(alpha_only, "RGBA")), obj)
     img = tmp_path / "x.jpg"
     Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(img)
     Image.fromarray(np.zeros((6, 8), dtype=np.uint8)).save(tmp_path / "x.mask.png")
