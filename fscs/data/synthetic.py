@@ -194,15 +194,19 @@ def _object_classes(rng: np.random.Generator, index: int, group: int) -> list[in
     return [classes[i] for i in rng.permutation(len(classes))]
 
 
+def _check_size(size: int) -> None:
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise FSCSError(f"synthetic image size {size} is outside {MIN_SIZE}..{MAX_SIZE}; pass --size in that "
+                        "range (128 = the offline default)")
+
+
 def generate_sample(index: int, seed: int, size: int, group: int, split: str) -> Sample:
     """Render image `index`: image uint8 [size, size, 3], mask uint8 [size, size] (ids, 255 boundary band).
 
     Objects are drawn in order with hard edges; the mask is the final (occlusion-resolved) instance map,
     so every non-boundary pixel's label matches its drawn colour. Each object keeps >= 50 % visible.
     """
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise FSCSError(f"synthetic image size {size} is outside {MIN_SIZE}..{MAX_SIZE}; pass --size in that "
-                        "range (128 = the offline default)")
+    _check_size(size)
     if not 0 <= group < NUM_FOLDS:
         raise FSCSError(f"synthetic group {group} is not one of 0..{NUM_FOLDS - 1}")
     rng = np.random.default_rng([seed, index])
@@ -265,9 +269,7 @@ def generate_synthetic(seed: int = 0, num_images: int = 6000, size: int = 128, w
     """Yield (sample, split) for images 0..num_images-1 in index order; identical for any `workers`."""
     if num_images < 1:
         raise FSCSError(f"synthetic num_images={num_images}; pass a positive --num-images")
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise FSCSError(f"synthetic image size {size} is outside {MIN_SIZE}..{MAX_SIZE}; pass --size in that "
-                        "range (128 = the offline default)")
+    _check_size(size)
     jobs = ((i, seed, size) for i in range(num_images))
     yield from ordered_map(_render, jobs, workers, chunksize=32, what="image generator")
 
