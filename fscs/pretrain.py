@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from fscs.atomic import make_output_dir, remove_stale_tmp, write_bytes_atomic, write_text_atomic
-from fscs.data.shards import iter_shard_samples, read_index
+from fscs.data.shards import ShardIndex, iter_shard_samples, read_index
 from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
 from fscs.engine.checkpoint import compare_configs, flat_config, load_checkpoint, save_checkpoint
@@ -48,13 +48,14 @@ FORMAT = "fscs-pretrain-checkpoint/1"
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_images(cfg: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def load_images(cfg: PretrainConfig, index: ShardIndex | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Images uint8 [N, 3, H, W] of the configured split, multi-hot labels [N, C] over the label classes, classes.
 
     Images holding a class of an excluded fold (or of labels.fold) are dropped; all images must share one size
-    unless data.load_size resizes them as they are read.
+    unless data.load_size resizes them as they are read. `index`: data.shards' index, when already read.
     """
-    index = read_index(cfg.data.shards)
+    index = index if index is not None else read_index(cfg.data.shards)
     excluded = set(novel_folds(cfg))
     for fold in excluded:
         if fold not in index.folds:
@@ -179,8 +180,9 @@ class Pretrainer:
         if env.is_main:  # before the images are read: an unusable out_dir is a one-line error, not a late traceback
             make_output_dir(cfg.run_dir, "out_dir/name")
         self.device = resolve_device("auto", env)
-        self.images, self.labels, self.classes = load_images(cfg)
-        self.dataset = read_index(cfg.data.shards).dataset
+        index = read_index(cfg.data.shards)
+        self.images, self.labels, self.classes = load_images(cfg, index)
+        self.dataset = index.dataset
         torch.manual_seed(cfg.optim.seed)  # identical initial weights on every rank
         spec = get_spec(cfg.model.backbone)
         vit = build_student_vit(cfg.model.backbone, cfg.model.image_size, cfg.model.drop_path)
