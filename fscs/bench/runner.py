@@ -5,7 +5,7 @@ import heapq
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,13 +119,18 @@ def _check_support_masks(where: str, specs: Sequence[EpisodeSpec], samples: Mapp
                                 "suites: eval_regimes: [weak])")
 
 
+def _image_keys(specs: Iterable[EpisodeSpec]) -> set[str]:
+    """The keys of every image (query and supports) the episodes read."""
+    return {k for s in specs for k in (s.query, *(x for shots in s.support for x in shots))}
+
+
 def _load(index: ShardIndex, specs: Sequence[EpisodeSpec], samples: dict[str, EncodedSample] | None
           ) -> dict[str, EncodedSample]:
     """The samples the episodes need, added to (and returned as) `samples` when given: their shard bytes
     (each decoded once as it is read, so an unreadable one fails before the first episode; see
     EncodedSample), not the decoded arrays, which for COCO-20i's 5,000 2-way 5-shot episodes could reach tens
     of GB."""
-    keys = {s.query for s in specs} | {k for s in specs for shots in s.support for k in shots}
+    keys = _image_keys(specs)
     have = samples if samples is not None else {}
     missing = keys - have.keys()
     if missing:
@@ -139,8 +144,7 @@ def _decode_batch(specs: Sequence[EpisodeSpec], samples: Mapping[str, EncodedSam
     Query masks are always decoded (the metric's truth); support masks only with `support_masks` (only the
     full regime reads them)."""
     queries = {s.query for s in specs}
-    keys = queries | {k for s in specs for shots in s.support for k in shots}
-    return {k: samples[k].decode(masks=support_masks or k in queries) for k in sorted(keys)}
+    return {k: samples[k].decode(masks=support_masks or k in queries) for k in sorted(_image_keys(specs))}
 
 
 @torch.no_grad()
@@ -197,9 +201,8 @@ def evaluate_jobs(
     my_batches = _batches(list(range(episodes)), batch_size)[env.rank :: env.world_size]
     my_specs = [all_specs[i] for b in my_batches for i in b]
     samples = _load(index, my_specs, samples)
-    mine = {k for spec in my_specs for k in (spec.query, *(x for shots in spec.support for x in shots))}
     digests: dict[str, str] = {}
-    for part in all_gather_objects({k: samples[k].digest for k in mine}):
+    for part in all_gather_objects({k: samples[k].digest for k in _image_keys(my_specs)}):
         digests.update(part)
     data_sha256 = data_digest(digests)  # what every rank read: the same pixels, masks and labels or not
     support_masks = any(job.regime == "full" for job in jobs)  # only the full regime reads them
