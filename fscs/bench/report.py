@@ -367,8 +367,7 @@ def classes_without_pixels(result: Result) -> list[str]:
         rec = result.records()
         classes = sorted(int(c) for c in names)
         if rec is not None and rec.shape[1] == 6 + 2 * len(classes):
-            union = rec[:, 6 + len(classes) :].sum(axis=0)
-            ids = [c for c, u in zip(classes, union) if u == 0]
+            ids = FSCSMetric.from_records(classes, rec).compute()["classes_without_pixels"]
     return [names.get(str(c), str(c)) for c in ids or []]
 
 
