@@ -51,7 +51,8 @@ def resolve_checkpoint(run_dir: str | os.PathLike, checkpoint: str | os.PathLike
 
 
 def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
-    """Refuse a head trained on other backbone features."""
+    """Refuse a head trained on other backbone features (a checkpoint from before pos_resample was recorded
+    is compared on the rest, with a warning where that rule has changed since)."""
     current = model.backbone.identity
     for key in ("name", "weights_sha256", "image_size"):
         if stored.get(key) != current.get(key):
@@ -59,6 +60,18 @@ def check_backbone_identity(stored: dict, model: FSCSModel, path: Path) -> None:
                 f"checkpoint '{path}' was trained with backbone {key}={stored.get(key)!r}, but this run uses "
                 f"{current.get(key)!r}; set model.backbone/model.weights/model.image_size to match"
             )
+    rule = current.get("pos_resample", "none")
+    if "pos_resample" in stored and stored["pos_resample"] != rule:
+        raise FSCSError(f"checkpoint '{path}' was trained on backbone features whose pos_embed was resampled by "
+                        f"rule {stored['pos_resample']!r}, this fscs resamples these weights by {rule!r}: the "
+                        "features differ; retrain the head with this version (or use the fscs that trained it)")
+    bb = model.backbone
+    if ("pos_resample" not in stored and rule != "none"
+            and (bb.spec.num_reg_tokens or (bb.pretraining is not None and bb.spec.pos_resample == "dino"))):
+        logger.warning("checkpoint %s predates the record of the pos_embed resampling rule; before 2026-11-27 "
+                       "fscs resampled %s weights with DINO's +0.1 rule, now with timm's: a head trained "
+                       "then at image_size %s sees slightly different features (retrain it to be sure)",
+                       path, "DINOv2-register" if bb.spec.num_reg_tokens else "fscs pretrain", current["image_size"])
 
 
 def truncate_train_log(log: Path, step: int) -> None:

@@ -261,8 +261,9 @@ def _fitting_backbones(state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, spec: BackboneSpec,
-                   source: str) -> dict[str, torch.Tensor]:
-    """Check every key and shape, then resample pos_embed to `model`'s grid; misfits raise FSCSError.
+                   source: str, pos_resample: PosResample | None = None) -> dict[str, torch.Tensor]:
+    """Check every key and shape, then resample pos_embed to `model`'s grid (by `pos_resample`, default the
+    spec's rule); misfits raise FSCSError.
 
     Keys and the other shapes are checked first, so weights of another architecture (registers or not,
     other width, patch or depth) are named as such instead of failing on the pos_embed layout; the error
@@ -289,7 +290,7 @@ def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, spec: Backb
         num_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
         try:
             state["pos_embed"] = resample_pos_embed(state["pos_embed"], tuple(model.patch_embed.grid_size),
-                                                    num_prefix, spec.pos_resample)
+                                                    num_prefix, pos_resample or spec.pos_resample)
         except (ValueError, RuntimeError) as exc:
             shape = tuple(state["pos_embed"].shape)
             raise FSCSError(f"backbone weights file {source}: key pos_embed {shape} does not fit "
@@ -299,6 +300,15 @@ def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, spec: Backb
                             f"{tuple(state['pos_embed'].shape)} after resampling, model wants "
                             f"{tuple(expected['pos_embed'].shape)}; {fix}")
     return state
+
+
+def _pos_grid(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[int, int] | None:
+    """The (M, M) patch grid of `state`'s pos_embed for `model`'s prefix layout (None: no square grid)."""
+    pos = state.get("pos_embed")
+    if pos is None or pos.ndim != 3 or model.pos_embed is None:
+        return None
+    side = math.isqrt(max(0, pos.shape[1] - (0 if model.no_embed_class else model.num_prefix_tokens)))
+    return (side, side)
 
 
 @dataclass(frozen=True)
@@ -340,12 +350,19 @@ class FrozenBackbone(nn.Module):
         sha = f"random-init-seed{init_seed}"
         self.pretraining: dict[str, Any] | None = None
         """pretraining_scope of the weights file (None: random init, or weights not made by fscs pretrain)."""
+        resampled = "none"
         weights = resolve_weights(None if weights is None else str(weights))  # 'asset:NAME' = a shipped file
         if weights is not None:
-            state = fit_state_dict(read_state_dict(weights), self.model, self.spec, str(weights))
+            self.pretraining = pretraining_scope(weights)
+            # fscs pretrain trains timm ViTs with dynamic_img_size, i.e. timm's rule, whatever the spec's name
+            rule: PosResample = "timm" if self.pretraining is not None else self.spec.pos_resample
+            state = read_state_dict(weights)
+            grid_before = _pos_grid(state, self.model)
+            state = fit_state_dict(state, self.model, self.spec, str(weights), rule)
             self.model.load_state_dict(state, strict=True)
             sha = file_sha256(weights)
-            self.pretraining = pretraining_scope(weights)
+            if grid_before != tuple(self.model.patch_embed.grid_size):
+                resampled = rule
             logger.info("loaded backbone %s weights from %s (sha256 %s)", name, weights, sha[:12])
         else:
             logger.info("backbone %s is randomly initialised (no weights file)", name)
@@ -353,7 +370,10 @@ class FrozenBackbone(nn.Module):
         self.num_layers = self.spec.depth
         self.num_heads = self.spec.num_heads
         self.embed_dim = self.spec.embed_dim
-        self.identity: dict[str, Any] = {"name": name, "weights_sha256": sha, "image_size": self.image_size}
+        self.identity: dict[str, Any] = {"name": name, "weights_sha256": sha, "image_size": self.image_size,
+                                         "pos_resample": resampled}
+        """What the features depend on. pos_resample: the rule that fitted the weights' pos_embed grid to
+        image_size ("dino" / "timm"), or "none" when it already fitted (or random init)."""
         for param in self.parameters():
             param.requires_grad_(False)
         # Fused attention (scaled_dot_product_attention: flash / memory-efficient kernels, no N x N matrix in

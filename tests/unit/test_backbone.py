@@ -69,7 +69,8 @@ def test_named_config_shapes_and_values(name: str, size: int) -> None:
     assert (backbone.num_layers, backbone.num_heads) == (spec.depth, spec.num_heads)
     assert out.tokens.shape == (2, spec.depth, 1 + g * g, spec.embed_dim)
     assert out.q.shape == out.k.shape == (2, spec.num_heads, 1 + g * g, spec.embed_dim // spec.num_heads)
-    assert backbone.identity == {"name": name, "weights_sha256": "random-init-seed0", "image_size": size}
+    assert backbone.identity == {"name": name, "weights_sha256": "random-init-seed0", "image_size": size,
+                                 "pos_resample": "none"}
 
     model, prefix = backbone.model, backbone.model.num_prefix_tokens
     assert prefix == 1 + spec.num_reg_tokens
@@ -173,7 +174,7 @@ def test_load_dino_pth_with_teacher_wrapper(tmp_path) -> None:
 
     backbone = FrozenBackbone("vit_small_patch8_224.dino", str(path), 64)
     assert backbone.identity == {"name": "vit_small_patch8_224.dino", "weights_sha256": _sha(path),
-                                 "image_size": 64}
+                                 "image_size": 64, "pos_resample": "dino"}
     images = torch.randn(1, 3, 64, 64)
     tokens = backbone(images).tokens[:, -1]
 
@@ -362,3 +363,52 @@ def test_dinov2_file_without_pos_embed_is_one_line_error(tmp_path) -> None:
     torch.save(dict(state, register_tokens=regs.reg_token.detach()), path)
     with pytest.raises(FSCSError, match=r"partial_dinov2\.pth has DINOv2 register_tokens but no pos_embed"):
         FrozenBackbone("vit_small_patch14_reg4_dinov2.lvd142m", str(path), 28)
+
+
+def test_pretrain_export_of_a_dino_architecture_is_resampled_by_timms_rule(tmp_path) -> None:
+    """fscs pretrain trains timm ViTs with dynamic_img_size (timm's resampling): its export of a DINO-named
+    architecture must not be read with DINO's +0.1 rule; the identity records the rule used."""
+    from fscs.model.backbone import PRETRAIN_FORMAT
+    from fscs.model.student import build_student_vit
+    from fscs.pretrain import export_backbone
+
+    vit = build_student_vit("vit_small_patch16_224.dino", 64)  # grid 4
+    with torch.no_grad():
+        vit.pos_embed.normal_(0, 1.0)
+    path = export_backbone(vit, tmp_path / "pretrained.safetensors",
+                           {"format": PRETRAIN_FORMAT, "novel_folds": "[0]", "dataset": "x"})
+    backbone = FrozenBackbone("vit_small_patch16_224.dino", str(path), 32)  # grid 2
+    want = resample_pos_embed(vit.pos_embed.detach(), (2, 2), 1, "timm")
+    torch.testing.assert_close(backbone.model.pos_embed, want)
+    assert (want - resample_pos_embed(vit.pos_embed.detach(), (2, 2), 1, "dino")).abs().max() > 1e-3
+    assert backbone.identity["pos_resample"] == "timm"
+    assert FrozenBackbone("vit_small_patch16_224.dino", str(path), 64).identity["pos_resample"] == "none"
+    assert FrozenBackbone("fscs_vit_tiny_patch8", None, 32).identity["pos_resample"] == "none"
+
+
+def _model_with(identity: dict, num_reg_tokens: int = 0, pretraining=None, rule: str = "dino"):
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(num_reg_tokens=num_reg_tokens, pos_resample=rule)
+    return SimpleNamespace(backbone=SimpleNamespace(identity=identity, spec=spec, pretraining=pretraining))
+
+
+def test_head_trained_with_another_resampling_rule_is_refused_and_legacy_heads_warned(tmp_path, caplog):
+    from fscs.run_dir import check_backbone_identity
+
+    base = {"name": "b", "weights_sha256": "s", "image_size": 42}
+    now = dict(base, pos_resample="timm")
+    with pytest.raises(FSCSError, match="rule 'dino'.*'timm'.*retrain"):
+        check_backbone_identity(dict(base, pos_resample="dino"), _model_with(now, 4, rule="timm"), tmp_path)
+    check_backbone_identity(now, _model_with(now, 4, rule="timm"), tmp_path)
+    assert "predates" not in caplog.text
+    check_backbone_identity(base, _model_with(now, 0, rule="timm"), tmp_path)  # rule never changed: quiet
+    assert "predates" not in caplog.text
+    check_backbone_identity(base, _model_with(now, 4, rule="timm"), tmp_path)  # DINOv2-reg, resampled
+    assert "predates" in caplog.text and "DINOv2-register" in caplog.text
+    caplog.clear()
+    check_backbone_identity(base, _model_with(now, 0, {"dataset": "x"}, rule="dino"), tmp_path)
+    assert "fscs pretrain" in caplog.text
+    caplog.clear()
+    check_backbone_identity(base, _model_with(dict(base, pos_resample="none"), 4, rule="timm"), tmp_path)
+    assert "predates" not in caplog.text
