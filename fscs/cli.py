@@ -293,7 +293,8 @@ def _cmd_shards_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards_folder(args: argparse.Namespace) -> int:
-    from fscs.data.sources.folder import build_folder_shards, split_names as names
+    from fscs.data.sources.folder import build_folder_shards
+    from fscs.data.sources.folder_plan import split_names as names
 
     try:
         shots = [int(s) for s in args.shots.split(",") if s.strip()]

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from fscs.atomic import make_output_dir, remove_stale_tmp, write_atomic_with, write_text_atomic
 from fscs.bench.runs import load_run
 from fscs.data.transforms import mask_foreground, open_image, resize_mask, to_tensor_image, upright_rgb
-from fscs.data.sources.folder import turned_hint
+from fscs.data.sources.folder_pixels import turned_hint
 from fscs.errors import FSCSError
 from fscs.model.correlation import correlation
 from fscs.model.fscs_model import EpisodeFeatures, EpisodeOutput, FSCSModel

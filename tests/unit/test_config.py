@@ -53,7 +53,7 @@ def test_missing_file():
 
 def test_a_directory_given_for_a_file_is_named_so(tmp_path):
     """`--config configs/` (or a weights/labels/checkpoint folder) said 'not found' about a path that exists."""
-    from fscs.data.sources.folder import read_labels_csv
+    from fscs.data.sources.folder_plan import read_labels_csv
     from fscs.model.backbone import read_state_dict
     from fscs.safe_load import load_untrusted
 

@@ -12,7 +12,8 @@ from fscs.cli import main
 from fscs.data.episodes import EpisodeSampler
 from fscs.data.stream import TrainEpisodeStream
 from fscs.data.shards import load_samples, read_index
-from fscs.data.sources.folder import BASE_FOLD, NOVEL_FOLD, build_folder_shards, choose_novel, make_keys
+from fscs.data.sources.folder import BASE_FOLD, NOVEL_FOLD, build_folder_shards
+from fscs.data.sources.folder_plan import choose_novel, make_keys
 from fscs.errors import FSCSError
 
 W, H = 32, 24
@@ -122,7 +123,7 @@ def test_partly_masked_novel_images_are_all_tested(tmp_path, caplog):
         m = np.zeros((H, W), np.uint8)
         m[3:9, 3:9] = 4
         Image.fromarray(m, "L").save(tmp_path / "masks" / "d" / f"{name}.png")
-    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
         out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
     index = read_index(out)
     # every novel image is a test query (ER from its labels); the masked ones also give mIoU
@@ -133,14 +134,14 @@ def test_partly_masked_novel_images_are_all_tested(tmp_path, caplog):
     assert "novel class" not in caplog.text  # d has masked images
     assert "class 'd' has 4 novel test images; 5-shot episodes need 6" in caplog.text  # all 4 counted
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
         build_folder_shards(images, tmp_path / "s2", labels=csv, masks=tmp_path / "masks", novel=["c", "d"])
     assert "novel class 'c' has no masked test image" in caplog.text
 
 
 def test_unmasked_novel_images_are_tested_for_er(tmp_path, caplog):
     images, csv = _dataset(tmp_path, _rows(3))
-    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
         out = build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"])
     index = read_index(out)
     assert [k for k, _ in index.fold_entries("test", 0)] == ["d_d0", "d_d1", "d_d2", "mix_ad0"]
@@ -182,7 +183,7 @@ def test_keys_are_sanitised_and_unique():
 
 def test_few_images_warns(tmp_path, caplog):
     images, csv = _dataset(tmp_path, _rows(2))
-    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
         build_folder_shards(images, tmp_path / "s", labels=csv, novel=["d"], shots=(1, 5))
     assert "class 'd' has 3 novel test images; 5-shot episodes need 6" in caplog.text
     assert "have no mask" in caplog.text
@@ -329,7 +330,7 @@ def test_a_blank_mask_is_no_mask(tmp_path, caplog):
     drawn = np.zeros((H, W), np.uint8)
     drawn[2:6, 2:6] = 4
     Image.fromarray(drawn).save(tmp_path / "masks" / "d" / "d2.png")
-    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
         out = build_folder_shards(images, tmp_path / "s", labels=csv, masks=tmp_path / "masks", novel=["d"])
     index = read_index(out)
     assert [index.samples[k]["mask"] for k in ("d_d0", "d_d1", "d_d2")] == [False, False, True]
@@ -379,13 +380,13 @@ def test_mask_warnings_count_the_masks_stored_not_the_blank_files(tmp_path, capl
         Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "masks" / "d" / f"{name}.png")
     for out in ("s", "s"):  # built, then reused: the same count both times
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+        with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
             build_folder_shards(images, tmp_path / out, labels=csv, masks=tmp_path / "masks", novel=["d"])
         assert "1 of 15 images have masks" in caplog.text
         assert "1 of 4 novel test images have masks" in caplog.text
     caplog.clear()
     Image.fromarray(np.zeros((H, W), np.uint8)).save(tmp_path / "masks" / "d" / "d0.png")
-    with caplog.at_level(logging.WARNING, logger="fscs.data.sources.folder"):
+    with caplog.at_level(logging.WARNING, logger="fscs.data.sources"):
         build_folder_shards(images, tmp_path / "s2", labels=csv, masks=tmp_path / "masks", novel=["d"])
     assert "have masks" not in caplog.text and "the 4 novel test images have no masks" in caplog.text
 
