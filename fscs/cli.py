@@ -276,7 +276,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards_verify(args: argparse.Namespace) -> int:
-    from fscs.data.shards import read_index, rebuild_hint, verify_shards
+    from fscs.data.shard_check import verify_shards
+    from fscs.data.shards import read_index, rebuild_hint
 
     index = read_index(args.dir)
     problems, checked = verify_shards(index, decode=args.decode)

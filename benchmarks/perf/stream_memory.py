@@ -34,7 +34,7 @@ def status_kb(field: str) -> int:
 
 def build(out: str, images: int, width: int, height: int, seed: int, test_every: int = 10) -> None:
     """COCO-like shards; every `test_every`-th image is a test image (1: all of them), the others trn."""
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
     from fscs.data.types import Sample
 
     rng = np.random.default_rng(seed)

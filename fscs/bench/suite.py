@@ -21,7 +21,8 @@ from fscs.bench.runner import EvalJob, check_settings, evaluate_jobs
 from fscs.bench.runs import LoadedRun, label_gt_fraction, load_run, regime_label, run_metadata
 from fscs.config import load_structured, parse_setting
 from fscs.data.episodes import EpisodeSampler, build_manifest, manifest_hash
-from fscs.data.shards import EncodedSample, read_index, shards_fingerprint
+from fscs.data.shard_check import shards_fingerprint
+from fscs.data.shards import EncodedSample, read_index
 from fscs.distributed import DistEnv, all_gather_objects
 from fscs.errors import FSCSError
 from fscs.runtime import resolve_device

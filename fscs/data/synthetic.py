@@ -277,7 +277,7 @@ def generate_synthetic(seed: int = 0, num_images: int = 6000, size: int = 128, w
 def build_synthetic_shards(out_dir: str | Path, seed: int = 0, num_images: int = 6000, size: int = 128,
                            workers: int = 2) -> Path:
     """Generate `synthetic-5i` and write it as shards into `out_dir` (reused when already complete)."""
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
 
     params = {"seed": seed, "num_images": num_images, "size": size, "generator": GENERATOR_VERSION}
     return write_shards(generate_synthetic(seed, num_images, size, workers), out_dir, dataset=DATASET_NAME,

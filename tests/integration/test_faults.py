@@ -33,7 +33,7 @@ def _threads():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """synthetic-5i with 40 images per tar: the training images span several trn shards."""
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
     from fscs.data.synthetic import (DATASET_NAME, GENERATOR_VERSION, SYNTH_CLASS_NAMES, SYNTH_FOLDS,
                                      generate_synthetic)
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fscs.data.shards import read_index, write_shards
+from fscs.data.shard_write import write_shards
+from fscs.data.shards import read_index
 from fscs.data.synthetic import DATASET_NAME, SYNTH_CLASS_NAMES, SYNTH_FOLDS, generate_synthetic
 
 

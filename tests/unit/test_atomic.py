@@ -54,7 +54,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 def test_an_output_folder_that_cannot_exist_is_a_one_line_error(tmp_path):
     from fscs.atomic import make_output_dir
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
     from fscs.errors import FSCSError
 
     assert make_output_dir(tmp_path / "a" / "b", "--out").is_dir()

@@ -350,7 +350,7 @@ def test_export_path_must_be_a_safetensors_file(tmp_path) -> None:
 def test_shards_with_images_of_several_sizes_load_with_data_load_size(tmp_path) -> None:
     """Docs: `fscs pretrain` runs on any image shards; PASCAL, COCO and folder shards keep each image's own size
     and were refused ('pretraining needs one image size') with no way around it."""
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
     from fscs.data.types import Sample
     from fscs.pretrain import load_images
 
@@ -374,7 +374,7 @@ def test_shards_with_images_of_several_sizes_load_with_data_load_size(tmp_path) 
 def test_resume_on_another_dataset_is_refused(tmp_path) -> None:
     """data.shards may change on resume (moved files), but not to another shard set: a labels run died with a
     load_state_dict traceback (another class count), a plain DINO run went on silently on other images."""
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
     from fscs.data.synthetic import build_synthetic_shards
     from fscs.data.types import Sample
     from fscs.distributed import DistEnv

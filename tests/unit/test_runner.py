@@ -95,7 +95,7 @@ def _png_eval_shards(tmp_path, mask_every):
     data_sha256 is the same everywhere."""
     import io
 
-    from fscs.data.shards import write_shards
+    from fscs.data.shard_write import write_shards
     from fscs.data.types import Sample
 
     rng = np.random.default_rng(11)

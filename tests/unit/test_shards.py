@@ -11,12 +11,12 @@ import tarfile
 import numpy as np
 import pytest
 
+from fscs.data.shard_write import write_shards
 from fscs.data.shards import (
     CorruptShardLog,
     iter_shard_samples,
     load_samples,
     read_index,
-    write_shards,
 )
 from fscs.data.synthetic import (
     DATASET_NAME,
@@ -242,7 +242,7 @@ def test_verify_shards(shard_dir, tmp_path, capsys):
     (sha256), a truncated file (size), a missing file, a member dropped from a set without checksums, and
     with --decode an image that no longer decodes."""
     from fscs.cli import main
-    from fscs.data.shards import verify_shards
+    from fscs.data.shard_check import verify_shards
 
     index = read_index(shard_dir)
     assert all(len(s["sha256"]) == 64 for s in index.shards)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fscs.data.stream as stream_mod
-from fscs.data.shards import read_index, write_shards
+from fscs.data.shard_write import write_shards
+from fscs.data.shards import read_index
 from fscs.data.stream import TrainEpisodeStream, make_train_loader
 from fscs.data.synthetic import DATASET_NAME, SYNTH_CLASS_NAMES, SYNTH_FOLDS, generate_synthetic
 from fscs.errors import FSCSError

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from fscs.atomic import remove_stale_tmp
-from fscs.data.shards import ROLES, ShardIndex, read_index, write_shards
+from fscs.data.shard_write import write_shards
+from fscs.data.shards import ROLES, ShardIndex, read_index
 from fscs.data.transforms import pil_rgb
 from fscs.data.types import Sample
 from fscs.errors import FSCSError

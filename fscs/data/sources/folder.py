@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fscs.data.shards import ROLES, read_index, write_shards
+from fscs.data.shard_write import write_shards
+from fscs.data.shards import ROLES, read_index
 from fscs.data.sources.folder_pixels import iter_folder_samples
 from fscs.data.sources.folder_plan import _KEY_BAD, FolderPlan, _png_files, plan_folder
 from fscs.errors import FSCSError
