@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from fscs.bench import plots
-from fscs.bench.report import Result, _order, _settings
+from fscs.bench.report import _order, _settings
+from fscs.bench.report_inputs import Result
 
 logger = logging.getLogger(__name__)
 

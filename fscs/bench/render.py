@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from fscs.bench import plots
 from fscs.bench.figures import Picture
-from fscs.bench.report import MEAN_CI_METHOD, PUBLISHED_SOURCE, Result, Table
+from fscs.bench.report import MEAN_CI_METHOD, PUBLISHED_SOURCE, Table
+from fscs.bench.report_inputs import Result
 
 COLUMNS = (("model", "model"), ("train", "train regime"), ("test", "test regime"), ("backbone", "backbone"),
            ("fold", "fold"), ("er", "ER [95% CI]"), ("miou", "mIoU [95% CI]"), ("fbiou", "FB-IoU [95% CI]"),

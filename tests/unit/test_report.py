@@ -11,7 +11,8 @@ import torch
 
 from fscs.bench import plots
 from fscs.bench.metrics import FSCSMetric
-from fscs.bench.report import collect_results, fold_mean, write_report
+from fscs.bench.report import fold_mean, write_report
+from fscs.bench.report_inputs import collect_results
 from fscs.bench.suite import load_suite, regime_matches
 from fscs.errors import FSCSError
 
@@ -401,7 +402,7 @@ def test_published_rows_only_beside_the_standard_benchmarks(tmp_path):
                                             ("weakfold1", 1, "weak"), ("half0", 0, "half0"),
                                             ("weak_f1", 0, "weak_f1"), ("f0", 0, "f0")])
 def test_model_name_drops_only_a_fold_marker(tmp_path, run, fold, model):
-    from fscs.bench.report import Result
+    from fscs.bench.report_inputs import Result
 
     assert Result(tmp_path / "r.json", {"run": run, "fold": fold}).model == model
 
