@@ -44,6 +44,30 @@ def slurm_launcher():
 
 
 @pytest.fixture(scope="module")
+def slurm_settings(slurm_launcher):
+    """launchers/slurm_settings.py (presets, merged settings, submitit parameters), as slurm.py imports it."""
+    import importlib
+
+    return importlib.import_module("slurm_settings")
+
+
+@pytest.fixture(scope="module")
+def slurm_commands(slurm_launcher):
+    """launchers/slurm_commands.py (--sweep expansion, a command's config), as slurm.py imports it."""
+    import importlib
+
+    return importlib.import_module("slurm_commands")
+
+
+@pytest.fixture(scope="module")
+def slurm_task(slurm_launcher):
+    """launchers/slurm_task.py (FscsTask: what runs inside the job), as slurm.py imports it."""
+    import importlib
+
+    return importlib.import_module("slurm_task")
+
+
+@pytest.fixture(scope="module")
 def cls_plateau():
     """benchmarks/quality/cls_plateau.py imported as `fscs_cls_plateau`."""
     yield from import_script("benchmarks/quality/cls_plateau.py", "fscs_cls_plateau")

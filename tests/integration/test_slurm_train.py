@@ -38,9 +38,9 @@ def cluster(slurm_cluster):
         yield slurm_cluster
 
 
-def _submit(launcher, cluster, folder: Path, argv: list[str]):
-    settings = launcher.merge_settings(launcher.load_preset("cpu"), {"partition": cluster.partition,
-                                                                      "time_min": 10, "max_requeues": 3})
+def _submit(launcher, settings_of, cluster, folder: Path, argv: list[str]):
+    settings = settings_of.merge_settings(settings_of.load_preset("cpu"), {"partition": cluster.partition,
+                                                                        "time_min": 10, "max_requeues": 3})
     return launcher.submit(argv, settings, folder, name="fscs-test", cluster="slurm")
 
 
@@ -79,12 +79,13 @@ def _torchrun_reference(shards: Path, out: Path):
 
 
 @pytest.fixture(scope="module")
-def requeued(slurm_launcher, cluster, shards, tmp_path_factory):
+def requeued(slurm_launcher, slurm_settings, cluster, shards, tmp_path_factory):
     """A 2-task job requeued by `scontrol requeue`, then sent SIGUSR2, that completes; and its reference."""
     out = tmp_path_factory.mktemp("slurm")
     run = out / "requeued"
-    job = _submit(slurm_launcher, cluster, out / "submitit", ["train", f"data.shards={shards}", f"out_dir={out}",
-                                                         "name=requeued", *TRAIN, "train.save_every=1"])
+    job = _submit(slurm_launcher, slurm_settings, cluster, out / "submitit",
+                  ["train", f"data.shards={shards}", f"out_dir={out}", "name=requeued", *TRAIN,
+                   "train.save_every=1"])
     reference = None
     try:
         _wait(job, cluster, "a first checkpoint", lambda: _latest(run) >= 1)

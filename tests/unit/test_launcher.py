@@ -34,7 +34,7 @@ def _slurm_task_env(monkeypatch, procid: int, nodes: int = 2, per_node: int = 4)
         monkeypatch.setenv(k, v)
 
 
-def test_two_nodes_by_four_tasks_rendezvous(slurm_launcher, monkeypatch, restore_environ):
+def test_two_nodes_by_four_tasks_rendezvous(slurm_task, monkeypatch, restore_environ):
     lookups = []
 
     def node_addr(host: str) -> str:  # stands in for `scontrol show node` (gpu003 is not in DNS here)
@@ -45,7 +45,7 @@ def test_two_nodes_by_four_tasks_rendezvous(slurm_launcher, monkeypatch, restore
     for procid in range(8):
         _slurm_task_env(monkeypatch, procid)
         raw = resolve_env(dict(os.environ))  # fscs' own reading of the SLURM variables
-        exported = slurm_launcher.distributed_env(lookup=node_addr)
+        exported = slurm_task.distributed_env(lookup=node_addr)
         env = resolve_env(exported)
         assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (procid, 8, procid % 4, 4)
         assert (raw.rank, raw.world_size, raw.local_rank, raw.local_world_size) == (procid, 8, procid % 4, 4)
@@ -60,51 +60,51 @@ def test_environment_is_restored_after_the_rendezvous_test():
     assert "WORLD_SIZE" not in os.environ or os.environ["WORLD_SIZE"] != "8"
 
 
-def test_preset_then_command_line(slurm_launcher, tmp_path):
-    preset = slurm_launcher.load_preset("example")
-    settings = slurm_launcher.merge_settings(preset, {"nodes": 4, "partition": "big", "time_min": None,
+def test_preset_then_command_line(slurm_settings, tmp_path):
+    preset = slurm_settings.load_preset("example")
+    settings = slurm_settings.merge_settings(preset, {"nodes": 4, "partition": "big", "time_min": None,
                                                       "gpus_per_node": None})
-    params = slurm_launcher.executor_parameters(settings, name="weak")
+    params = slurm_settings.executor_parameters(settings, name="weak")
     assert params["nodes"] == 4 and params["slurm_partition"] == "big"  # command line wins
     assert params["gpus_per_node"] == 8 and params["tasks_per_node"] == 8 and params["timeout_min"] == 1440
     assert params["slurm_signal_delay_s"] == 180 and "slurm_account" not in params  # null = not passed
-    cpu = slurm_launcher.executor_parameters(slurm_launcher.merge_settings(None, {"gpus_per_node": 0}))
+    cpu = slurm_settings.executor_parameters(slurm_settings.merge_settings(None, {"gpus_per_node": 0}))
     assert "gpus_per_node" not in cpu and cpu["tasks_per_node"] == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("partitoin: gpu\n")
     with pytest.raises(FSCSError, match="unknown key.*partitoin"):
-        slurm_launcher.load_preset(bad)
+        slurm_settings.load_preset(bad)
     with pytest.raises(FSCSError, match="not found; use one of: .*example"):
-        slurm_launcher.load_preset("nosuchcluster")
+        slurm_settings.load_preset("nosuchcluster")
 
 
-def test_gpus_on_the_command_line_set_the_tasks_a_preset_fixed(slurm_launcher):
+def test_gpus_on_the_command_line_set_the_tasks_a_preset_fixed(slurm_settings):
     """`--preset example --gpus-per-node 4` kept the preset's tasks_per_node 8: 8 tasks on 4 GPUs, and
     tasks 4-7 asked for cuda:4..7. Tasks now follow the command line's GPU count unless --tasks-per-node
     is given, and more tasks than GPUs is a one-line error."""
-    example = slurm_launcher.load_preset("example")
-    settings = slurm_launcher.merge_settings(example, {"gpus_per_node": 4, "tasks_per_node": None})
+    example = slurm_settings.load_preset("example")
+    settings = slurm_settings.merge_settings(example, {"gpus_per_node": 4, "tasks_per_node": None})
     assert (settings["gpus_per_node"], settings["tasks_per_node"]) == (4, 4)
-    fewer = slurm_launcher.merge_settings(example, {"gpus_per_node": 8, "tasks_per_node": 2})
+    fewer = slurm_settings.merge_settings(example, {"gpus_per_node": 8, "tasks_per_node": 2})
     assert fewer["tasks_per_node"] == 2
     with pytest.raises(FSCSError, match="--tasks-per-node 8 is more than --gpus-per-node 4"):
-        slurm_launcher.merge_settings(example, {"gpus_per_node": 4, "tasks_per_node": 8})
-    assert slurm_launcher.merge_settings(slurm_launcher.load_preset("cpu"), {})["tasks_per_node"] == 2  # CPU
+        slurm_settings.merge_settings(example, {"gpus_per_node": 4, "tasks_per_node": 8})
+    assert slurm_settings.merge_settings(slurm_settings.load_preset("cpu"), {})["tasks_per_node"] == 2  # CPU
 
 
-def test_a_failed_task_ends_the_step(slurm_launcher):
+def test_a_failed_task_ends_the_step(slurm_settings):
     """Rank 0 failing at startup (its rendezvous port taken: EADDRINUSE, seen on the private cluster) left
     rank 1 waiting for it in srun until torch's 30-minute store timeout: srun must kill the other tasks."""
-    params = slurm_launcher.executor_parameters(slurm_launcher.merge_settings(None, {}))
+    params = slurm_settings.executor_parameters(slurm_settings.merge_settings(None, {}))
     assert params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
-    preset = slurm_launcher.merge_settings({"srun_args": ["--cpu-bind=cores"]}, {})
-    assert slurm_launcher.executor_parameters(preset)["slurm_srun_args"] == ["--kill-on-bad-exit=1",
+    preset = slurm_settings.merge_settings({"srun_args": ["--cpu-bind=cores"]}, {})
+    assert slurm_settings.executor_parameters(preset)["slurm_srun_args"] == ["--kill-on-bad-exit=1",
                                                                                "--cpu-bind=cores"]
 
 
-def test_requeue_is_bounded_and_logged(slurm_launcher, monkeypatch, caplog):
+def test_requeue_is_bounded_and_logged(slurm_task, monkeypatch, caplog):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    task = slurm_launcher.FscsTask(["train", "name=x"], max_requeues=2)
+    task = slurm_task.FscsTask(["train", "name=x"], max_requeues=2)
     with caplog.at_level(logging.WARNING, logger="fscs.launchers.slurm"):
         first = task.checkpoint()
         assert first.function.requeues == 1 and first.function.argv == ["train", "name=x"]
@@ -114,20 +114,20 @@ def test_requeue_is_bounded_and_logged(slurm_launcher, monkeypatch, caplog):
     assert "requeue 1 of at most 2" in caplog.text and "requeue 2 of at most 2" in caplog.text
     assert "not requeueing: 2 requeue(s) done" in caplog.text
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # requeues by SLURM itself count too
-    assert slurm_launcher.FscsTask(["bench"], max_requeues=2).checkpoint() is None
+    assert slurm_task.FscsTask(["bench"], max_requeues=2).checkpoint() is None
 
 
-def test_train_result_file_and_bad_command(slurm_launcher, tmp_path, capsys):
-    path = slurm_launcher.default_result_file(["train", f"out_dir={tmp_path}", "name=r1"])
+def test_train_result_file_and_bad_command(slurm_launcher, slurm_commands, tmp_path, capsys):
+    path = slurm_commands.default_result_file(["train", f"out_dir={tmp_path}", "name=r1"])
     assert path == str(tmp_path / "r1" / "train_summary.json")
-    assert slurm_launcher.default_result_file(["bench", "--run-dir", "x"]) is None
+    assert slurm_commands.default_result_file(["bench", "--run-dir", "x"]) is None
     assert slurm_launcher.main(["--nodes", "1", "--", "shards", "synth"]) == 2
     # `--config=FILE` (argparse's other spelling, accepted by fscs) is the job's config too: not the default's
     # run directory, whose train_summary.json (of another run) --wait would print as this job's result
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"name: from_yaml\nout_dir: {tmp_path}\n")
     for spelling in (["--config", str(cfg)], [f"--config={cfg}"]):
-        path = slurm_launcher.default_result_file(["train", *spelling, "train.seed=1"])
+        path = slurm_commands.default_result_file(["train", *spelling, "train.seed=1"])
         assert path == str(tmp_path / "from_yaml" / "train_summary.json"), spelling
     assert "give an fscs command" in capsys.readouterr().err
 
@@ -229,7 +229,8 @@ def test_a_refused_submission_is_one_line(slurm_launcher, monkeypatch, capsys):
         assert "\n" not in err and "invalid partition specified: nope" in err and "check --partition" in err
 
 
-def test_max_requeues_also_bounds_submitits_timeout_count(slurm_launcher, monkeypatch, tmp_path):
+def test_max_requeues_also_bounds_submitits_timeout_count(slurm_launcher, slurm_settings, monkeypatch,
+                                                           tmp_path):
     """submitit ends a job after max_num_timeout (its default: 3) timeouts even when FscsTask.checkpoint()
     would requeue it: --max-requeues 5 must reach the executor too (seen on a real cluster: the 4th
     time-limit signal ended the job with "timed-out too many times")."""
@@ -249,7 +250,7 @@ def test_max_requeues_also_bounds_submitits_timeout_count(slurm_launcher, monkey
             return "job"
 
     monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
-    settings = slurm_launcher.merge_settings(slurm_launcher.load_preset("example"), {"max_requeues": None})
+    settings = slurm_settings.merge_settings(slurm_settings.load_preset("example"), {"max_requeues": None})
     assert slurm_launcher.submit(["bench", "--run-dir", "x"], settings, tmp_path, cluster="slurm") == "job"
     assert made["task"].max_requeues == settings["max_requeues"] == 5
     assert made["init"]["slurm_max_num_timeout"] == 5
@@ -278,13 +279,13 @@ def test_bad_resource_values_are_one_line_errors_before_sbatch(slurm_launcher, m
     assert "\n" not in err and says in err, err
 
 
-def test_preset_values_are_checked_too(slurm_launcher, tmp_path):
+def test_preset_values_are_checked_too(slurm_settings, tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("nodes: two\nmem_gb: null\n")
     with pytest.raises(FSCSError, match="--nodes .preset key nodes. must be an integer >= 1, got 'two'"):
-        slurm_launcher.merge_settings(slurm_launcher.load_preset(preset), {})
+        slurm_settings.merge_settings(slurm_settings.load_preset(preset), {})
     preset.write_text("gpus_per_node: null\nmem_gb: null\n")  # null = not passed to sbatch
-    assert slurm_launcher.merge_settings(slurm_launcher.load_preset(preset), {})["tasks_per_node"] == 1
+    assert slurm_settings.merge_settings(slurm_settings.load_preset(preset), {})["tasks_per_node"] == 1
 
 
 def test_wait_on_a_failed_job_is_one_line_with_fscs_error(slurm_launcher, monkeypatch, capsys, tmp_path):
@@ -346,7 +347,7 @@ def _scontrol_job(end: str, preempt: str) -> str:
             f"PreemptEligibleTime=2026-11-27T13:37:53 PreemptTime={preempt} SuspendTime=None\n")
 
 
-def test_a_preempted_task_waits_out_the_grace_time(slurm_launcher, monkeypatch):
+def test_a_preempted_task_waits_out_the_grace_time(slurm_task, monkeypatch):
     """SLURM preemption (PreemptMode=REQUEUE, GraceTime=150) sends SIGTERM and kills + requeues the job
     GraceTime later. The tasks used to give up after a fixed 120 s and exit 1, so the job ended FAILED and was
     never requeued (seen on the private cluster); now they wait for the job's new EndTime."""
@@ -355,31 +356,31 @@ def test_a_preempted_task_waits_out_the_grace_time(slurm_launcher, monkeypatch):
     now = datetime.now().replace(microsecond=0)
     end = (now + timedelta(seconds=150)).isoformat()
     preempted = _scontrol_job(end, now.isoformat())
-    assert 140 <= slurm_launcher.preemption_grace_s(lambda: preempted) <= 151
-    assert slurm_launcher.preemption_grace_s(lambda: _scontrol_job(end, "None")) == 0  # requeue, scancel
-    assert slurm_launcher.preemption_grace_s(lambda: None) == 0  # scontrol did not answer
+    assert 140 <= slurm_task.preemption_grace_s(lambda: preempted) <= 151
+    assert slurm_task.preemption_grace_s(lambda: _scontrol_job(end, "None")) == 0  # requeue, scancel
+    assert slurm_task.preemption_grace_s(lambda: None) == 0  # scontrol did not answer
 
     clock = [0.0]  # a fake clock: no real waiting
-    monkeypatch.setattr(slurm_launcher.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(slurm_launcher.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    monkeypatch.setattr(slurm_task.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm_task.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
     with pytest.raises(SystemExit):
-        slurm_launcher.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: preempted)
+        slurm_task.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: preempted)
     assert clock[0] >= 120 + 140  # the usual wait plus the grace time
     clock[0] = 0.0
     with pytest.raises(SystemExit):
-        slurm_launcher.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: None)
+        slurm_task.FscsTask._wait_for_slurm("SIGTERM", seconds=120.0, lookup=lambda: None)
     assert 120 <= clock[0] < 125
 
 
-def test_sweep_expands_to_one_command_per_combination(slurm_launcher):
+def test_sweep_expands_to_one_command_per_combination(slurm_commands):
     command = ["train", "name=w_f{fold}_s{seed}", "data.fold={fold}", "train.seed={seed}"]
-    tasks = slurm_launcher.expand_sweeps(command, ["fold=0,1", "seed=3, 4"])
+    tasks = slurm_commands.expand_sweeps(command, ["fold=0,1", "seed=3, 4"])
     assert tasks == [({"fold": "0", "seed": "3"}, ["train", "name=w_f0_s3", "data.fold=0", "train.seed=3"]),
                      ({"fold": "0", "seed": "4"}, ["train", "name=w_f0_s4", "data.fold=0", "train.seed=4"]),
                      ({"fold": "1", "seed": "3"}, ["train", "name=w_f1_s3", "data.fold=1", "train.seed=3"]),
                      ({"fold": "1", "seed": "4"}, ["train", "name=w_f1_s4", "data.fold=1", "train.seed=4"])]
     bench = ["bench", "--run-dir", "r"]
-    assert slurm_launcher.expand_sweeps(bench, []) == [({}, bench)]
+    assert slurm_commands.expand_sweeps(bench, []) == [({}, bench)]
 
 
 @pytest.mark.parametrize("specs, message", [
@@ -390,9 +391,9 @@ def test_sweep_expands_to_one_command_per_combination(slurm_launcher):
     (["fold=0", "fold=1"], "--sweep fold is given twice"),
     (["seed=1,2"], "the command has no {seed}, so every task would run the same command"),
 ])
-def test_bad_sweeps_are_one_line_errors(slurm_launcher, specs, message):
+def test_bad_sweeps_are_one_line_errors(slurm_commands, specs, message):
     with pytest.raises(FSCSError, match=re.escape(message)):
-        slurm_launcher.expand_sweeps(["train", "name=w_f{fold}", "data.fold={fold}"], specs)
+        slurm_commands.expand_sweeps(["train", "name=w_f{fold}", "data.fold={fold}"], specs)
 
 
 def test_sweep_tasks_sharing_a_run_directory_are_refused_before_sbatch(slurm_launcher, monkeypatch, capsys):
