@@ -52,7 +52,7 @@ class ModelConfig:
     """The frozen backbone, the pseudo-mask rule and the input size."""
 
     backbone: str = "fscs_vit_mini_patch8"
-    """Registry name in fscs.model.backbone.BACKBONES."""
+    """Registry name in fscs.model.backbone_specs.BACKBONES."""
     weights: str | None = "asset:fscs_vit_mini_patch8.safetensors"
     """Local weights file (DINO .pth, timm .pth/.safetensors), `asset:NAME` for a file shipped in fscs/assets
     (the default: the self-supervised offline backbone, pretrained without fold 0's classes); null = random init."""

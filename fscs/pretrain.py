@@ -31,7 +31,8 @@ from fscs.data.multicrop import MultiCropAugment
 from fscs.distributed import DistEnv
 from fscs.engine.checkpoint import compare_configs, flat_config, load_checkpoint, save_checkpoint
 from fscs.errors import FSCSError
-from fscs.model.backbone import PRETRAIN_FORMAT, get_spec
+from fscs.model.backbone_specs import get_spec
+from fscs.model.backbone_weights import PRETRAIN_FORMAT
 from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, label_losses, vit_forward
 from fscs.model.distill import cls_key_cosine
 from fscs.model.student import Student, build_student_vit

@@ -28,7 +28,7 @@ class PretrainData:
 @dataclass
 class PretrainModel:
     backbone: str = "fscs_vit_tiny_patch8"
-    """Registry name in fscs.model.backbone.BACKBONES (no register tokens)."""
+    """Registry name in fscs.model.backbone_specs.BACKBONES (no register tokens)."""
     image_size: int = 96
     """Global-crop (and label-view) size; FrozenBackbone resamples pos_embed for other sizes."""
     drop_path: float = 0.0
@@ -149,7 +149,7 @@ def load_pretrain_config(path: str | os.PathLike | None = None, overrides: list[
 def _check_values(cfg: PretrainConfig) -> None:
     """Ranges the run relies on; a bad value is a one-line FSCSError naming the key (not a traceback mid-run,
     a NaN backbone or a random-init export)."""
-    from fscs.model.backbone import get_spec
+    from fscs.model.backbone_specs import get_spec
 
     o, d, lab, a = cfg.optim, cfg.dino, cfg.labels, cfg.augment
 

@@ -10,7 +10,7 @@ logger = logging.getLogger(__name__)
 
 ASSET_DIR = Path(__file__).resolve().parent
 DEFAULT_BACKBONE = "fscs_vit_mini_patch8"
-"""Registry name of the shipped backbone (fscs.model.backbone.BACKBONES)."""
+"""Registry name of the shipped backbone (fscs.model.backbone_specs.BACKBONES)."""
 DEFAULT_BACKBONE_WEIGHTS = ASSET_DIR / f"{DEFAULT_BACKBONE}.safetensors"
 DEFAULT_BACKBONE_DATASET = "synthetic-5i"
 """Shard set (index.json 'dataset') the shipped backbone was pretrained on, without any fold-0 class; its file

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from fscs.errors import FSCSError
-from fscs.model.backbone import get_spec
+from fscs.model.backbone_specs import get_spec
 from fscs.model.dino_head import DINOHead, EvidenceNet, vit_forward
 from fscs.model.distill import cls_key_cosine
 

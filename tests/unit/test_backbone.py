@@ -15,13 +15,9 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from fscs.errors import FSCSError
-from fscs.model.backbone import (
-    BACKBONES,
-    BackboneOutput,
-    FrozenBackbone,
-    build_timm_model,
-    resample_pos_embed,
-)
+from fscs.model.backbone import BackboneOutput, FrozenBackbone
+from fscs.model.backbone_specs import BACKBONES, build_timm_model
+from fscs.model.backbone_weights import resample_pos_embed
 
 
 @pytest.fixture(autouse=True)
@@ -368,7 +364,7 @@ def test_dinov2_file_without_pos_embed_is_one_line_error(tmp_path) -> None:
 def test_pretrain_export_of_a_dino_architecture_is_resampled_by_timms_rule(tmp_path) -> None:
     """fscs pretrain trains timm ViTs with dynamic_img_size (timm's resampling): its export of a DINO-named
     architecture must not be read with DINO's +0.1 rule; the identity records the rule used."""
-    from fscs.model.backbone import PRETRAIN_FORMAT
+    from fscs.model.backbone_weights import PRETRAIN_FORMAT
     from fscs.model.student import build_student_vit
     from fscs.pretrain import export_backbone
 

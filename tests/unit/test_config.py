@@ -54,7 +54,7 @@ def test_missing_file():
 def test_a_directory_given_for_a_file_is_named_so(tmp_path):
     """`--config configs/` (or a weights/labels/checkpoint folder) said 'not found' about a path that exists."""
     from fscs.data.sources.folder_plan import read_labels_csv
-    from fscs.model.backbone import read_state_dict
+    from fscs.model.backbone_weights import read_state_dict
     from fscs.safe_load import load_untrusted
 
     for call in (lambda: load_config(tmp_path), lambda: read_state_dict(tmp_path),

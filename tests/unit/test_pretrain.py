@@ -248,7 +248,7 @@ def test_shipped_pretrain_config_passes_the_checks() -> None:
 def test_train_refuses_a_fold_whose_classes_the_pretrained_backbone_saw(tmp_path) -> None:
     """The shipped backbone saw synthetic-5i images and labels of folds 1..3; `fscs train data.fold=1` with it
     trained silently, so its 'novel-class' numbers were on classes the backbone had learned."""
-    from fscs.model.backbone import pretraining_scope
+    from fscs.model.backbone_weights import pretraining_scope
     from fscs.model.fscs_model import FSCSModel
     from fscs.pretrain import novel_folds
     from fscs.run_dir import check_backbone_novel_fold
@@ -276,7 +276,7 @@ def test_train_refuses_a_fold_whose_classes_the_pretrained_backbone_saw(tmp_path
 def test_pretrain_export_records_its_dataset_and_novel_folds(tmp_path) -> None:
     from fscs.data.synthetic import build_synthetic_shards
     from fscs.distributed import DistEnv
-    from fscs.model.backbone import pretraining_scope
+    from fscs.model.backbone_weights import pretraining_scope
     from fscs.pretrain import run_pretrain
 
     shards = build_synthetic_shards(tmp_path / "synth", num_images=24, size=96, workers=1)
