@@ -139,7 +139,7 @@ def test_results_unchanged_by_decoding_samples_on_use(tmp_path, monkeypatch, mas
     and mask: tens of GB for COCO-20i's 5,000 2-way 5-shot episodes). The results are those of the old path,
     bit for bit: data_sha256 as recorded with the decoded cache (commit f734067), and metrics, records,
     presence and panels equal to an evaluation whose cache holds the samples decoded up front as before."""
-    from fscs.bench import runner
+    from fscs.bench import eval_samples
     from fscs.data.shards import read_index, sample_digest
 
     index = read_index(_png_eval_shards(tmp_path, mask_every))
@@ -163,7 +163,7 @@ def test_results_unchanged_by_decoding_samples_on_use(tmp_path, monkeypatch, mas
         def decode(self, masks=True):
             return self.sample
 
-    monkeypatch.setattr(runner, "load_encoded",
+    monkeypatch.setattr(eval_samples, "load_encoded",
                         lambda index, keys: {k: Decoded(s) for k, s in load_samples(index, keys).items()})
     assert run() == new
 
