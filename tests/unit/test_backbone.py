@@ -366,7 +366,7 @@ def test_pretrain_export_of_a_dino_architecture_is_resampled_by_timms_rule(tmp_p
     architecture must not be read with DINO's +0.1 rule; the identity records the rule used."""
     from fscs.model.backbone_weights import PRETRAIN_FORMAT
     from fscs.model.student import build_student_vit
-    from fscs.pretrain import export_backbone
+    from fscs.pretrain_export import export_backbone
 
     vit = build_student_vit("vit_small_patch16_224.dino", 64)  # grid 4
     with torch.no_grad():

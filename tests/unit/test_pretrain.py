@@ -15,8 +15,10 @@ from fscs.model.dino_head import DINOHead, DINOLoss, EvidenceNet, evidence_targe
 from fscs.model.distill import MASK_RULES, PseudoMaskDistiller, border_majority, key_two_means, pseudo_mask
 from fscs.data.multicrop import MultiCropAugment
 from fscs.model.student import build_student_vit
-from fscs.pretrain import batch_indices, cosine_schedule, export_backbone, step_seed
+from fscs.pretrain import cosine_schedule
 from fscs.pretrain_config import PretrainConfig, load_pretrain_config
+from fscs.pretrain_data import batch_indices, step_seed
+from fscs.pretrain_export import export_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -250,7 +252,7 @@ def test_train_refuses_a_fold_whose_classes_the_pretrained_backbone_saw(tmp_path
     trained silently, so its 'novel-class' numbers were on classes the backbone had learned."""
     from fscs.model.backbone_weights import pretraining_scope
     from fscs.model.fscs_model import FSCSModel
-    from fscs.pretrain import novel_folds
+    from fscs.pretrain_data import novel_folds
     from fscs.run_dir import check_backbone_novel_fold
 
     from fscs.assets import DEFAULT_BACKBONE_WEIGHTS
@@ -352,7 +354,7 @@ def test_shards_with_images_of_several_sizes_load_with_data_load_size(tmp_path) 
     and were refused ('pretraining needs one image size') with no way around it."""
     from fscs.data.shard_write import write_shards
     from fscs.data.types import Sample
-    from fscs.pretrain import load_images
+    from fscs.pretrain_data import load_images
 
     rng = np.random.default_rng(0)
 
