@@ -16,7 +16,9 @@ from fscs.data.shards import read_index
 from fscs.data.sources.folder import build_folder_shards
 from fscs.data.transforms import to_tensor_image
 from fscs.distributed import DistEnv
-from fscs.predict import Predictor, read_rgb, run_predict
+from fscs.predict import run_predict
+from fscs.predict_inputs import read_rgb
+from fscs.predict_model import Predictor
 from fscs.train import Trainer
 
 from folder_data import SIZE, make_image, write_dataset  # tests/integration helper (on sys.path)

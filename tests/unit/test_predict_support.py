@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from fscs.data.transforms import mask_foreground
-from fscs.predict import FeatureCache, _support_mask
+from fscs.predict_inputs import _support_mask
+from fscs.predict_model import FeatureCache
 
 
 def test_mask_pixels_grey_alpha_and_empty(tmp_path, caplog):
@@ -41,7 +42,7 @@ def test_a_bad_device_is_a_one_line_error_before_the_run_is_loaded(tmp_path):
     import pytest
 
     from fscs.errors import FSCSError
-    from fscs.predict import Predictor
+    from fscs.predict_model import Predictor
 
     for device, needle in (("foo", "use auto, cpu, cuda or cuda:N"), ("gpu0", "use auto, cpu, cuda or cuda:N"),
                            (f"cuda:{torch.cuda.device_count() + 3}", "--device cuda:")):
@@ -51,7 +52,7 @@ def test_a_bad_device_is_a_one_line_error_before_the_run_is_loaded(tmp_path):
 
 
 def test_a_query_folder_laid_out_like_support_yields_its_images_not_their_masks(tmp_path):
-    from fscs.predict import expand_queries
+    from fscs.predict_inputs import expand_queries
 
     img = np.zeros((6, 8, 3), dtype=np.uint8)
     (tmp_path / "dent").mkdir()
@@ -113,7 +114,7 @@ def test_a_failed_start_leaves_no_empty_out_folder(tmp_path):
 
 
 def test_a_query_given_twice_by_different_paths_is_predicted_once(tmp_path, monkeypatch):
-    from fscs.predict import expand_queries
+    from fscs.predict_inputs import expand_queries
 
     (tmp_path / "q").mkdir()
     for name in ("a.png", "b.png"):
@@ -128,7 +129,7 @@ def test_a_support_image_over_pillows_limit_is_read_downscaled_with_its_mask(tmp
     """Pillow refuses images over ~179 MP (here: over 600 pixels): the support image is read with its
     longer side at max_side and its full-size mask brought to that size, instead of being skipped."""
     import fscs.data.transforms as tr
-    from fscs.predict import scan_support
+    from fscs.predict_inputs import scan_support
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)
     monkeypatch.setattr(tr, "PIL_LIMIT_PIXELS", 600)
@@ -148,7 +149,7 @@ def test_a_cache_inside_the_support_folder_is_refused_up_front(tmp_path):
     import pytest
 
     from fscs.errors import FSCSError
-    from fscs.predict import Predictor
+    from fscs.predict_model import Predictor
 
     (tmp_path / "support" / "dent").mkdir(parents=True)
     with pytest.raises(FSCSError, match=r"--cache .* is inside --support .*put the cache elsewhere"):
