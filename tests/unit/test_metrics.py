@@ -313,3 +313,18 @@ def test_bootstrap_resamples_masked_episodes_for_segmentation():
     assert lo_hi[0] < part.compute()["miou"] < lo_hi[1]
     line = format_metrics(part.compute(), part.segmentation_episodes())
     assert line.endswith("(45 episodes, 30 with query masks)")
+
+
+def test_episode_with_a_mask_but_no_correct_pixel_is_still_scored():
+    """An episode whose prediction misses every pixel (all intersections 0) still counts for segmentation:
+    its unions enter mIoU / FB-IoU and the bootstrap resamples it."""
+    m = FSCSMetric(FOLD)
+    tgt = torch.ones(2, 2, dtype=torch.long)  # all class 2
+    m.update(torch.zeros(2, 2, dtype=torch.long), tgt, [2], [True], [True], episode_index=0)
+    m.update(None, None, [2], [True], [True], episode_index=1)  # no query mask: ER only
+    rec = m.episode_records()
+    assert has_segmentation(rec).tolist() == [True, False]
+    assert m.segmentation_episodes() == 1
+    r = m.compute()
+    assert r["miou"] == 0.0 and r["fbiou"] == 0.0 and r["er"] == 100.0
+    assert m.bootstrap_ci(50, seed=0) == {"er": [100.0, 100.0], "miou": [0.0, 0.0], "fbiou": [0.0, 0.0]}
