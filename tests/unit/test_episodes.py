@@ -95,3 +95,53 @@ def test_episode_tensors_without_masks_take_presence_from_labels(index):
         assert "query_mask_abs" not in plain and "support_mask" not in plain
         assert torch.equal(plain["presence"], masked["presence"])
         assert torch.equal(plain["query_img"], masked["query_img"])
+
+
+def test_episodes_depend_on_the_seed(index):
+    """The sampler reseeds with (seed, i): another seed draws other episodes, not only another manifest label."""
+    a = EpisodeSampler(index, "test", 0, 2, 1, seed=7)
+    b = EpisodeSampler(index, "test", 0, 2, 1, seed=8)
+    differ = sum(a.episode(i).to_dict() != b.episode(i).to_dict() for i in range(20))
+    assert differ >= 10
+
+
+def test_manifest_hash_covers_every_setting_and_each_episode(index):
+    """Changing any hashed setting, or one support key of one episode, changes the hash."""
+    base = build_manifest(EpisodeSampler(index, "test", 0, 2, 1, seed=7), 5)
+    h = manifest_hash(base)
+    for key, value in (("dataset", "other"), ("role", "select"), ("fold", 1), ("way", 1), ("shot", 5),
+                       ("seed", 8), ("count", 4)):
+        assert manifest_hash({**base, key: value}) != h, key
+    episodes = [dict(e) for e in base["episodes"]]
+    episodes[3] = {**episodes[3], "support": [["not-a-key"], *episodes[3]["support"][1:]]}
+    assert manifest_hash({**base, "episodes": episodes}) != h
+    assert manifest_hash({**base, "episodes": base["episodes"][::-1]}) != h
+
+
+def test_sampler_needs_one_more_image_than_shots(index):
+    """A class with exactly `shot` images cannot give `shot` supports that exclude a query of that class."""
+    counts = {}
+    for key, c in index.fold_entries("test", 0):
+        counts.setdefault(c, set()).add(key)
+    fewest = min(len(keys) for keys in counts.values())
+    EpisodeSampler(index, "test", 0, 1, fewest - 1, seed=0)
+    with pytest.raises(FSCSError, match="images"):
+        EpisodeSampler(index, "test", 0, 1, fewest, seed=0)
+
+
+def test_presence_comes_from_the_query_mask_not_its_labels():
+    """With a query mask, presence is read from the mask (labels may be stale or list tiny objects)."""
+    from fscs.data.episodes import EpisodeSpec
+    from fscs.data.types import Sample
+
+    img = np.zeros((8, 8, 3), dtype=np.uint8)
+    qmask = np.zeros((8, 8), dtype=np.uint8)
+    qmask[2:4, 2:4] = 3
+    qmask[0, :] = 255
+    smask = np.ones((8, 8), dtype=np.uint8)
+    samples = {"q": Sample("q", img, qmask, labels=(5,)),
+               "s3": Sample("s3", img, smask * 3, labels=(3,)), "s5": Sample("s5", img, smask * 5, labels=(5,))}
+    spec = EpisodeSpec(0, "q", 3, (3, 5), (("s3",), ("s5",)))
+    t = make_episode_tensors(spec, samples, 8)
+    assert t["presence"].tolist() == [1.0, 0.0]
+    assert torch.equal(t["query_mask_abs"], torch.from_numpy(qmask))
