@@ -140,3 +140,77 @@ def test_encode_once_decode_many_equals_forward(model):
             reused = model.decode_episode(feats, m, regime=regime)
             assert torch.equal(direct.cls_logits, reused.cls_logits)
             assert torch.equal(direct.mask_logits, reused.mask_logits)
+
+
+def _stub_head(corr, masks, grid, out_size):
+    """A head whose 'present' / foreground logit of pair j is the mean of that pair's support mask (x ramp)."""
+    v = masks.float().flatten(1).mean(1)  # [M]
+    cls = torch.stack([torch.zeros_like(v), 4 * v - 1], dim=1)
+    ramp = torch.linspace(-2, 2, out_size[1])
+    fg = (4 * v - 1)[:, None, None] + ramp[None, None, :]
+    seg = torch.stack([torch.zeros_like(fg.expand(-1, *out_size)), fg.expand(-1, *out_size)], dim=1)
+    return cls, seg
+
+
+def test_k_shot_averages_probabilities_of_each_way_and_shot_in_order(model):
+    """K > 1: per (episode, way) the output's softmax is the mean over that way's shots of each shot's
+    softmax (not a mean of logits), for classification and segmentation alike, and the per-shot mask
+    logits are kept in [B, N, K] order."""
+    b, n, k = 2, 2, 3
+    q, s = _episode(b=b, n=n, k=k)
+    frac = torch.arange(b * n * k, dtype=torch.float32).view(b, n, k) / (b * n * k)  # distinct per pair
+    masks = torch.zeros(b, n, k, SIZE, SIZE)
+    for idx in torch.cartesian_prod(torch.arange(b), torch.arange(n), torch.arange(k)):
+        i, j, kk = idx.tolist()
+        masks[i, j, kk, : int(round(float(frac[i, j, kk]) * SIZE))] = 1
+    v = masks.flatten(3).mean(3)  # [B, N, K] exact fractions the stub head sees
+    with torch.no_grad():
+        feats = model.encode_episode(q, s)
+        out = model.decode_episode(feats, masks, regime="full", head=_stub_head, out_size=(4, 5))
+    p_shot = torch.sigmoid(4 * v - 1)  # softmax([0, x])[1]
+    assert torch.allclose(out.cls_logits.softmax(-1)[..., 1], p_shot.mean(2), atol=1e-6)
+    ramp = torch.linspace(-2, 2, 5)
+    fg_shot = torch.sigmoid((4 * v - 1)[..., None, None] + ramp)  # [B, N, K, 1, 5]
+    assert torch.allclose(out.mask_logits.softmax(2)[:, :, 1], fg_shot.mean(2).expand(b, n, 4, 5), atol=1e-6)
+    assert out.shot_mask_logits.shape == (b, n, k, 2, 4, 5)
+    assert torch.allclose(out.shot_mask_logits[:, :, :, 1, 0, 0], 4 * v - 3, atol=1e-6)  # ramp starts at -2
+
+
+def test_predict_thresholds_present_probability_and_way_argmax():
+    """predict(): presence = softmax(cls)[present] > 0.5; label = 1 + argmax over ways of the foreground
+    probability (softmax over background/foreground), 0 where that maximum is below 0.5."""
+    logit = lambda p: torch.log(torch.tensor(p) / (1 - torch.tensor(p)))  # noqa: E731
+    cls = torch.stack([torch.zeros(2), logit([0.7, 0.3])], -1)[None]  # [1, N=2, 2]
+    fg = torch.tensor([[[0.9, 0.2, 0.55]], [[0.6, 0.3, 0.45]]])  # [N, 1, 3] foreground probabilities
+    mask = torch.stack([torch.zeros_like(fg), logit(fg.tolist())], 1)[None]  # [1, N, 2, 1, 3]
+    from fscs.model.fscs_model import EpisodeOutput
+    presence, pred = FSCSModel.predict(None, EpisodeOutput(cls, mask))
+    assert presence.tolist() == [[True, False]]
+    assert pred.tolist() == [[[1, 0, 1]]]
+    presence, pred = FSCSModel.predict(None, EpisodeOutput(cls, mask), threshold=0.58)
+    assert presence.tolist() == [[True, False]] and pred.tolist() == [[[1, 0, 0]]]
+
+
+def test_batched_weak_pseudo_masks_equal_each_pair_alone():
+    """B, N, K > 1: pseudo-masks of support (b, n, k) and the query's per-shot masks are those of the single
+    pair (query b, support (b, n, k)); the image-level label of (b, n) zeroes every shot of way n only."""
+    torch.manual_seed(0)
+    model = FSCSModel.build(backbone="fscs_vit_tiny_patch8", image_size=SIZE, mask_rule="otsu").eval()
+    b, n, k = 2, 2, 2
+    q, s = _episode(b=b, n=n, k=k)
+    presence = torch.tensor([[1, 0], [1, 1]])
+    with torch.no_grad():
+        sup, qry = model.pseudo_masks(model.encode_episode(q, s), presence)
+        alone_q = {}
+        for i in range(b):
+            for j in range(n):
+                for kk in range(k):
+                    one_s, one_q = model.pseudo_masks(model.encode_episode(q[i:i + 1], s[i:i + 1, j:j + 1, kk:kk + 1]))
+                    assert torch.equal(sup[i, j, kk], one_s[0, 0, 0]), (i, j, kk)
+                    alone_q[i, j, kk] = one_q[0, 0]
+    assert len({alone_q[key].sum().item() for key in alone_q}) > 2  # the checks can tell pairs apart
+    assert len({sup[i, j, kk].sum().item() for i in range(b) for j in range(n) for kk in range(k)}) > 2
+    for i in range(b):
+        for j in range(n):
+            expect = alone_q[i, j, 0] * alone_q[i, j, 1] * presence[i, j]  # strict majority of 2 = both
+            assert torch.equal(qry[i, j], expect), (i, j)
