@@ -103,3 +103,64 @@ def test_at_chance_is_a_band_around_ln2():
     assert at_chance(0.693) and at_chance(0.688) and at_chance(0.702)
     assert not at_chance(0.65) and not at_chance(0.71) and not at_chance(0.2)
     assert at_chance(0.66, margin=0.05)
+
+
+def _tiny_model():
+    from fscs import FSCSModel
+
+    torch.manual_seed(0)
+    return FSCSModel.build(backbone="fscs_vit_tiny_patch8", image_size=32, mask_rule="otsu").eval()
+
+
+def _batch(b=2, n=2, size=32):
+    g = torch.Generator().manual_seed(3)
+    return {"query_img": torch.randn(b, 3, size, size, generator=g),
+            "support_img": torch.randn(b, n, 1, 3, size, size, generator=g),
+            "presence": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+
+
+def test_batch_loss_weak_targets_the_label_zeroed_query_pseudo_mask_with_config_weights():
+    """Weak regime: the segmentation target is the query pseudo-mask, zeroed for classes the image-level
+    label says are absent; train.cls_weight and train.seg_fg_weight reach the loss."""
+    from fscs.config import TrainConfig
+    from fscs.losses import batch_loss
+
+    model, batch = _tiny_model(), _batch()
+    cfg = TrainConfig(regime="weak", cls_weight=0.7, seg_fg_weight=2.5)
+    with torch.no_grad():
+        loss, parts = batch_loss(model, batch, cfg)
+        out = model.forward_episode(batch["query_img"], batch["support_img"], regime="weak",
+                                    query_presence=batch["presence"])
+    target = out.pseudo_query.long()
+    assert target[0, 1].sum() == 0 and target[1, 0].sum() == 0 and target.sum() > 0
+    assert not torch.equal(target, out.pseudo_support[:, :, 0].long())  # the check below can tell them apart
+    want, want_parts = fscs_loss(out.cls_logits, out.mask_logits, batch["presence"], target,
+                                 cls_weight=0.7, fg_weight=2.5)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert parts["seg"].item() == pytest.approx(want_parts["seg"].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("ignore_boundary", [False, True])
+def test_batch_loss_full_uses_gt_support_masks_and_the_boundary_switch(ignore_boundary):
+    """Full regime: GT support masks feed the head; 255 query pixels are background in the loss by default
+    (the reference) and ignored with train.loss_ignore_boundary."""
+    from fscs.config import TrainConfig
+    from fscs.losses import batch_loss
+
+    model, batch = _tiny_model(), _batch()
+    smask = torch.zeros(2, 2, 1, 32, 32)
+    smask[..., :12, :20] = 1
+    target = torch.zeros(2, 2, 32, 32, dtype=torch.long)
+    target[..., 4:10, 4:10] = 1
+    target[..., 0:3, :] = 255
+    batch.update(support_mask=smask, query_target=target)
+    cfg = TrainConfig(regime="full", loss_ignore_boundary=ignore_boundary)
+    with torch.no_grad():
+        loss, _ = batch_loss(model, batch, cfg)
+        out = model.forward_episode(batch["query_img"], batch["support_img"], smask, regime="full")
+    used = target if ignore_boundary else torch.where(target == 255, torch.zeros_like(target), target)
+    want, _ = fscs_loss(out.cls_logits, out.mask_logits, batch["presence"], used)
+    other, _ = fscs_loss(out.cls_logits, out.mask_logits, batch["presence"],
+                         torch.where(target == 255, torch.zeros_like(target), target) if ignore_boundary else target)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert abs(want.item() - other.item()) > 1e-4  # the two boundary treatments differ here
