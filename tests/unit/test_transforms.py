@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fscs.data.transforms import pil_rgb
@@ -130,3 +131,53 @@ def test_a_tiff_over_pillows_limit_is_read_too(tmp_path, small_pillow_limit, com
         whole, _ = upright_rgb(im, 0)
     np.testing.assert_array_equal(whole, arr)
     assert Image.MAX_IMAGE_PIXELS == 600  # Pillow's limit is back for everything else
+
+
+def test_resize_mask_is_nearest_and_keeps_labels_and_ignore():
+    """Label masks resize by nearest neighbour (source index floor(i * in / out), as torch 'nearest' and the
+    reference): class ids and the 255 ignore band survive exactly, never blended, rows stay rows."""
+    from fscs.data.transforms import resize_mask
+
+    mask = np.array([[0, 7, 7, 255],
+                     [3, 3, 255, 255],
+                     [0, 0, 7, 0],
+                     [255, 3, 3, 0]], dtype=np.uint8)
+    down = resize_mask(mask, 2)
+    assert down.dtype == torch.long
+    assert down.tolist() == [[0, 7], [0, 7]]  # rows 0, 2 and columns 0, 2
+    up = resize_mask(np.array([[7, 255], [0, 3]], dtype=np.uint8), 4)
+    assert up.tolist() == [[7, 7, 255, 255], [7, 7, 255, 255], [0, 0, 3, 3], [0, 0, 3, 3]]
+    wide = np.array([[1, 2, 255, 4], [5, 6, 7, 8]], dtype=np.uint8)  # 2 x 4 -> 4 x 4: rows 0, 0, 1, 1
+    assert resize_mask(wide, 4).tolist() == [[1, 2, 255, 4], [1, 2, 255, 4], [5, 6, 7, 8], [5, 6, 7, 8]]
+    assert set(resize_mask(mask, 7).unique().tolist()) == {0, 3, 7, 255}
+    assert torch.equal(resize_mask(mask, 4), torch.from_numpy(mask).long())
+
+
+def test_to_tensor_image_is_rgb_scaled_then_imagenet_normalised():
+    from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_image
+
+    img = np.zeros((2, 2, 3), dtype=np.uint8)
+    img[0, 1] = (255, 0, 51)
+    x = to_tensor_image(img, 2)
+    assert x.shape == (3, 2, 2) and x.dtype == torch.float32
+    want = [(v / 255 - m) / s for v, m, s in zip((255, 0, 51), IMAGENET_MEAN, IMAGENET_STD)]
+    assert x[:, 0, 1].tolist() == pytest.approx(want, abs=1e-6)
+    assert x[:, 1, 0].tolist() == pytest.approx([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], abs=1e-6)
+    flat = np.full((5, 7, 3), (10, 200, 90), dtype=np.uint8)  # resizing a flat image keeps its colour
+    y = to_tensor_image(flat, 4)
+    assert y.shape == (3, 4, 4)
+    want = [(v / 255 - m) / s for v, m, s in zip((10, 200, 90), IMAGENET_MEAN, IMAGENET_STD)]
+    assert y[:, 2, 3].tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_to_tensor_image_resize_is_centred_and_antialiased_like_pil():
+    """The image resize is pixel-centred (align_corners=False, no shift: a ramp's resize is point-symmetric)
+    and antialiased like PIL's bilinear reduction."""
+    from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_image
+
+    ramp = (np.arange(16, dtype=np.uint8).reshape(4, 4) * 10)[..., None].repeat(3, axis=2)
+    y = to_tensor_image(ramp, 3)[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # back to [0, 1]
+    assert torch.allclose(y + y.flip(0).flip(1), torch.full((3, 3), 150 / 255), atol=1e-5)
+    z = to_tensor_image(ramp, 2)[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]
+    pil = np.asarray(Image.fromarray(ramp).resize((2, 2), Image.BILINEAR))[..., 0] / 255.0
+    assert np.allclose(z.numpy(), pil, atol=1 / 255)
