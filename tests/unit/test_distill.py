@@ -148,3 +148,24 @@ def test_distiller_on_backbone_output() -> None:
     assert support.shape == (2, 32, 32) and query.shape == (2, 40, 30)
     assert torch.equal(support, _brute_force_mask(out.q, out.k, backbone.grid, (32, 32)))
     assert set(support.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_reference_rule_is_strictly_greater_than_the_threshold() -> None:
+    """cst.md: foreground where (x + 1) / 2 > 0.4: a map value exactly at the threshold is background."""
+    at = torch.tensor(0.4, dtype=torch.float32) * 2 - 1  # (at + 1) / 2 == float32(0.4) exactly
+    assert float((at + 1) / 2) == float(torch.tensor(0.4, dtype=torch.float32))
+    cos = torch.full((1, 2, 2), float(at))
+    assert pseudo_mask(cos, 4).sum() == 0
+    assert pseudo_mask(cos + 1e-6, 4).sum() == 16
+
+
+def test_border_majority_needs_more_than_half_of_the_border() -> None:
+    from fscs.model.distill import border_majority
+
+    half = torch.zeros(1, 4, 4)  # 12 border tokens
+    half[0, 0, :] = 1
+    half[0, 1:3, 0] = 1  # 4 + 2 = 6 of 12: exactly half
+    half[0, 1:3, 1:3] = 1  # the inner tokens do not count
+    assert not border_majority(half).item()
+    half[0, 3, 0] = 1  # 7 of 12
+    assert border_majority(half).item()
