@@ -304,6 +304,38 @@ def test_attention_masks_exact_zeros_of_bilinear_align_corners_resize():
     torch.testing.assert_close(out[0], want)
 
 
+def test_attention_mask_resize_samples_the_corner_aligned_grid():
+    """align_corners=True samples rows/cols 0, 7/3, 14/3, 7 of an 8x8 mask: a 1 at pixel (1, 1) falls between
+    samples and keeps no cell (a pixel-centred resize would sample 0.5 and keep cell (0, 0)); a 1 at (3, 3)
+    keeps cell (1, 1)."""
+    q, k, v = _qkv(b=1, c=8, q=3)
+    mask = torch.zeros(1, 8, 8)
+    mask[0, 1, 1] = mask[0, 3, 3] = 1.0
+    out = support_attention(q, k, v, mask, (4, 4), heads=8)
+    keep = torch.tensor([0, 1 + 1 * 4 + 1])  # CLS and grid cell (1, 1) only
+    logits = torch.einsum("ctl,ctm->ctlm", q[0], k[0, ..., keep])
+    want = torch.einsum("ctlm,ctm->ctl", logits.softmax(-1), v[0, ..., keep])
+    torch.testing.assert_close(out[0], want)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "autocast"])
+def test_attention_low_precision_cpu_path_is_the_same_unscaled_formula(mode):
+    """On CPU, bf16 inputs (or CPU autocast) run the attention in fp32: still softmax(q.k) with no 1/sqrt(d)."""
+    q, k, v = _qkv(b=1, c=16, q=2)
+    q, k, v = (3 * t for t in (q, k, v))
+    qh, kh, vh = (t[0].bfloat16().float().reshape(8, 2, *t.shape[2:]) for t in (q, k, v))
+    logits = torch.einsum("gctl,gctm->gtlm", qh, kh)
+    want = torch.einsum("gtlm,gctm->gctl", logits.softmax(-1), vh).reshape(16, *q.shape[2:])
+    if mode == "bf16":
+        out = support_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, (4, 4), heads=8)
+        assert out.dtype == torch.bfloat16
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = support_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), None,
+                                    (4, 4), heads=8)
+    torch.testing.assert_close(out[0].float(), want, atol=0.05, rtol=0.02)
+
+
 def test_pool_support_averages_grid_and_keeps_cls():
     x = torch.randn(2, 3, 4, 1 + 5 * 5)
     out = pool_support(x, (5, 5), 2)  # 5x5 -> 2x2 (floor, like AvgPool with padding 0)
