@@ -476,3 +476,83 @@ def test_correlation_pairs_each_query_with_r_supports():
     repeated = correlation(q.repeat_interleave(3, 0), s, 2, (4, 4), (4, 4))
     assert once.shape == (6, 6, 16, 145)
     assert torch.equal(once, repeated)
+
+
+# ---------------------------------------------------------------- head vs a plain transcription of cst.md
+
+def _naive_block(sd, pre, x, mask, grid, pool, cout):
+    """One correlation-transformer block written straight from cst.md with the reference's key names."""
+    def conv(t, name, bias=True):
+        return F.conv2d(t, sd[f"{pre}{name}.weight"], sd.get(f"{pre}{name}.bias") if bias else None)
+
+    def gn(t, name):
+        return F.group_norm(t, 4, sd[f"{pre}{name}.weight"], sd[f"{pre}{name}.bias"])
+
+    def pool_grid(t):  # average-pool the support image tokens over their h x w grid, CLS kept
+        b, c, q, _ = t.shape
+        img = t[..., 1:].reshape(b, c * q, *grid)
+        pooled = F.avg_pool2d(img, pool, pool).reshape(b, c, q, -1)
+        return torch.cat([t[..., :1], pooled], dim=-1)
+
+    hid = cout // 2
+    shortcut = F.relu(gn(pool_grid(conv(x, "attn.short_cut.0", bias=False)), "attn.short_cut.2"))
+    q, k, v = conv(x, "attn.qkv").split(hid, dim=1)
+    q = pool_grid(q)
+    b, _, nq, sq = q.shape
+    dh = hid // 8
+    qh, kh, vh = (t.reshape(b, 8, dh, nq, t.shape[-1]) for t in (q, k, v))
+    logits = torch.einsum("bhdql,bhdqm->bhqlm", qh, kh)  # no 1/sqrt(d)
+    if mask is not None:
+        small = F.interpolate(mask[:, None].to(x.dtype), size=grid, mode="bilinear", align_corners=True)
+        drop = torch.cat([torch.zeros(b, 1, dtype=torch.bool), small.flatten(1) == 0], dim=1)
+        logits = logits.masked_fill(drop[:, None, None, None, :], -1e9)
+    out = torch.einsum("bhqlm,bhdqm->bhdql", logits.softmax(-1), vh).reshape(b, hid, nq, sq)
+    out = F.relu(gn(conv(F.relu(gn(out, "attn.agg.0")), "attn.agg.2", bias=False), "attn.agg.3"))
+    x = gn(out + shortcut, "attn.out_norm")
+    ff = conv(F.relu(gn(conv(x, "ff.ff.0", bias=False), "ff.ff.1")), "ff.ff.3", bias=False)
+    return gn(ff + x, "ff.out_norm")
+
+
+def _naive_head(sd, corr, mask, query_grid, out_size):
+    x, grid = corr, (12, 12)
+    for i, (cout, pool) in enumerate(((32, 4), (128, 3))):
+        x = _naive_block(sd, f"corrtransformer.{i}.", x, mask, grid, pool, cout)
+        grid = (grid[0] // pool, grid[1] // pool)
+    x = F.relu(F.group_norm(F.conv2d(x, sd["linear.0.weight"], sd["linear.0.bias"]), 4,
+                            sd["linear.1.weight"], sd["linear.1.bias"]))
+    x = F.relu(F.group_norm(F.conv2d(x, sd["linear.3.weight"], sd["linear.3.bias"]), 4,
+                            sd["linear.4.weight"], sd["linear.4.bias"]))
+    b, h, w = x.shape[0], *query_grid
+    cls_map, img_map = x[..., 0].reshape(b, 128, h, w), x[..., 1].reshape(b, 128, h, w)
+
+    def c(t, name, pad=0):
+        return F.conv2d(t, sd[f"{name}.weight"], sd[f"{name}.bias"], padding=pad)
+
+    y = F.relu(c(F.relu(c(cls_map, "decoder1_cls.0")), "decoder1_cls.2"))
+    y = F.avg_pool2d(y, 3, stride=2, padding=1)
+    cls = c(F.relu(c(y, "decoder2_cls.0")), "decoder2_cls.2").mean(dim=(2, 3))
+    z = F.relu(c(F.relu(c(img_map, "decoder1_seg.0", 1)), "decoder1_seg.2", 1))
+    z = F.interpolate(z, size=(2 * h, 2 * w), mode="bilinear", align_corners=True)
+    z = c(F.relu(c(z, "decoder2_seg.0", 1)), "decoder2_seg.2", 1)
+    return cls, F.interpolate(z, size=out_size, mode="bilinear", align_corners=True)
+
+
+@pytest.mark.parametrize("masked", ["sparse", "dense", "none"])
+def test_head_with_reference_weights_equals_a_plain_transcription_of_the_method(masked):
+    """Loaded with a reference state dict, the head computes what cst.md describes (convs, pooling, masked
+    unscaled attention, residuals, norms, ReLUs, branches, upsampling), on every attention path."""
+    ref = {k: 0.5 * v.double() for k, v in _random_reference_sd("").items()}
+    head = CSTHead().double().eval()
+    head.load_state_dict(convert_reference_state_dict(ref), strict=True)
+    g = torch.Generator().manual_seed(11)
+    corr = torch.randn(2, 72, 4 * 5, 145, generator=g, dtype=torch.float64)
+    mask = None
+    if masked != "none":
+        mask = torch.zeros(2, 24, 24, dtype=torch.float64) if masked == "sparse" else torch.ones(2, 24, 24,
+                                                                                                  dtype=torch.float64)
+        mask[0, 3:9, 2:12], mask[1, 12:, 14:] = 1, (1 if masked == "sparse" else 0)
+    with torch.no_grad():
+        cls, seg = head(corr, mask, (4, 5), (9, 13))
+    want_cls, want_seg = _naive_head(ref, corr, mask, (4, 5), (9, 13))
+    torch.testing.assert_close(cls, want_cls, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(seg, want_seg, rtol=1e-9, atol=1e-9)
