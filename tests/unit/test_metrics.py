@@ -328,3 +328,18 @@ def test_episode_with_a_mask_but_no_correct_pixel_is_still_scored():
     r = m.compute()
     assert r["miou"] == 0.0 and r["fbiou"] == 0.0 and r["er"] == 100.0
     assert m.bootstrap_ci(50, seed=0) == {"er": [100.0, 100.0], "miou": [0.0, 0.0], "fbiou": [0.0, 0.0]}
+
+
+def test_classes_without_pixels_are_those_with_zero_union_and_default_indices_count_from_zero():
+    """A class that was only predicted (false positives, no truth) has a union and an IoU of 0 that is a
+    score, not a missing class; episodes added without an index are numbered 0, 1, ... in update order."""
+    m = FSCSMetric(FOLD)
+    empty = torch.zeros(4, 4, dtype=torch.long)
+    fp = empty.clone()
+    fp[0, 0] = 1
+    m.update(fp, empty, [4], [True], [False])  # class 4: I 0, U 1
+    m.update(PRED_A, TGT_A, [2], [True], [True])
+    r = m.compute()
+    assert r["per_class_iou"][4] == 0.0
+    assert r["classes_without_pixels"] == [1, 3, 5]
+    assert m.episode_records()[:, 0].tolist() == [0, 1]
