@@ -145,3 +145,19 @@ def test_presence_comes_from_the_query_mask_not_its_labels():
     t = make_episode_tensors(spec, samples, 8)
     assert t["presence"].tolist() == [1.0, 0.0]
     assert torch.equal(t["query_mask_abs"], torch.from_numpy(qmask))
+
+
+def test_support_masks_mark_only_their_way_class():
+    """support_mask [N, K, S, S] is 1 where the support pixel is its own way's class: other classes,
+    background and the 255 ignore band are 0."""
+    from fscs.data.episodes import EpisodeSpec
+    from fscs.data.types import Sample
+
+    img = np.zeros((2, 2, 3), dtype=np.uint8)
+    m3 = np.array([[3, 255], [5, 3]], dtype=np.uint8)
+    m5 = np.array([[5, 5], [255, 0]], dtype=np.uint8)
+    samples = {"q": Sample("q", img, np.zeros((2, 2), dtype=np.uint8), labels=()),
+               "a": Sample("a", img, m3, labels=(3, 5)), "b": Sample("b", img, m5, labels=(5,))}
+    t = make_episode_tensors(EpisodeSpec(0, "q", 3, (3, 5), (("a",), ("b",))), samples, 2)
+    assert t["support_mask"].tolist() == [[[[1.0, 0.0], [0.0, 1.0]]], [[[1.0, 1.0], [0.0, 0.0]]]]
+    assert t["presence"].tolist() == [0.0, 0.0]
