@@ -214,3 +214,15 @@ def test_batched_weak_pseudo_masks_equal_each_pair_alone():
         for j in range(n):
             expect = alone_q[i, j, 0] * alone_q[i, j, 1] * presence[i, j]  # strict majority of 2 = both
             assert torch.equal(qry[i, j], expect), (i, j)
+
+
+def test_upsample_logits_is_corner_aligned_bilinear_over_leading_dims():
+    """Mask logits reach the original query size by bilinear upsampling with align_corners=True (as the
+    reference): corners are kept, the midpoint of a 2x2 map is its mean; leading dims are preserved."""
+    from fscs.model.fscs_model import upsample_logits
+
+    logits = torch.tensor([[0.0, 4.0], [8.0, 12.0]]).expand(2, 3, 2, 2, 2)  # [B, N, C, h, w]
+    up = upsample_logits(logits, (3, 5))
+    assert up.shape == (2, 3, 2, 3, 5)
+    assert up[1, 2, 0].tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0], [4.0, 5.0, 6.0, 7.0, 8.0],
+                                    [8.0, 9.0, 10.0, 11.0, 12.0]]
