@@ -161,3 +161,17 @@ def test_support_masks_mark_only_their_way_class():
     t = make_episode_tensors(EpisodeSpec(0, "q", 3, (3, 5), (("a",), ("b",))), samples, 2)
     assert t["support_mask"].tolist() == [[[[1.0, 0.0], [0.0, 1.0]]], [[[1.0, 1.0], [0.0, 0.0]]]]
     assert t["presence"].tolist() == [0.0, 0.0]
+
+
+def test_support_class_probabilities_are_one_half_and_the_rest_shared(index):
+    """protocol.md: probability 0.5 for the query entry's class and 0.5 / (C - 1) for each other class, and the
+    sampler draws with them (the query's own class in about half of 3000 1-way episodes)."""
+    from fscs.data.episodes import support_class_probs
+
+    assert support_class_probs([1, 2, 3, 4, 5], 3).tolist() == [0.125, 0.125, 0.5, 0.125, 0.125]
+    p = support_class_probs(list(range(21, 41)), 40)
+    assert p[-1] == pytest.approx(0.5) and np.allclose(p[:-1], 0.5 / 19) and p.sum() == pytest.approx(1.0)
+    assert support_class_probs([7], 7).tolist() == [1.0]
+    sampler = EpisodeSampler(index, "test", 0, 1, 1, seed=0)
+    own = np.mean([(lambda e: e.classes[0] == e.query_class)(sampler.episode(i)) for i in range(3000)])
+    assert 0.47 < own < 0.53
