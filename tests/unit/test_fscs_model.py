@@ -226,3 +226,27 @@ def test_upsample_logits_is_corner_aligned_bilinear_over_leading_dims():
     assert up.shape == (2, 3, 2, 3, 5)
     assert up[1, 2, 0].tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0], [4.0, 5.0, 6.0, 7.0, 8.0],
                                     [8.0, 9.0, 10.0, 11.0, 12.0]]
+
+
+def test_batched_enhanced_masks_equal_each_pair_alone():
+    """Mixed regime, B and N > 1: the enhanced support mask of (b, n) and the enhanced query mask of query b
+    for way n are those of the single pair (query b, support (b, n)), zeroed where the label is absent."""
+    m = FSCSModel.build(backbone="fscs_vit_mini_patch8", weights="asset:fscs_vit_mini_patch8.safetensors",
+                        image_size=32, mask_rule="otsu_border", enhancer=True).eval()
+    g = torch.Generator().manual_seed(5)
+    q, s = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 2, 1, 3, 32, 32, generator=g)
+    presence = torch.tensor([[1, 1], [1, 0]])
+    with torch.no_grad():
+        sup, qry, _, _ = m.enhanced_masks(m.encode_episode(q, s), presence)
+        alone = {(i, j): m.enhanced_masks(m.encode_episode(q[i:i + 1], s[i:i + 1, j:j + 1]))
+                 for i in range(2) for j in range(2)}
+    assert not torch.equal(alone[0, 0][1], alone[1, 0][1])  # the two queries' masks differ
+    assert len({float(a[0].sum()) for a in alone.values()}) > 2
+    for (i, j), (one_s, one_q, _, one_ql) in alone.items():
+        assert torch.equal(sup[i, j, 0], one_s[0, 0, 0]), (i, j)
+        assert torch.equal(qry[i, j], one_q[0, 0] * presence[i, j]), (i, j)
+        with torch.no_grad():  # the query mask reads the support-CLS-vs-query-keys logits, not the support's own
+            feats = m.encode_episode(q[i:i + 1], s[i:i + 1, j:j + 1])
+            ql = m.enhancer_logits(feats.support_q, feats.query_k)
+            assert torch.allclose(one_ql.flatten(0, 2), ql, atol=1e-6)
+            assert torch.equal(one_q[0, 0], (m.enhancer.probs(ql, (32, 32))[0] > 0.5).float())
