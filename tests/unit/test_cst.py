@@ -205,6 +205,17 @@ def test_correlation_matches_naive_loop():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def test_correlation_under_cpu_autocast_is_stored_in_autocast_dtype():
+    """Like a matmul, correlation under autocast computes and stores in autocast's dtype (halving the largest
+    frozen tensor of an episode); the values stay the float32 cosines up to bf16 rounding."""
+    qt, st = torch.randn(2, 3, 1 + 3 * 4, 8), torch.randn(2, 3, 1 + 4 * 5, 8)
+    want = correlation(qt, st, num_heads=2, query_grid=(3, 4), support_grid=(4, 5), support_out=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = correlation(qt, st, num_heads=2, query_grid=(3, 4), support_grid=(4, 5), support_out=3)
+    assert want.dtype == torch.float32 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_correlation_default_size_and_range():
     qt, st = torch.randn(2, 6, 1 + 256, 192), torch.randn(2, 6, 1 + 100, 192)  # 16x16 query, 10x10 support
     corr = correlation(qt, st, num_heads=3)
