@@ -331,7 +331,7 @@ def test_attention_mask_resize_samples_the_corner_aligned_grid():
 
 @pytest.mark.parametrize("mode", ["bf16", "autocast"])
 def test_attention_low_precision_cpu_path_is_the_same_unscaled_formula(mode):
-    """On CPU, bf16 inputs (or CPU autocast) run the attention in fp32: still softmax(q.k) with no 1/sqrt(d)."""
+    """On CPU, bf16 inputs (or CPU autocast) run the attention in fp32: still softmax(q.k), no 1/sqrt(d)."""
     q, k, v = _qkv(b=1, c=16, q=2)
     q, k, v = (3 * t for t in (q, k, v))
     qh, kh, vh = (t[0].bfloat16().float().reshape(8, 2, *t.shape[2:]) for t in (q, k, v))
@@ -559,8 +559,8 @@ def test_head_with_reference_weights_equals_a_plain_transcription_of_the_method(
     corr = torch.randn(2, 72, 4 * 5, 145, generator=g, dtype=torch.float64)
     mask = None
     if masked != "none":
-        mask = torch.zeros(2, 24, 24, dtype=torch.float64) if masked == "sparse" else torch.ones(2, 24, 24,
-                                                                                                  dtype=torch.float64)
+        fill = torch.zeros if masked == "sparse" else torch.ones
+        mask = fill(2, 24, 24, dtype=torch.float64)
         mask[0, 3:9, 2:12], mask[1, 12:, 14:] = 1, (1 if masked == "sparse" else 0)
     with torch.no_grad():
         cls, seg = head(corr, mask, (4, 5), (9, 13))

@@ -98,7 +98,7 @@ def test_episode_tensors_without_masks_take_presence_from_labels(index):
 
 
 def test_episodes_depend_on_the_seed(index):
-    """The sampler reseeds with (seed, i): another seed draws other episodes, not only another manifest label."""
+    """The sampler reseeds with (seed, i): another seed draws other episodes, not just another label."""
     a = EpisodeSampler(index, "test", 0, 2, 1, seed=7)
     b = EpisodeSampler(index, "test", 0, 2, 1, seed=8)
     differ = sum(a.episode(i).to_dict() != b.episode(i).to_dict() for i in range(20))
@@ -140,7 +140,8 @@ def test_presence_comes_from_the_query_mask_not_its_labels():
     qmask[0, :] = 255
     smask = np.ones((8, 8), dtype=np.uint8)
     samples = {"q": Sample("q", img, qmask, labels=(5,)),
-               "s3": Sample("s3", img, smask * 3, labels=(3,)), "s5": Sample("s5", img, smask * 5, labels=(5,))}
+               "s3": Sample("s3", img, smask * 3, labels=(3,)),
+               "s5": Sample("s5", img, smask * 5, labels=(5,))}
     spec = EpisodeSpec(0, "q", 3, (3, 5), (("s3",), ("s5",)))
     t = make_episode_tensors(spec, samples, 8)
     assert t["presence"].tolist() == [1.0, 0.0]
@@ -164,8 +165,8 @@ def test_support_masks_mark_only_their_way_class():
 
 
 def test_support_class_probabilities_are_one_half_and_the_rest_shared(index):
-    """protocol.md: probability 0.5 for the query entry's class and 0.5 / (C - 1) for each other class, and the
-    sampler draws with them (the query's own class in about half of 3000 1-way episodes)."""
+    """protocol.md: probability 0.5 for the query entry's class and 0.5 / (C - 1) for each other class, and
+    the sampler draws with them (the query's own class in about half of 3000 1-way episodes)."""
     from fscs.data.episodes import support_class_probs
 
     assert support_class_probs([1, 2, 3, 4, 5], 3).tolist() == [0.125, 0.125, 0.5, 0.125, 0.125]

@@ -143,7 +143,7 @@ def test_encode_once_decode_many_equals_forward(model):
 
 
 def _stub_head(corr, masks, grid, out_size):
-    """A head whose 'present' / foreground logit of pair j is the mean of that pair's support mask (x ramp)."""
+    """A head whose 'present' / foreground logit of pair j is the mean of pair j's support mask (+ ramp)."""
     v = masks.float().flatten(1).mean(1)  # [M]
     cls = torch.stack([torch.zeros_like(v), 4 * v - 1], dim=1)
     ramp = torch.linspace(-2, 2, out_size[1])
@@ -205,7 +205,8 @@ def test_batched_weak_pseudo_masks_equal_each_pair_alone():
         for i in range(b):
             for j in range(n):
                 for kk in range(k):
-                    one_s, one_q = model.pseudo_masks(model.encode_episode(q[i:i + 1], s[i:i + 1, j:j + 1, kk:kk + 1]))
+                    pair = model.encode_episode(q[i:i + 1], s[i:i + 1, j:j + 1, kk:kk + 1])
+                    one_s, one_q = model.pseudo_masks(pair)
                     assert torch.equal(sup[i, j, kk], one_s[0, 0, 0]), (i, j, kk)
                     alone_q[i, j, kk] = one_q[0, 0]
     assert len({alone_q[key].sum().item() for key in alone_q}) > 2  # the checks can tell pairs apart
@@ -245,7 +246,7 @@ def test_batched_enhanced_masks_equal_each_pair_alone():
     for (i, j), (one_s, one_q, _, one_ql) in alone.items():
         assert torch.equal(sup[i, j, 0], one_s[0, 0, 0]), (i, j)
         assert torch.equal(qry[i, j], one_q[0, 0] * presence[i, j]), (i, j)
-        with torch.no_grad():  # the query mask reads the support-CLS-vs-query-keys logits, not the support's own
+        with torch.no_grad():  # query masks read the support-CLS-vs-query-keys logits, not the support's own
             feats = m.encode_episode(q[i:i + 1], s[i:i + 1, j:j + 1])
             ql = m.enhancer_logits(feats.support_q, feats.query_k)
             assert torch.allclose(one_ql.flatten(0, 2), ql, atol=1e-6)

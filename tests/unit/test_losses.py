@@ -160,7 +160,8 @@ def test_batch_loss_full_uses_gt_support_masks_and_the_boundary_switch(ignore_bo
         out = model.forward_episode(batch["query_img"], batch["support_img"], smask, regime="full")
     used = target if ignore_boundary else torch.where(target == 255, torch.zeros_like(target), target)
     want, _ = fscs_loss(out.cls_logits, out.mask_logits, batch["presence"], used)
+    as_bg = torch.where(target == 255, torch.zeros_like(target), target)
     other, _ = fscs_loss(out.cls_logits, out.mask_logits, batch["presence"],
-                         torch.where(target == 255, torch.zeros_like(target), target) if ignore_boundary else target)
+                         as_bg if ignore_boundary else target)
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     assert abs(want.item() - other.item()) > 1e-4  # the two boundary treatments differ here
