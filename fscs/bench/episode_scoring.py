@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fscs.bench.metrics import FSCSMetric, episodic_target
+from fscs.bench.metrics import FSCSMetric, episodic_target, predict_from_probs
 from fscs.bench.plots import episode_panel, png_bytes, ways_to_labels
 from fscs.bench.results_io import save_prediction
 from fscs.data.episodes import EpisodeSpec
@@ -70,6 +70,7 @@ def _query_pseudo(model: FSCSModel, feats: EpisodeFeatures, regime: str, presenc
         return model.enhanced_masks(feats, presence)[1]
     return model.pseudo_masks(feats, presence)[1]
 
+
 def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs: Sequence[EpisodeSpec],
            items: Sequence[dict[str, torch.Tensor]], samples: Mapping[str, Sample], ignore_boundary: bool
            ) -> None:
@@ -84,10 +85,8 @@ def _score(job: EvalJob, track: _Track, feats: EpisodeFeatures, out: Any, specs:
             fg = upsample_logits(out.mask_logits[j], size).softmax(1)[:, 1]  # [N, H, W] at original size
         else:  # K shots: each shot's logits upsampled, then its probabilities averaged (the reference's order)
             fg = upsample_logits(out.shot_mask_logits[j], size).softmax(2)[:, :, 1].mean(1)
-        best, arg = fg.max(0)
-        pred = torch.where(best >= 0.5, arg + 1, torch.zeros_like(arg)).cpu()
+        pred_presence, pred = (x.cpu() for x in predict_from_probs(presence_p[j], fg))
         target = None if gt is None else episodic_target(gt, spec.classes, ignore_boundary=ignore_boundary)
-        pred_presence = (presence_p[j] > 0.5).cpu()
         track.metric.update(pred, target, list(spec.classes), pred_presence, it["presence"].bool(),
                             episode_index=spec.index)
         track.prob[spec.index] = presence_p[j].cpu().numpy().astype(np.float32)
