@@ -162,11 +162,10 @@ class TrainEpisodeStream(IterableDataset):
     GT) and query_has_gt (0-dim bool). Weak (use_masks=False, gt_fraction=0): no mask file is ever read.
     Each rank/worker reads its own slice of one seeded resampled shard sequence and keeps per-class buffers of
     recent training images (their shard bytes, decoded again for each episode that uses them). The query
-    follows index.json params["query_mode"] like the evaluation sampler, as the reference trains: "entry"
-    (default, PASCAL-5i) makes every training entry (image, class) of the fold a query once per pass, in
-    shuffled order (an image with k training classes is a query k times, once as each); "class" (COCO-20i)
-    draws the query class uniformly over the training classes and the query image uniformly from that class's
-    buffer, so frequent classes are not over-represented.
+    follows index.json params["query_mode"] like the evaluation sampler: "entry" (default, PASCAL-5i) turns
+    every incoming training image into a query, of one of its training classes drawn uniformly; "class"
+    (COCO-20i, the reference's training rule) draws the query class uniformly over the training classes and
+    the query image uniformly from that class's buffer, so frequent classes are not over-represented.
     Episodes start once the buffers they need are warm.
     """
 
@@ -210,7 +209,6 @@ class TrainEpisodeStream(IterableDataset):
             logger.info("mixed regime: ground-truth masks for %d of %d training images (fraction %.3f, seed %d)",
                         len(self.gt_keys), len(self.allowed), self.gt_fraction, self.gt_seed)
         self.query_mode = str(index.params.get("query_mode", "entry"))
-        self.num_entries = len(set(entries))
         self.epoch = 0
 
     @property
@@ -234,7 +232,6 @@ class TrainEpisodeStream(IterableDataset):
             wds.split_by_worker,
             guard.drop_bad,
             wds.tarfile_to_samples(handler=guard, select_files=self._file_filter()),
-            *(() if self.query_mode == "class" else (self._one_per_entry,)),
             wds.shuffle(self.shuffle_buffer, initial=min(64, self.shuffle_buffer),
                         rng=random.Random(int(rng.integers(2**31)))),
         )
@@ -255,7 +252,7 @@ class TrainEpisodeStream(IterableDataset):
                     if self._no_mask == 1 or self._no_mask % 1000 == 0:
                         logger.warning("%s: %d training image(s) without mask.png skipped in the full regime "
                                        "(e.g. %r)", guard.where, self._no_mask, sample.key)
-                    if no_mask_in_a_row >= max(1000, 2 * self.num_entries):
+                    if no_mask_in_a_row >= max(1000, 2 * len(self.allowed)):
                         raise FSCSError(f"{self.where}: {no_mask_in_a_row} training images in a row have no "
                                         f"mask.png; {_FULL_NEEDS_MASKS}")
                     continue
@@ -270,18 +267,10 @@ class TrainEpisodeStream(IterableDataset):
                 self._remember(held, classes, buffers)
                 episode = self._class_episode(buffers, rng, sample)
             else:
-                episode = self._episode(sample, raw["__class__"], buffers, rng)
+                episode = self._episode(sample, classes[int(rng.integers(len(classes)))], buffers, rng)
                 self._remember(held, classes, buffers)
             if episode is not None:
                 yield episode
-
-    def _one_per_entry(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """Pipeline stage of query_mode "entry", before the shuffle: each training image once per training
-        class of its own, as the raw sample plus "__class__" (the query class of that entry); the copies share
-        the bytes. Images that are not training images of this fold are dropped here."""
-        for raw in src:
-            for c in self.allowed.get(raw["__key__"], ()):
-                yield {**raw, "__class__": c}
 
     def _remember(self, sample: _Held, classes: tuple[int, ...], buffers: dict[int, OrderedDict[str, _Held]]
                   ) -> None:

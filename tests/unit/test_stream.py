@@ -272,14 +272,13 @@ def _episodes_digest(h, stream, count):
 def test_episodes_unchanged_by_buffering_encoded_bytes(tmp_path, mode, regime):
     """The buffers hold the tar members' bytes and decode at episode assembly (they held decoded arrays: ~1 GB
     per worker on COCO). Same seed -> the same episodes, bit for bit: digests recorded with the decoded-array
-    buffers (commit 526247c) over 40 episodes of 2-way 2-shot, buffer_per_class 6, two epochs; the "entry"
-    digests re-recorded when that mode went from one query per image to one per list entry."""
+    buffers (commit 526247c) over 40 episodes of 2-way 2-shot, buffer_per_class 6, two epochs."""
     import hashlib
 
     expected = {
-        ("entry", "weak"): "791e00487c136b59989a9b8c6d0ee42560a1969ef2c116d7b094942123e6f470",
-        ("entry", "full"): "1eba41544cb4f572c63444e3b3715b34ea75a5192df301617189bc811ff55270",
-        ("entry", "mixed"): "c21c4239a8a823b1dd28e93bc2d7b52fca61b9b0fbab57ecacb951ad4e80406b",
+        ("entry", "weak"): "85bb1eed77bb378f77a843a28705e9190a76f0c7f2eba2145b7d00923ae4773f",
+        ("entry", "full"): "4ec617c496539f991990d41fcec55d51b748dbacc395918afbf1f098c4164c2d",
+        ("entry", "mixed"): "620e790f88dcbdabbf55aeb7f7a47f51854b6ea5ab348acf0f51b0c2f1ce42fb",
         ("class", "weak"): "c8e3c98afdb2670f976d3cf3479267912d2ed1c8f8ee1720cdc3ddee76199153",
         ("class", "full"): "0e8f1793704bfcd50bb4055faee3df6e2ab4b0be4d1d9f50c5a4a4d8d96cefc2",
         ("class", "mixed"): "62e6704c122b70a2e5e3c4560d8f1cc134ad62a81e8224ce49a97664da997a08",
@@ -319,86 +318,3 @@ def test_buffers_hold_the_shard_bytes_not_decoded_arrays(shard_dir, monkeypatch,
             members = {m.name.partition(".")[2]: tf.extractfile(m).read() for m in tf.getmembers()
                        if m.name.partition(".")[0] == h.key}
         assert dict(h.files) == {e: b for e, b in members.items() if use_masks or e != "mask.png"}
-
-
-def _multi_label_shards(tmp_path):
-    """8 classes in 4 folds, one shard; fold 0's training classes 3..8. 12 images of classes (3, 4, 5), 12 of
-    (6,), 6 of (7,), 6 of (8,), plus 3 of the test class 1: 60 training entries of 36 images. Entry weights
-    give class 6 12 / 60 of the queries; one query per image would give it 12 / 36. Image i is a constant
-    grey 6 * i + 1 (8 px PNG: lossless, no resize), so an episode's images can be told apart."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    from fscs.data.types import Sample
-
-    labels = [(3, 4, 5)] * 12 + [(6,)] * 12 + [(7,)] * 6 + [(8,)] * 6 + [(1,)] * 3
-    samples = []
-    for i, labs in enumerate(labels):
-        image = np.full((8, 8, 3), 6 * i + 1, np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        samples.append((Sample(f"m{i:02d}", image, None, labs, encoded=("png", buf.getvalue())), "trn"))
-    folds, names = {0: [1, 2], 1: [3, 4], 2: [5, 6], 3: [7, 8]}, [f"k{c}" for c in range(1, 9)]
-    return write_shards(samples, tmp_path / "multi", dataset="multi", class_names=names, folds=folds,
-                        samples_per_shard=100, params={"query_mode": "entry"})
-
-
-def _queries(monkeypatch, stream, count):
-    """(query key, query class, greys of the query and of its supports) of the first `count` queries."""
-    from fscs.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    def grey(t):
-        return round((float(t[0, 0, 0]) * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255)
-
-    seen = []
-    real = TrainEpisodeStream._episode
-
-    def spy(self, query, query_class, buffers, rng):
-        out = real(self, query, query_class, buffers, rng)
-        greys = None if out is None else (grey(out["query_img"]), [grey(s) for row in out["support_img"]
-                                                                    for s in row])
-        seen.append((query.key, query_class, greys))
-        return out
-
-    monkeypatch.setattr(TrainEpisodeStream, "_episode", spy)
-    for _ in stream:
-        if len(seen) >= count:
-            break
-    return seen[:count]
-
-
-def test_entry_mode_makes_every_training_entry_a_query_once_per_pass(tmp_path, monkeypatch):
-    """PASCAL-5i (query_mode "entry"): the reference's training query is a list entry (image, class), so an
-    image with k training classes is a query k times per pass, once as each; the stream made each image one
-    query of a class drawn among its k (fold 0: person 29.3 % of the queries against 30.0 %, chair 6.5 % vs
-    8.6 %).
-    With no shuffling each pass over the single shard is exactly the entries; the query is never one of
-    its own supports."""
-    out = _multi_label_shards(tmp_path)
-    entries = read_index(out).fold_entries("train", 0)
-    stream = TrainEpisodeStream(out, fold=0, way=2, shot=2, image_size=8, seed=0, use_masks=False,
-                                buffer_per_class=6, shuffle_buffer=1)
-    seen = _queries(monkeypatch, stream, 2 * len(entries))
-    for one_pass in (seen[:len(entries)], seen[len(entries):]):
-        assert sorted((k, c) for k, c, _ in one_pass) == sorted(entries)
-    episodes = [g for _, _, g in seen if g is not None]
-    assert len(episodes) > len(entries)
-    assert all(q not in supports for q, supports in episodes)
-
-
-def test_entry_mode_query_classes_follow_the_entries_over_many_passes(tmp_path, monkeypatch):
-    """Shuffled (buffer B = 8), over 20 passes of the one shard: each class is a query 20 x its entry count,
-    up to B either way (what sits in the shuffle buffer at the end); one query per image gave class 6
-    240 / 1200 + 160 too many, classes 3-5 160 too few."""
-    from collections import Counter
-
-    out = _multi_label_shards(tmp_path)
-    entries = read_index(out).fold_entries("train", 0)
-    stream = TrainEpisodeStream(out, fold=0, way=1, shot=1, image_size=8, seed=0, use_masks=False,
-                                buffer_per_class=6, shuffle_buffer=8)
-    got = Counter(c for _, c, _ in _queries(monkeypatch, stream, 20 * len(entries)))
-    want = Counter(c for _, c in entries)
-    assert set(got) == set(want) == set(range(3, 9))
-    assert all(abs(got[c] - 20 * want[c]) <= 8 for c in want), (got, want)
