@@ -14,7 +14,7 @@ from fscs.assets import resolve_weights
 from fscs.digest import file_sha256
 from fscs.model.backbone_specs import BACKBONES  # noqa: F401 - re-export: fscs/model/fscs_model.py imports it from here
 from fscs.model.backbone_specs import PosResample, build_timm_model, get_spec
-from fscs.model.backbone_weights import _pos_grid, fit_state_dict, pretraining_scope, read_state_dict
+from fscs.model.backbone_weights import fit_state_dict, pretraining_scope, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +65,12 @@ class FrozenBackbone(nn.Module):
             # fscs pretrain trains timm ViTs with dynamic_img_size, i.e. timm's rule, whatever the spec's name
             rule: PosResample = "timm" if self.pretraining is not None else self.spec.pos_resample
             state = read_state_dict(weights)
-            grid_before = _pos_grid(state, self.model)
+            pos = state.get("pos_embed")  # fit_state_dict resamples it exactly when its shape differs
+            if pos is not None and self.model.pos_embed is not None and pos.shape != self.model.pos_embed.shape:
+                resampled = rule
             state = fit_state_dict(state, self.model, self.spec, str(weights), rule)
             self.model.load_state_dict(state, strict=True)
             sha = file_sha256(weights)
-            if grid_before != tuple(self.model.patch_embed.grid_size):
-                resampled = rule
             logger.info("loaded backbone %s weights from %s (sha256 %s)", name, weights, sha[:12])
         else:
             logger.info("backbone %s is randomly initialised (no weights file)", name)

@@ -218,13 +218,3 @@ def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, spec: Backb
                             f"{tuple(state['pos_embed'].shape)} after resampling, model wants "
                             f"{tuple(expected['pos_embed'].shape)}; {fix}")
     return state
-
-
-def _pos_grid(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[int, int] | None:
-    """The (M, M) patch grid of `state`'s pos_embed for `model`'s prefix layout (None: no square grid)."""
-    pos = state.get("pos_embed")
-    if pos is None or pos.ndim != 3 or model.pos_embed is None:
-        return None
-    side = math.isqrt(max(0, pos.shape[1] - (0 if model.no_embed_class else model.num_prefix_tokens)))
-    return (side, side)
-
