@@ -35,12 +35,14 @@ def _exit_on_ctrl_c(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int | None = None) -> None:
     """Worker initializer. Ctrl-C reaches the workers too (the terminal signals the whole process group): a
     worker ends at once and quietly, leaving the parent's one-line message alone on the screen instead of a
     KeyboardInterrupt traceback per worker. On Linux the kernel also kills the worker when the process that
     started it dies, so a killed conversion leaves no orphaned workers holding their memory
-    (PR_SET_PDEATHSIG).
+    (PR_SET_PDEATHSIG). A parent that died between the fork and the prctl sends no signal: the worker sees
+    that it was re-parented (getppid() is no longer `parent`, the pid of the process that made the pool)
+    and ends itself.
     """
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started with Ctrl-C ignored (`cmd &` in a
         signal.signal(signal.SIGINT, _exit_on_ctrl_c)          # script): the workers keep ignoring it
@@ -52,6 +54,9 @@ def _init_worker() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         logger.debug("prctl(PR_SET_PDEATHSIG) unavailable; workers may outlive a killed parent")
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunksize: int = 8, ahead: int = 2,
@@ -69,7 +74,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunk
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     source = iter(items)
     pending: deque[Future] = deque()
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(),)) as pool:
         try:
             while True:
                 while len(pending) < workers * ahead:

@@ -104,6 +104,22 @@ def test_workers_die_with_a_killed_parent():
                 pass
 
 
+def test_a_worker_whose_parent_died_before_its_initializer_ends_itself():
+    """The kernel's parent-death signal only covers a parent that dies after the prctl; a parent killed
+    between the fork and the initializer (CI caught one such worker) must be noticed by the re-parented
+    worker. Here the "parent" the worker was told about is not its parent at all."""
+    import subprocess
+    import sys
+
+    script = ("import os\nfrom fscs.parallel import _init_worker\n"
+              "_init_worker(int(os.environ['PARENT']))\nprint('survived')\n")
+    for parent, survives in ((os.getpid(), True), (-1, False)):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PARENT": str(parent)})
+        assert (out.stdout.strip() == "survived") is survives, out.stderr
+        assert (out.returncode == 0) is survives
+
+
 def test_ctrl_c_stops_the_workers_quietly():
     """Ctrl-C signals the terminal's whole process group: each busy worker printed a KeyboardInterrupt
     traceback under the command's one-line "interrupted" message. Now the workers end quietly at once."""
