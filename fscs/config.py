@@ -45,6 +45,9 @@ class DataConfig:
     """Loader worker processes per rank (0 = read in the training process)."""
     buffer_per_class: int = 64
     """Recent images kept per training class to draw supports from (as their encoded shard bytes)."""
+    balance_presence: bool = False
+    """Reorder training episodes so each batch holds as many present as absent (episode, class) pairs
+    (fscs.data.balance): the same episodes, fewer label-count swings in the classifier's gradient."""
 
 
 @dataclass

@@ -80,7 +80,8 @@ class Trainer:
         stream = TrainEpisodeStream(
             d.shards, fold=d.fold, way=d.way, shot=d.shot, image_size=self.cfg.model.image_size,
             seed=self.cfg.train.seed, use_masks=self.use_masks,
-            rank=self.env.rank, world_size=self.env.world_size, buffer_per_class=d.buffer_per_class, **extra,
+            rank=self.env.rank, world_size=self.env.world_size, buffer_per_class=d.buffer_per_class,
+            balance_batch=d.batch_size if d.balance_presence else 0, **extra,
         )
         batches = self.cfg.train.steps_per_epoch * self.engine.grad_accum
         loader = make_train_loader(stream, d.batch_size, d.num_workers, batches)

@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from fscs.data.balance import balance_presence
 from fscs.data.episodes import IGNORE, _images_per_class, _support_masks, _way_targets, support_class_probs
 from fscs.data.shards import CorruptShardLog, decode_sample, read_index
 from fscs.data.transforms import resize_mask, to_tensor_image
@@ -166,12 +167,14 @@ class TrainEpisodeStream(IterableDataset):
     every incoming training image into a query, of one of its training classes drawn uniformly; "class"
     (COCO-20i, the reference's training rule) draws the query class uniformly over the training classes and
     the query image uniformly from that class's buffer, so frequent classes are not over-represented.
-    Episodes start once the buffers they need are warm.
+    Episodes start once the buffers they need are warm. balance_batch > 0 reorders them into presence-balanced
+    groups of that many consecutive episodes (`fscs.data.balance`; a reordering, not a resampling).
     """
 
     def __init__(self, shard_dir: str | Path, fold: int, way: int, shot: int, image_size: int, seed: int,
                  use_masks: bool, rank: int = 0, world_size: int = 1, buffer_per_class: int = 64,
-                 shuffle_buffer: int = 256, gt_fraction: float = 0.0, gt_seed: int | None = None) -> None:
+                 shuffle_buffer: int = 256, gt_fraction: float = 0.0, gt_seed: int | None = None,
+                 balance_batch: int = 0) -> None:
         super().__init__()
         index = read_index(shard_dir)
         where = f"{index.root}/index.json lists[train] fold {fold}"
@@ -182,6 +185,8 @@ class TrainEpisodeStream(IterableDataset):
                             f"way={way} shot={shot} impossible")
         if seed < 0 or (gt_seed is not None and gt_seed < 0):
             raise FSCSError(f"train stream: seed {seed} (gt_seed {gt_seed}) is negative; use train.seed >= 0")
+        if balance_batch < 0:
+            raise FSCSError(f"train stream: balance_batch={balance_batch} is negative; use 0 (off) or the batch size")
         if not 0 <= rank < world_size or buffer_per_class < shot + 1:
             raise FSCSError(f"train stream: rank {rank} / world {world_size}, buffer_per_class "
                             f"{buffer_per_class} (needs > shot) invalid")
@@ -209,6 +214,7 @@ class TrainEpisodeStream(IterableDataset):
             logger.info("mixed regime: ground-truth masks for %d of %d training images (fraction %.3f, seed %d)",
                         len(self.gt_keys), len(self.allowed), self.gt_fraction, self.gt_seed)
         self.query_mode = str(index.params.get("query_mode", "entry"))
+        self.balance_batch = int(balance_batch)
         self.epoch = 0
 
     @property
@@ -221,6 +227,10 @@ class TrainEpisodeStream(IterableDataset):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        episodes = self._episodes()
+        return balance_presence(episodes, self.balance_batch) if self.balance_batch else episodes
+
+    def _episodes(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])

@@ -318,3 +318,27 @@ def test_buffers_hold_the_shard_bytes_not_decoded_arrays(shard_dir, monkeypatch,
             members = {m.name.partition(".")[2]: tf.extractfile(m).read() for m in tf.getmembers()
                        if m.name.partition(".")[0] == h.key}
         assert dict(h.files) == {e: b for e, b in members.items() if use_masks or e != "mask.png"}
+
+
+def test_balanced_loader_batches_hold_as_many_present_as_absent(shard_dir):
+    """data.balance_presence: 1-way batches of 4 from the real stream, two present and two absent each,
+    from the same episodes as the plain stream (a reordering)."""
+    def batches(balance):
+        stream = _stream(shard_dir, way=1, use_masks=False, balance_batch=4 if balance else 0)
+        return list(make_train_loader(stream, batch_size=4, num_workers=0, steps_per_epoch=12))
+
+    plain, balanced = batches(False), batches(True)
+    counts = [int(b["presence"].sum()) for b in balanced]
+    assert sum(c == 2 for c in counts) >= 10, counts
+    assert [int(b["presence"].sum()) for b in plain] != counts
+
+    def episodes(bs):
+        return sorted((b["classes"][i].tolist(), float(b["query_img"][i].sum())) for b in bs for i in range(4))
+
+    common = set(map(str, episodes(plain))) & set(map(str, episodes(balanced)))
+    assert len(common) >= 40  # the first 48 episodes, less the few still waiting in the window
+
+
+def test_negative_balance_batch_is_a_one_line_error(shard_dir):
+    with pytest.raises(FSCSError, match="balance_batch=-1"):
+        _stream(shard_dir, balance_batch=-1)
