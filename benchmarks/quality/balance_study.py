@@ -29,7 +29,7 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
     """Train and evaluate one (arm, seed); returns the final epoch's CE(cls) and the test metrics."""
     name = f"{args.regime}_{arm}_s{seed}"
     run = args.out / name
-    results = {s: run / "results" / f"{args.regime}_{args.regime}_fold0_{s}.json" for s in SETTINGS}
+    results = {s: run / "results" / f"{name}_{args.regime}_fold0_{s}.json" for s in SETTINGS}
     t0 = time.time()
     if not all(p.exists() for p in results.values()):
         common = [f"name={name}", f"out_dir={args.out}", f"data.shards={args.shards}",
