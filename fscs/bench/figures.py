@@ -58,11 +58,19 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
                 for k in keys:
                     fm = summaries.get((dataset, s, k))
                     v = fm["metrics"][m] if fm else None
-                    vals.append((float("nan"), None) if v is None else (v, (fm["ci95"] or {}).get(m)))
+                    if v is None:
+                        vals.append((float("nan"), None))
+                    elif fm.get("sd"):  # several training seeds: mean ± sd
+                        vals.append((v, [v - fm["sd"][m], v + fm["sd"][m]]))
+                    else:
+                        vals.append((v, (fm["ci95"] or {}).get(m)))
             series[s] = vals
         png = plots.grouped_bars(f"{dataset}: mean over folds, 95 % CI", names, series, ("mIoU", "ER"))
+        several = any(fm.get("sd") for (d, _, _), fm in summaries.items() if d == dataset)
         pics = [Picture("plot", f"{_slug(dataset, 'by-regime')}.png", f"{dataset}: mIoU and ER by regime",
-                        png, "bars: mean over the folds present; error bars: fold-bootstrap 95 % CI")]
+                        png, "bars: mean over the folds present; error bars: fold-bootstrap 95 % CI"
+                        + ("; for a model trained with several seeds, mean over the seeds ± their sd" if several
+                           else ""))]
         lines: dict[str, list[tuple[float, float, float]]] = {}
         for k in keys:
             frac = next(r.gt_fraction for r in ds if r.model_key == k)
@@ -92,16 +100,20 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
             ids = sorted(class_names)
             bars = {}
             for k, nm in zip(keys, names):
-                per = {int(c): v for r in rs if r.model_key == k
-                       for c, v in (r.data["metrics"]["per_class_iou"] or {}).items()}
+                per: dict[int, list[float]] = {}  # a class's IoU from each training seed of its fold
+                for r in rs:
+                    if r.model_key == k:
+                        for c, v in (r.data["metrics"]["per_class_iou"] or {}).items():
+                            per.setdefault(int(c), []).append(v)
                 if per:
-                    bars[nm] = [per.get(c, float("nan")) for c in ids]
+                    bars[nm] = [float(np.mean(per[c])) if c in per else float("nan") for c in ids]
             if bars:  # no per-class plot when no result of this setting had a query mask
                 png = plots.class_bars(f"{dataset} {s}: per-class IoU", [class_names[c] for c in ids], bars)
                 pics.append(Picture("plot", f"{_slug(dataset, s, 'per-class')}.png",
                                     f"{dataset} {s}: per-class IoU", png,
                                     "each class is a test class of one fold; IoU from that fold's result "
-                                    "(episodes whose query has a mask)"))
+                                    "(episodes whose query has a mask; the mean over training seeds for a "
+                                    "model trained with several)"))
             rel = {}
             for k, nm in zip(keys, names):
                 arrs = [r.presence() for r in rs if r.model_key == k]
@@ -111,7 +123,8 @@ def build_plots(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]
             pics.append(Picture("plot", f"{_slug(dataset, s, 'reliability')}.png",
                                 f"{dataset} {s}: reliability of presence probabilities",
                                 plots.reliability_plot(f"{dataset} {s}: presence reliability", rel),
-                                "10 equal-width bins over all ways of all episodes (folds pooled); ECE in "
+                                "10 equal-width bins over all ways of all episodes (folds and training "
+                                "seeds pooled); ECE in "
                                 "the legend"))
         out[dataset] = pics
     return out

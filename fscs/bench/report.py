@@ -76,6 +76,35 @@ def fold_mean(results: Sequence[Result], bootstrap: int = 1000, seed: int = 0) -
             "segmentation_episodes": sum(segmentation_episodes(r) for r in results)}
 
 
+def seed_mean(results: Sequence[Result]) -> dict[str, Any]:
+    """Mean and sample sd over training seeds of each seed's mean over folds.
+
+    results: one model's results of one (dataset, setting), one per (fold, training seed); every seed must
+    cover the same folds (else a one-line FSCSError). The sd is the spread between training runs, which an
+    episode bootstrap does not see; no CI is given.
+    """
+    by_seed: dict[int | None, list[Result]] = {}
+    for r in results:
+        by_seed.setdefault(r.train_seed, []).append(r)
+    folds = {seed: sorted(int(r.data["fold"]) for r in rs) for seed, rs in by_seed.items()}
+    if len({tuple(f) for f in folds.values()}) > 1:
+        cover = "; ".join(f"seed {seed}: folds {f}" for seed, f in sorted(folds.items(), key=lambda x: str(x[0])))
+        raise FSCSError(f"model '{results[0].model}' {results[0].setting}: its training seeds cover different folds "
+                        f"({cover}); a mean over seeds needs every seed on the same folds: evaluate the missing "
+                        "folds or report those runs separately")
+    per_seed = [fold_mean(rs, bootstrap=0) for _, rs in sorted(by_seed.items(), key=lambda x: str(x[0]))]
+    mean: dict[str, float | None] = {}
+    sd: dict[str, float | None] = {}
+    for m in METRICS:
+        vals = [p["metrics"][m] for p in per_seed]
+        mean[m] = None if any(v is None for v in vals) else float(np.mean(vals))
+        sd[m] = None if mean[m] is None else float(np.std(vals, ddof=1))
+    return {"metrics": mean, "sd": sd, "ci95": None, "no_ci": f"± sd over {len(by_seed)} training seeds",
+            "seeds": sorted(by_seed, key=str), "folds": next(iter(folds.values())),
+            "episodes": sum(int(r.data["metrics"]["episodes"]) for r in results),
+            "segmentation_episodes": sum(segmentation_episodes(r) for r in results)}
+
+
 # ----------------------------------------------------------------------------------------------- layout
 @dataclass
 class Row:
@@ -92,10 +121,13 @@ class Table:
     rows: list[Row]
 
 
-def _cell(metrics: dict, ci: dict | None, m: str, mark: str = "") -> str:
+def _cell(metrics: dict, ci: dict | None, m: str, mark: str = "", sd: dict | None = None) -> str:
+    """'v[mark] [lo, hi]' with a CI, 'v[mark] ± sd' with an sd over training seeds, NO_MASK when unmeasured."""
     v = metrics.get(m)
     if v is None:
         return NO_MASK
+    if sd is not None:
+        return f"{v:.1f}{mark} ± {sd[m]:.1f}"
     lo_hi = (ci or {}).get(m)
     return f"{v:.1f}{mark}" + (f" [{lo_hi[0]:.1f}, {lo_hi[1]:.1f}]" if lo_hi else "")
 
@@ -144,11 +176,13 @@ def _order(key: tuple[str, str, str, str], results: Sequence[Result]) -> tuple:
 
 
 def summarize(results: Sequence[Result], bootstrap: int = 1000, seed: int = 0) -> dict[tuple, dict[str, Any]]:
-    """{(dataset, setting, model_key): fold_mean of that model's per-fold results} (one entry per model)."""
+    """{(dataset, setting, model_key): that model's summary} (one entry per model): fold_mean of its per-fold
+    results, or seed_mean when it was trained with several seeds."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         groups.setdefault((r.data["dataset"], r.setting, r.model_key), []).append(r)
-    return {k: fold_mean(sorted(g, key=lambda r: r.data["fold"]), bootstrap, seed) for k, g in groups.items()}
+    return {k: seed_mean(g) if len({r.train_seed for r in g}) > 1
+            else fold_mean(sorted(g, key=lambda r: r.data["fold"]), bootstrap, seed) for k, g in groups.items()}
 
 
 def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any]]) -> list[Table]:
@@ -161,7 +195,9 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
             rows: list[Row] = []
             unseen: list[str] = []
             for key in sorted({r.model_key for r in rs}, key=lambda k: _order(k, rs)):
-                group = sorted((r for r in rs if r.model_key == key), key=lambda r: r.data["fold"])
+                group = sorted((r for r in rs if r.model_key == key),
+                               key=lambda r: (r.data["fold"], str(r.train_seed)))
+                seeds = len({r.train_seed for r in group})
                 base = {"model": key[0], "train": key[1], "test": key[2], "backbone": key[3]}
                 marked = False
                 for r in group:
@@ -170,7 +206,8 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                     if empty:
                         marked = True
                         unseen.append(f"{key[0]} fold {d['fold']}: {', '.join(empty)}")
-                    rows.append(Row("fold", {**base, "fold": str(d["fold"]),
+                    rows.append(Row("fold", {**base, "fold": str(d["fold"]) + (f" · seed {r.train_seed}"
+                                                                                if seeds > 1 else ""),
                                              **{m: _cell(d["metrics"], d.get("ci95"), m,
                                                          UNSEEN_MARK if empty and m == "miou" else "")
                                                 for m in METRICS},
@@ -179,10 +216,15 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
                                              "manifest": d["manifest_hash"][:12]}, title=str(r.path)))
                 if len(group) > 1:
                     fm = summaries[(dataset, setting, key)]
-                    ci_note = "" if fm["ci95"] else f" (no CI: {fm['no_ci']})"
-                    rows.append(Row("mean", {**base, "fold": f"mean of {len(group)}{ci_note}",
+                    if seeds > 1:
+                        folds = len(fm["folds"])
+                        label = f"mean ± sd of {seeds} seeds" + (f" × {folds} folds" if folds > 1 else "")
+                    else:
+                        label = f"mean of {len(group)}" + ("" if fm["ci95"] else f" (no CI: {fm['no_ci']})")
+                    rows.append(Row("mean", {**base, "fold": label,
                                              **{m: _cell(fm["metrics"], fm["ci95"], m,
-                                                         UNSEEN_MARK if marked and m == "miou" else "")
+                                                         UNSEEN_MARK if marked and m == "miou" else "",
+                                                         fm.get("sd"))
                                                 for m in METRICS},
                                              "episodes": _episodes_cell(fm["episodes"],
                                                                         fm["segmentation_episodes"]),
@@ -191,9 +233,12 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
             if rs[0].data.get("role", "test") == "test":  # published numbers are test-fold numbers
                 rows += _published_rows(dataset, setting, boundary_ignored=ib)
             seeds = sorted({int(r.data["seed"]) for r in rs})
-            note = (f"{len(rs)} results; seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
+            note = (f"{len(rs)} results; episode seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
                     f"role {rs[0].data.get('role', 'test')}; "
                     f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
+            if any(len({r.train_seed for r in rs if r.model_key == k}) > 1 for k in {r.model_key for r in rs}):
+                note += ("; ± is the sample sd over training seeds of each seed's mean over folds (the spread "
+                         "between training runs, not an interval)")
             if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):
                 note += ("; ER over all episodes, mIoU / FB-IoU over the episodes whose query has a mask "
                          f"({NO_MASK}: none had one)")

@@ -47,11 +47,25 @@ class Result:
         return f"{bb.get('name', '?')} ({weights}, {bb.get('image_size', '?')} px)"
 
     @property
+    def train_seed(self) -> int | None:
+        """train.seed of the run that made the result (its recorded train_config); None when not recorded."""
+        seed = ((self.data.get("train_config") or {}).get("train") or {}).get("seed")
+        return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+    @property
     def model(self) -> str:
         """Run name without a trailing fold marker (runs weak_f0..weak_f3, weak-fold0.., weakfold0.. form one
-        model; a bare 'f' needs a separator: run 'half0' stays 'half0')."""
+        model; a bare 'f' needs a separator: run 'half0' stays 'half0'), then without a trailing training-seed
+        marker `_s<k>`, `-s<k>`, `_seed<k>` or `-seed<k>` (before or after the fold marker) where k is the recorded
+        train.seed (runs weak_s0..weak_s5 are six training seeds of one model; 'vit_s8' trained with another seed
+        keeps its name)."""
         name = str(self.data.get("run") or self.path.stem)
-        return re.sub(rf"(?:[_-](?:fold|f)|fold){self.data['fold']}$", "", name) or name
+
+        def without_seed(n: str) -> str:
+            return n if self.train_seed is None else re.sub(rf"[_-](?:seed|s){self.train_seed}$", "", n) or n
+
+        name = re.sub(rf"(?:[_-](?:fold|f)|fold){self.data['fold']}$", "", without_seed(name)) or name
+        return without_seed(name)
 
     @property
     def model_key(self) -> tuple[str, str, str, str]:
@@ -225,7 +239,7 @@ def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
 def check_comparable(results: Sequence[Result]) -> None:
     """Refuse results of one (dataset, role, fold, setting) made on different manifests, results of one
     (dataset, role, setting) table with different boundary rules, two
-    results of the same model in one cell, and test and select results of one dataset (a model's fold mean
+    results of the same model and training seed in one cell, and test and select results of one dataset (a model's fold mean
     and the dataset's plots would pool validation episodes with test episodes)."""
     cells: dict[tuple, Result] = {}
     roles: dict[str, Result] = {}
@@ -264,8 +278,9 @@ def check_comparable(results: Sequence[Result]) -> None:
             raise FSCSError(f"results for {cell[0]} {cell[3]} use different boundary rules (ignore_boundary): "
                             f"'{table.path}' (fold {table.data['fold']}) vs '{r.path}' (fold {cell[2]}); a fold "
                             "mean or a table cannot mix them: report them separately")
-        other = models.setdefault(cell + r.model_key, r)
+        other = models.setdefault(cell + r.model_key + (r.train_seed,), r)
         if other is not r:
-            raise FSCSError(f"two results of model '{r.model}' ({r.label}, test {d['regime']}) for {cell[0]} "
-                            f"fold {cell[2]} {cell[3]}: '{other.path}' and '{r.path}'; pass one (e.g. the "
-                            "suite index)")
+            seed = "" if r.train_seed is None else f" trained with seed {r.train_seed}"
+            raise FSCSError(f"two results of model '{r.model}' ({r.label}, test {d['regime']}){seed} for "
+                            f"{cell[0]} fold {cell[2]} {cell[3]}: '{other.path}' and '{r.path}'; pass one (e.g. "
+                            "the suite index)")

@@ -104,8 +104,9 @@ def _records(rng: np.random.Generator, classes: list[int], n: int) -> np.ndarray
 
 def _fake_result(root: Path, name: str, fold: int, *, regime: str = "weak", dataset: str = "pascal-5i",
                  setting: tuple[int, int] = (1, 1), manifest: str | None = None, n: int = 60, seed: int = 0,
-                 class_name: str | None = None, masked: int | None = None) -> Path:
-    """masked: only the first `masked` episodes had a query mask (the others: ER only); None = all."""
+                 class_name: str | None = None, masked: int | None = None, train_seed: int | None = None) -> Path:
+    """masked: only the first `masked` episodes had a query mask (the others: ER only); None = all.
+    train_seed: recorded as the run's train.seed (train_config), as fscs bench does; None = not recorded."""
     classes = [5 * fold + c for c in range(1, 6)]
     rec = _records(np.random.default_rng([seed, fold]), classes, n)
     if masked is not None:
@@ -134,6 +135,8 @@ def _fake_result(root: Path, name: str, fold: int, *, regime: str = "weak", data
         "backbone": {"name": "vit_small_patch8_224.dino", "weights_sha256": "ab" * 32, "image_size": 400},
         "run": f"{name}_f{fold}", "checkpoint_sha256": f"{name}{fold}".ljust(64, "0"),
     }
+    if train_seed is not None:
+        data["train_config"] = {"train": {"seed": train_seed}}
     path = root / f"{stem}.json"
     path.write_text(json.dumps(data))
     return path
@@ -460,3 +463,58 @@ def test_panels_outside_the_results_folder_or_incomplete_are_skipped(tmp_path, c
     assert len(pics) == 1 and pics[0].png.startswith(b"\x89PNG")
     assert sum("not a PNG beside its result" in r.getMessage() for r in caplog.records) == 2
     assert any("lacks" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("run,fold,seed,model", [("weak_s3_f0", 0, 3, "weak"), ("weak-seed12", 1, 12, "weak"),
+                                                 ("vit_s8", 0, 0, "vit_s8"), ("weak_s3", 0, None, "weak_s3"),
+                                                 ("weak_s1_f0", 0, 1, "weak"), ("s1", 0, 1, "s1"),
+                                                 ("runs1", 0, 1, "runs1"), ("weak_f2_s3", 2, 3, "weak"),
+                                                 ("weak_f0", 0, 0, "weak")])
+def test_model_name_drops_a_seed_marker_only_when_it_is_the_recorded_seed(tmp_path, run, fold, seed, model):
+    from fscs.bench.report_inputs import Result
+
+    data = {"run": run, "fold": fold}
+    if seed is not None:
+        data["train_config"] = {"train": {"seed": seed}}
+    r = Result(tmp_path / "r.json", data)
+    assert r.model == model and r.train_seed == seed
+
+
+def test_report_of_a_model_trained_with_several_seeds(tmp_path):
+    """Three training seeds x two folds of one model: a row per (fold, seed) and one mean +- sd row, where the
+    sd is the spread of the seeds' fold means; a second model with one seed keeps its fold-mean CI."""
+    res = tmp_path / "res"
+    res.mkdir()
+    for k in range(3):
+        for f in range(2):
+            _fake_result(res, f"weak_s{k}", f, seed=10 * k + f, train_seed=k)
+    for f in range(2):
+        _fake_result(res, "full", f, regime="full", seed=99 + f, train_seed=0)
+    md = (write_report([res], tmp_path / "rep", bootstrap=50).parent / "LEADERBOARD.md").read_text()
+    results = collect_results([res])
+    weak = [r for r in results if r.model == "weak"]
+    assert len(weak) == 6 and {r.train_seed for r in weak} == {0, 1, 2}
+    per_seed = {m: [np.mean([r.data["metrics"][m] for r in weak if r.train_seed == k]) for k in range(3)]
+                for m in ("er", "miou", "fbiou")}
+    cells = " | ".join(f"**{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}**" for v in per_seed.values())
+    assert f"**mean ± sd of 3 seeds × 2 folds** | {cells} | **360** |" in md
+    assert md.count("· seed ") == 6 and "| 1 · seed 2 |" in md
+    assert re.search(r"\*\*mean of 2\*\* \| \*\*[\d.]+ \[[\d.]+, [\d.]+\]\*\*", md)  # one seed: fold-mean CI
+    assert "sample sd over training seeds" in md
+    assert "mean over the seeds ± their sd" in (tmp_path / "rep" / "index.html").read_text()
+
+
+def test_report_refuses_seeds_on_other_folds_and_two_results_of_one_seed(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    _fake_result(res, "weak_s0", 0, train_seed=0)
+    _fake_result(res, "weak_s0", 1, train_seed=0)
+    _fake_result(res, "weak_s1", 0, train_seed=1)
+    with pytest.raises(FSCSError, match=r"model 'weak' 1w1s: its training seeds cover different folds "
+                                        r"\(seed 0: folds \[0, 1\]; seed 1: folds \[0\]\)"):
+        write_report([res], tmp_path / "rep")
+    a = _fake_result(tmp_path, "weak_s1", 0, train_seed=1)
+    dup = tmp_path / "copy.json"
+    dup.write_text(json.dumps({**json.loads(a.read_text()), "checkpoint_sha256": "9" * 64}))
+    with pytest.raises(FSCSError, match="two results of model 'weak' .* trained with seed 1 for"):
+        write_report([a, dup], tmp_path / "rep")
