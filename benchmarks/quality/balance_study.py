@@ -50,7 +50,8 @@ def run_one(arm: str, seed: int, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Per-seed rows, then mean and sample sd per arm."""
-    lines = ["| arm | seed | final CE(cls) | 1w1s ER | 1w1s mIoU | 2w1s ER | 2w1s mIoU |", "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seed | final CE(cls) | 1w1s ER | 1w1s mIoU | 2w1s ER | 2w1s mIoU |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seed']} | {r['final_cls']:.3f} | {r['1w1s']['er']:.1f} | "
                      f"{r['1w1s']['miou']:.1f} | {r['2w1s']['er']:.1f} | {r['2w1s']['miou']:.1f} |")

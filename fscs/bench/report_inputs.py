@@ -238,9 +238,9 @@ def collect_results(paths: Iterable[str | os.PathLike]) -> list[Result]:
 
 def check_comparable(results: Sequence[Result]) -> None:
     """Refuse results of one (dataset, role, fold, setting) made on different manifests, results of one
-    (dataset, role, setting) table with different boundary rules, two
-    results of the same model and training seed in one cell, and test and select results of one dataset (a model's fold mean
-    and the dataset's plots would pool validation episodes with test episodes)."""
+    (dataset, role, setting) table with different boundary rules, two results of the same model and training
+    seed in one cell, and test and select results of one dataset (a model's fold mean and the dataset's plots
+    would pool validation episodes with test episodes)."""
     cells: dict[tuple, Result] = {}
     roles: dict[str, Result] = {}
     tables: dict[tuple, Result] = {}
