@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -61,7 +63,7 @@ def table(rows: list[dict]) -> str:
             continue
 
         def ms(vals: list[float]) -> str:
-            return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+            return f"{np.mean(vals):.1f} ± {np.std(vals, ddof=1):.1f}"  # as `fscs report` computes them
 
         lines.append(f"| **{arm}** | mean ± sd ({len(rs)}) | {statistics.fmean(r['final_cls'] for r in rs):.3f} | "
                      + " | ".join(ms([r[s][k] for r in rs]) for s in SETTINGS for k in ("er", "miou")) + " |")
