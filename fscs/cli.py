@@ -157,7 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     rp = add("report", "Leaderboard of results: LEADERBOARD.md and a self-contained index.html.")
     rp.set_defaults(handler=_cmd_report)
     rp.add_argument("results", nargs="+", type=Path,
-                    help="result JSON files, suite indexes (OUT/suite-*.json) or bench output directories")
+                    help="result JSON files, suite indexes (OUT/suite-*.json) or bench output directories; runs "
+                         "NAME_f<fold> are one model over folds, NAME_s<k> (k = its train.seed) one model over "
+                         "training seeds (mean ± sd)")
     rp.add_argument("--out", required=True, type=Path, help="report directory")
     rp.add_argument("--title", default="fscs leaderboard")
     rp.add_argument("--bootstrap", type=int, default=1000, help="resamples of the fold-mean CI (0 = none)")
