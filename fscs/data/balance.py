@@ -39,27 +39,26 @@ def balance_presence(episodes: Iterable[dict[str, torch.Tensor]], batch: int, wi
         raise ValueError(f"balance_presence: window={window} must be >= 1")
     source = iter(episodes)
     waiting: deque[tuple[float, dict[str, torch.Tensor]]] = deque()
-    running, slot, exhausted = 0.0, 0, False
+    running, slot = 0.0, 0
+
+    def choice() -> int | None:
+        """Index of the oldest waiting episode that suits the group's running excess, or None."""
+        if running == 0:
+            return 0 if waiting else None
+        return next((i for i, (e, _) in enumerate(waiting) if e * running < 0), None)
+
     while True:
-        pick = None
-        while pick is None:
-            if running != 0:
-                pick = next((i for i, (e, _) in enumerate(waiting) if e * running < 0), None)
-            elif waiting:
-                pick = 0
-            if pick is not None:
+        pick = choice()
+        while pick is None and len(waiting) < window:
+            episode = next(source, None)
+            if episode is None:
                 break
-            if exhausted or len(waiting) >= window:
-                if not waiting:
-                    return
-                pick = 0
-                break
-            try:
-                episode = next(source)
-            except StopIteration:
-                exhausted = True
-                continue
             waiting.append((_excess(episode), episode))
+            pick = choice()
+        if pick is None:  # a full window or the end of the input: the oldest
+            if not waiting:
+                return
+            pick = 0
         excess, episode = waiting[pick]
         del waiting[pick]
         yield episode
