@@ -86,13 +86,14 @@ def seed_mean(results: Sequence[Result]) -> dict[str, Any]:
     by_seed: dict[int | None, list[Result]] = {}
     for r in results:
         by_seed.setdefault(r.train_seed, []).append(r)
-    folds = {seed: sorted(int(r.data["fold"]) for r in rs) for seed, rs in by_seed.items()}
+    order = sorted(by_seed, key=str)
+    folds = {seed: sorted(int(r.data["fold"]) for r in by_seed[seed]) for seed in order}
     if len({tuple(f) for f in folds.values()}) > 1:
-        cover = "; ".join(f"seed {seed}: folds {f}" for seed, f in sorted(folds.items(), key=lambda x: str(x[0])))
+        cover = "; ".join(f"seed {seed}: folds {f}" for seed, f in folds.items())
         raise FSCSError(f"model '{results[0].model}' {results[0].setting}: its training seeds cover different folds "
                         f"({cover}); a mean over seeds needs every seed on the same folds: evaluate the missing "
                         "folds or report those runs separately")
-    per_seed = [fold_mean(rs, bootstrap=0) for _, rs in sorted(by_seed.items(), key=lambda x: str(x[0]))]
+    per_seed = [fold_mean(by_seed[seed], bootstrap=0) for seed in order]
     mean: dict[str, float | None] = {}
     sd: dict[str, float | None] = {}
     for m in METRICS:
@@ -100,7 +101,7 @@ def seed_mean(results: Sequence[Result]) -> dict[str, Any]:
         mean[m] = None if any(v is None for v in vals) else float(np.mean(vals))
         sd[m] = None if mean[m] is None else float(np.std(vals, ddof=1))
     return {"metrics": mean, "sd": sd, "ci95": None, "no_ci": f"± sd over {len(by_seed)} training seeds",
-            "seeds": sorted(by_seed, key=str), "folds": next(iter(folds.values())),
+            "folds": folds[order[0]],
             "episodes": sum(int(r.data["metrics"]["episodes"]) for r in results),
             "segmentation_episodes": sum(segmentation_episodes(r) for r in results)}
 
@@ -194,10 +195,12 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
             rs = [r for r in ds if r.setting == setting]
             rows: list[Row] = []
             unseen: list[str] = []
+            several_seeds = False  # some model of the table was trained with several seeds
             for key in sorted({r.model_key for r in rs}, key=lambda k: _order(k, rs)):
                 group = sorted((r for r in rs if r.model_key == key),
                                key=lambda r: (r.data["fold"], str(r.train_seed)))
                 seeds = len({r.train_seed for r in group})
+                several_seeds |= seeds > 1
                 base = {"model": key[0], "train": key[1], "test": key[2], "backbone": key[3]}
                 marked = False
                 for r in group:
@@ -236,7 +239,7 @@ def build_tables(results: Sequence[Result], summaries: dict[tuple, dict[str, Any
             note = (f"{len(rs)} results; episode seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; "
                     f"role {rs[0].data.get('role', 'test')}; "
                     f"boundary pixels {'ignored' if ib else 'counted as background (reference code)'}")
-            if any(len({r.train_seed for r in rs if r.model_key == k}) > 1 for k in {r.model_key for r in rs}):
+            if several_seeds:
                 note += ("; ± is the sample sd over training seeds of each seed's mean over folds (the spread "
                          "between training runs, not an interval)")
             if any(segmentation_episodes(r) < int(r.data["metrics"]["episodes"]) for r in rs):
