@@ -74,6 +74,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunk
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     source = iter(items)
     pending: deque[Future] = deque()
+    interrupted = False
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(os.getpid(),)) as pool:
         try:
@@ -89,8 +90,13 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, *, chunk
         except BrokenProcessPool:
             raise FSCSError(f"a {what} process died (killed by the system, e.g. out of memory); rerun with fewer "
                             "--workers") from None
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
-            for fut in pending:
+            # After Ctrl-C the workers end too and the pool fails every pending future itself; cancelling one
+            # first makes Python 3.11's pool thread print an InvalidStateError traceback under the message.
+            for fut in () if interrupted else pending:
                 fut.cancel()
 
 
